@@ -1,0 +1,3 @@
+"""kvbench: an experiment-tracking ablation framework for KV-cache quantization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,194 @@
+"""Calibration: statistics of K/V (and their Fisher information) on the calibration split, a
+method's fit on them, and the artifact store that keeps the result.
+
+Artifacts are ``<cache>/<method>/<key>.safetensors`` plus a ``<key>.json`` sidecar (never pickle).
+``key`` hashes everything the result depends on: model, data, calibration settings, the method's
+config, the ``kv`` config and the method's ``version``. The sidecar records the key and the SHA-256
+of the tensor file, so a corrupt or mismatched artifact is refused with a clear message. Concurrent
+runs share artifacts safely: one computes under a file lock, the others wait and read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kvbench.errors import UserError
+from kvbench.models import cache_root
+from kvbench.patch import apply_rope, attention_modules
+
+NEEDS = frozenset({"keys", "keys_post", "values", "fisher", "attention"})
+
+
+def calibration_batches(tok, text: str, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``num_samples`` windows of ``seqlen`` tokens at seeded random offsets of ``text`` -> ``(N, T)``."""
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < seqlen + 1:
+        raise UserError(f"the calibration text has {ids.numel()} tokens, fewer than calib.seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (num_samples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(B, T, H*D)`` or ``(B, T, H, D)`` -> ``(B, H, T, D)``."""
+    return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool = True) -> dict:
+    """Run the (unpatched) model on calibration batches and gather per-layer statistics.
+
+    Returns a dict with, for each requested need, a list over layers of:
+      ``keys`` pre-RoPE keys ``(N, H_kv, T, D)``; ``keys_post`` post-RoPE keys ``(N, H_kv, T, D)``;
+      ``values`` ``(N, H_kv, T, D)``; with ``fisher``, ``fisher_keys`` / ``fisher_values``: squared
+      gradients of the summed LM loss w.r.t. those (pre-RoPE) activations, same shapes;
+      ``attention``: average attention each token receives ``(N, H_q, T)`` (column sums of the
+      attention probabilities divided by the number of queries that see the token).
+    """
+    unknown = set(needs) - NEEDS
+    if unknown:
+        raise ValueError(f"unknown calibration needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+    attn = attention_modules(model)
+    device = next(model.parameters()).device
+    fisher = "fisher" in needs
+    stats: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in attn] for k in
+                                                   ("keys", "keys_post", "values", "fisher_keys", "fisher_values", "attention")}
+    live: dict = {}
+
+    def grab(name, mod):
+        def hook(module, args, out):
+            if fisher:
+                out = out.detach().requires_grad_(True)
+            live[(name, mod.layer_idx)] = out
+            return out
+        return hook
+
+    def grab_rope(module, args, kwargs):
+        live[("rope", module.layer_idx)] = kwargs.get("position_embeddings")
+
+    handles = []
+    for mod in attn:
+        handles.append((getattr(mod, "k_norm", None) or mod.k_proj).register_forward_hook(grab("k", mod)))
+        handles.append(mod.v_proj.register_forward_hook(grab("v", mod)))
+        handles.append(mod.register_forward_pre_hook(grab_rope, with_kwargs=True))
+    prev_impl = model.config._attn_implementation
+    if "attention" in needs:
+        model.set_attn_implementation("eager")
+    try:
+        for x in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            x = x.unsqueeze(0).to(device)
+            with torch.set_grad_enabled(fisher):
+                out = model(x, labels=x if fisher else None, output_attentions="attention" in needs, use_cache=False)
+                if fisher:
+                    out.loss.backward()
+            for i, mod in enumerate(attn):
+                k, v = live[("k", mod.layer_idx)], live[("v", mod.layer_idx)]
+                k_heads = _heads(k.detach(), mod.head_dim).float().cpu()
+                if "keys" in needs:
+                    stats["keys"][i].append(k_heads)
+                if "values" in needs:
+                    stats["values"][i].append(_heads(v.detach(), mod.head_dim).float().cpu())
+                if "keys_post" in needs:
+                    rope = live.get(("rope", mod.layer_idx))
+                    post = apply_rope(k_heads, *(t.float().cpu() for t in rope)) if rope is not None else k_heads
+                    stats["keys_post"][i].append(post)
+                if fisher:
+                    stats["fisher_keys"][i].append(_heads(k.grad, mod.head_dim).float().pow(2).cpu())
+                    stats["fisher_values"][i].append(_heads(v.grad, mod.head_dim).float().pow(2).cpu())
+                if "attention" in needs:
+                    p = out.attentions[i][0].float()  # (H_q, T, T)
+                    T = p.shape[-1]
+                    seen_by = torch.arange(T, 0, -1, device=p.device, dtype=p.dtype)  # queries i >= j
+                    stats["attention"][i].append((p.sum(-2) / seen_by).cpu())  # (H_q, T)
+            live.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(prev_impl)
+        model.zero_grad(set_to_none=True)
+    return {k: [torch.cat(v) if k != "attention" else torch.stack(v) for v in layers]
+            for k, layers in stats.items() if layers[0]}
+
+
+def _plain(cfg) -> dict:
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+
+
+def artifact_key(cfg, method) -> tuple[str, dict]:
+    meta = {
+        "model": _plain(cfg.model),
+        "data": _plain(cfg.data),
+        "calib": {k: v for k, v in _plain(cfg.calib).items() if k != "cache_dir"},
+        "method": _plain(method.cfg),
+        "kv": {k: v for k, v in _plain(cfg.kv).items() if k != "backend"},
+        "method_version": method.version,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16], meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_artifact(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """Read an artifact, refusing a corrupt or mismatched one with a clear message."""
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text())
+        if meta.get("key") != key:
+            raise UserError(f"calibration artifact {path} belongs to another configuration; delete it to recompute")
+        if meta.get("sha256") != _sha256(path):
+            raise UserError(f"calibration artifact {path} is corrupt (checksum mismatch); delete it to recompute")
+        return load_file(path)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"calibration artifact {path} is unreadable ({type(e).__name__}); delete it to recompute") from None
+
+
+def save_artifact(path: Path, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    sidecar = {"key": key, "sha256": _sha256(tmp), "tensors": sorted(tensors), **meta}
+    side_tmp = tmp.with_suffix(".jsontmp")
+    side_tmp.write_text(json.dumps(sidecar, indent=2, default=str))
+    os.replace(tmp, path)
+    os.replace(side_tmp, path.with_suffix(".json"))
+
+
+def artifact_path(cfg, method) -> tuple[Path, str, dict]:
+    key, meta = artifact_key(cfg, method)
+    root = Path(cfg.calib.cache_dir).expanduser() if cfg.calib.cache_dir else cache_root() / "calib"
+    return root / method.name / f"{key}.safetensors", key, meta
+
+
+def prepare(cfg, model, tok, splits, method) -> Path:
+    """Load the method's calibration artifact, computing and storing it first if needed."""
+    path, key, meta = artifact_path(cfg, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            needs = set(method.calibration_needs())
+            if not cfg.calib.fisher:
+                needs.discard("fisher")
+            batches = calibration_batches(tok, splits.joined("calib"), cfg.calib.num_samples, cfg.calib.seqlen, cfg.seed)
+            stats = collect(model, batches, frozenset(needs), cfg.logging.progress)
+            save_artifact(path, key, meta, method.calibrate(stats))
+        method.load_state(load_artifact(path, key))
+    return path

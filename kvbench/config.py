@@ -1,0 +1,128 @@
+"""Structured config schemas, stored in Hydra's ConfigStore.
+
+The YAML files in ``conf/`` extend these dataclasses, so an override with a typo
+(``kv.bitz=4``) is an error that names the valid keys instead of a silent new key.
+Method schemas live beside their method in ``methods/<name>.py`` and are registered
+by :mod:`kvbench.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how.
+
+    Exactly one source is used, in this order: ``path`` (local folder), ``embedded``
+    (a model shipped inside a PyPI package, see :mod:`kvbench.models`), ``hf_id``.
+    """
+
+    name: str = MISSING
+    hf_id: Optional[str] = None
+    path: Optional[str] = None
+    embedded: Optional[str] = None
+    dtype: str = "float32"
+    device_map: Optional[str] = None
+    max_context: Optional[int] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class KVConfig:
+    """KV-cache storage: bit width, quantization group and backend.
+
+    ``group_size`` is the number of channels of a head that share one scale for
+    per-token quantization (``None``: the whole head_dim); it must divide head_dim.
+    """
+
+    bits: int = 4
+    group_size: Optional[int] = None
+    backend: str = "simulated"  # simulated | kernel
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "embedded"  # embedded | hf | text
+    path: Optional[str] = None
+    hf_path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_split: str = "test"
+    hf_calib_split: str = "train"
+    text_field: str = "text"
+    calib_fraction: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    name: str = "ppl"
+    seqlen: int = 2048
+    max_windows: Optional[int] = 8
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[float] = None
+    num_fewshot: int = 0
+    batch_size: int = 1
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 2
+
+
+@dataclass
+class CalibConfig:
+    num_samples: int = 16
+    seqlen: int = 512
+    fisher: bool = True
+    cache_dir: Optional[str] = None  # default: ~/.cache/kvbench/calib
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "kvbench"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    kv: KVConfig = field(default_factory=KVConfig)
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: str = "default"
+    command: str = "run"  # run | calibrate
+    seed: int = 0
+    output_dir: str = "outputs"
+    device: str = "auto"
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from kvbench.registry import load_methods
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="kv", name="kv_schema", node=KVConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="calib", name="calib_schema", node=CalibConfig)
+    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+    for name, cls in load_methods().items():
+        cs.store(group="method", name=f"{name}_schema", node=cls.config_class)

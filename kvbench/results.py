@@ -1,0 +1,113 @@
+"""The local results store: one directory per resolved config, never overwritten.
+
+A run lives in ``<output_dir>/<experiment>/<method>/<hash>/`` where ``hash`` is the SHA-1 of the
+resolved config without the keys that do not change results (logging, output_dir). It holds
+``config.yaml``, ``metrics.json`` (written last, atomically: a run without it is incomplete) and
+``env.json`` (git commit, package versions). :func:`load` turns the store into a pandas frame, one
+row per run, config columns with dotted names plus metric columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+NON_RESULT_KEYS = ("logging", "output_dir", "command")
+
+
+def result_config(cfg) -> dict:
+    """The resolved config as a plain dict, without keys that do not change the result."""
+    d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    for k in NON_RESULT_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def config_hash(cfg) -> str:
+    blob = json.dumps(result_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def run_dir(cfg) -> Path:
+    root = Path(cfg.output_dir).expanduser()
+    return root / cfg.experiment / cfg.method.name / config_hash(cfg)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def existing_metrics(path: Path) -> dict | None:
+    f = path / "metrics.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {}
+    for pkg in ("kvbench", "torch", "transformers", "lm_eval", "triton"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    try:
+        here = Path(__file__).resolve().parent
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def save_run(path: Path, cfg, metrics: dict) -> None:
+    """Write config, environment and (last) metrics of a finished run."""
+    atomic_write(path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(path / "env.json", json.dumps(environment(), indent=2))
+    atomic_write(path / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists become JSON strings, so cells stay hashable)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def load(output_dir: str | os.PathLike = "outputs"):
+    """All finished runs under ``output_dir`` as a DataFrame (config columns + metric columns)."""
+    import pandas as pd
+
+    rows = []
+    for mfile in sorted(Path(output_dir).glob("**/metrics.json")):
+        run = mfile.parent
+        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+        row = flatten(cfg)
+        row.update(flatten(json.loads(mfile.read_text()), "metrics."))
+        row["run_dir"] = str(run)
+        row["run_id"] = run.name
+        rows.append(row)
+    return pd.DataFrame(rows)

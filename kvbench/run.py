@@ -1,0 +1,123 @@
+"""One run as data flowing through the modules: config -> model, data -> method -> calibrate ->
+patch -> evaluate -> record. :func:`run` is what ``python -m kvbench`` calls for each config."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from kvbench import results
+from kvbench.config import SUPPORTED_BITS
+from kvbench.errors import UserError
+
+
+def build_method(cfg, info):
+    """Instantiate the configured method plugin."""
+    from kvbench.registry import get_method_class
+
+    cls = get_method_class(cfg.method.name)
+    method_cfg = OmegaConf.to_object(cfg.method) if OmegaConf.is_config(cfg.method) else cfg.method
+    return cls(method_cfg, cfg.kv, info)
+
+
+def validate(cfg, info) -> None:
+    """Checks that need the model's shapes; each failure is one clear line."""
+    if cfg.kv.bits not in SUPPORTED_BITS:
+        raise UserError(f"kv.bits={cfg.kv.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
+    g = cfg.kv.group_size
+    if g is not None and (g <= 0 or info.head_dim % g):
+        raise UserError(f"kv.group_size={g} does not divide head_dim={info.head_dim} of {info.name}")
+    if cfg.kv.backend not in ("simulated", "kernel"):
+        raise UserError(f"kv.backend must be simulated or kernel, got {cfg.kv.backend!r}")
+    if cfg.eval.name == "ppl" and cfg.eval.seqlen > info.max_context:
+        raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {info.name}'s context of {info.max_context}")
+
+
+def pick_device(cfg) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+EVALS = ("ppl",)  # name -> module kvbench.eval.<name> with evaluate(cfg, model, tok, splits, method) -> dict
+
+
+def evaluate(cfg, model, tok, splits, method) -> dict:
+    """Run the configured evaluation on the patched model."""
+    import importlib
+
+    from kvbench.patch import patched
+    from kvbench.registry import unknown_name_error
+
+    if cfg.eval.name not in EVALS:
+        raise unknown_name_error("eval", cfg.eval.name, EVALS)
+    module = importlib.import_module(f"kvbench.eval.{cfg.eval.name}")
+    with patched(model, method):
+        return module.evaluate(cfg, model, tok, splits, method)
+
+
+def run(cfg) -> dict:
+    """Run one experiment; returns its metrics (reused if an identical run already finished)."""
+    from kvbench.data import load_splits
+    from kvbench.models import load_model
+    from kvbench.tracking import log_run
+
+    if cfg.command == "calibrate":
+        return calibrate_only(cfg)
+    out = results.run_dir(cfg)
+    done = results.existing_metrics(out)
+    if done is not None:
+        print(f"kvbench: identical run already finished, reusing {out}", file=sys.stderr)
+        summarize(cfg, done, out)
+        return done
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model, tok, info = load_model(cfg.model, pick_device(cfg))
+    validate(cfg, info)
+    method = build_method(cfg, info)
+    splits = load_splits(cfg.data)
+    if method.calibration_needs():
+        from kvbench.calibrate import prepare
+
+        prepare(cfg, model, tok, splits, method)
+    t1 = time.perf_counter()
+    metrics = evaluate(cfg, model, tok, splits, method)
+    t2 = time.perf_counter()
+    ctx = cfg.eval.seqlen
+    metrics["avg_bits"] = method.avg_bits(ctx)
+    metrics["kv_saving"] = 1 - metrics["avg_bits"] / 16
+    metrics["time"] = {"setup_s": t1 - t0, "eval_s": t2 - t1}
+    metrics["model"] = {"layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
+    results.save_run(out, cfg, metrics)
+    log_run(cfg, metrics, out)
+    summarize(cfg, metrics, out)
+    return metrics
+
+
+def calibrate_only(cfg) -> dict:
+    """``python -m kvbench calibrate ...``: compute (or find) the method's calibration artifact."""
+    from kvbench.calibrate import prepare
+    from kvbench.data import load_splits
+    from kvbench.models import load_model
+
+    model, tok, info = load_model(cfg.model, pick_device(cfg))
+    validate(cfg, info)
+    method = build_method(cfg, info)
+    if not method.calibration_needs():
+        print(f"kvbench: method {cfg.method.name} needs no calibration")
+        return {}
+    t0 = time.perf_counter()
+    path = prepare(cfg, model, tok, load_splits(cfg.data), method)
+    print(f"kvbench | calibration artifact for {cfg.method.name} on {cfg.model.name}: {path} ({time.perf_counter() - t0:.1f} s)")
+    return {"artifact": str(path)}
+
+
+def summarize(cfg, metrics: dict, out) -> None:
+    parts = [f"{cfg.method.name} {cfg.kv.bits}-bit on {cfg.model.name}/{cfg.data.name}"]
+    if "ppl" in metrics:
+        parts.append(f"ppl {metrics['ppl']:.3f} (token-level, ctx {metrics['ppl_info']['context']})")
+    parts.append(f"avg bits {metrics['avg_bits']:.2f}")
+    print("kvbench | " + " | ".join(parts) + f" | {out}")

@@ -1,0 +1,57 @@
+"""Uniform asymmetric integer quantization of keys and values (the INT-n baselines).
+
+Keys and values each choose their axis: ``token`` (one scale per token and group of
+``kv.group_size`` channels, computed online) or ``channel`` (one scale per channel over a block of
+``key_block`` tokens, KIVI-style). The KVQuant paper's int-n baseline is per-token for both.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.method import FP16_BITS, KVMethod, MethodConfig
+from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
+from kvbench.registry import register_method
+
+AXES = ("token", "channel")
+
+
+@dataclass
+class UniformConfig(MethodConfig):
+    name: str = "uniform"
+    key_axis: str = "token"
+    value_axis: str = "token"
+    key_block: int = 128
+
+
+@register_method("uniform")
+class Uniform(KVMethod):
+    config_class = UniformConfig
+
+    def __init__(self, cfg, kv, info):
+        super().__init__(cfg, kv, info)
+        for which in ("key_axis", "value_axis"):
+            if getattr(cfg, which) not in AXES:
+                raise ValueError(f"method.{which} must be one of {AXES}, got {getattr(cfg, which)!r}")
+        if cfg.key_axis == "token" and cfg.value_axis == "token":
+            self.key_block = 1  # per-token statistics need no block of tokens
+
+    def _quantize(self, x: torch.Tensor, axis: str) -> torch.Tensor:
+        if axis == "token":  # (B, H_kv, T, D): stats over D, in groups of kv.group_size channels
+            return fake_quantize_affine(x, self.kv.bits, dim=-1, group_size=self.kv.group_size)
+        return fake_quantize_affine(x, self.kv.bits, dim=-2, group_size=self.key_block)  # per channel, per block
+
+    def quantize_keys(self, k, layer, ctx=None):
+        return self._quantize(k, self.cfg.key_axis)
+
+    def quantize_values(self, v, layer, ctx=None):
+        return self._quantize(v, self.cfg.value_axis)
+
+    def _bits(self, axis: str) -> float:
+        if self.kv.bits >= FP16_BITS:
+            return float(FP16_BITS)
+        per_group = (self.kv.group_size or self.info.head_dim) if axis == "token" else self.key_block
+        return self.kv.bits + SCALE_ZERO_BITS / per_group
+
+    def bits_per_element(self):
+        return self._bits(self.cfg.key_axis), self._bits(self.cfg.value_axis)
