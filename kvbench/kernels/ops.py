@@ -1,0 +1,242 @@
+"""Public kernel API: each op dispatches to its Triton kernel or its PyTorch reference twin.
+
+``impl="triton"`` runs :mod:`kvbench.kernels.triton_ops` (CUDA, or a CPU under ``TRITON_INTERPRET=1``);
+``impl="reference"`` runs :mod:`kvbench.kernels.reference`. Both take and return the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+BACKEND_ERROR = (
+    "kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter"
+)
+IMPLS = ("triton", "reference")
+
+
+def triton_available() -> bool:
+    """True where the Triton kernels can run: a CUDA GPU, or ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_triton() -> None:
+    """Raise the one-line backend error unless :func:`triton_available`."""
+    if not triton_available():
+        raise RuntimeError(BACKEND_ERROR)
+
+
+def _impl(impl: str):
+    if impl == "reference":
+        return reference
+    if impl == "triton":
+        require_triton()
+        from . import triton_ops
+
+        return triton_ops
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+@dataclass
+class PackedKV:
+    """One layer's packed K/V, as the decode-attention kernels read it (all ``(B, H_kv, ...)``).
+
+    Buffers have a capacity along the token axis; only the first ``n_*`` entries are valid.
+    Token order: ``sink`` (positions ``0..n_sink-1``), ``packed`` (``n_sink..``), ``recent``.
+
+    Attributes:
+        k_words: ``(B, H, T_cap, key_bits * D / 32)`` int32 key codes.
+        k_scale, k_zero: ``(B, H, T_cap / key_block, D)`` fp16, one per channel per key block.
+        v_words: ``(B, H, T_cap, value_bits * D / 32)`` int32 value codes.
+        v_scale, v_zero: ``(B, H, T_cap, D / value_group)`` fp16, one per token per channel group.
+        sink_k, sink_v: ``(B, H, S_cap, D)`` model dtype (post-RoPE keys).
+        recent_k, recent_v: ``(B, H, R_cap, D)`` model dtype (post-RoPE keys).
+        k_lut, v_lut: optional ``(H, D, 2**bits)`` fp16 NUQ codebooks (code domain).
+        ol_ptr: optional ``(B, H, T_cap / key_block + 1)`` int32 CSR offsets of each key block's
+            outliers in ``ol_tok`` / ``ol_ch`` / ``ol_val`` (``(B, H, OL_cap)``: int32 packed-token
+            index, int16 channel, fp16 residual ``x - dequant(quant(clamp(x)))``).
+        inv_freq: optional ``(D/2,)`` fp32; when set, packed keys are pre-RoPE and rotated after
+            dequantization at position ``n_sink + index``.
+    """
+
+    k_words: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_words: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    n_packed: int
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    n_sink: int
+    recent_k: torch.Tensor
+    recent_v: torch.Tensor
+    n_recent: int
+    key_bits: int
+    value_bits: int
+    key_block: int
+    k_lut: torch.Tensor | None = None
+    v_lut: torch.Tensor | None = None
+    ol_ptr: torch.Tensor | None = None
+    ol_tok: torch.Tensor | None = None
+    ol_ch: torch.Tensor | None = None
+    ol_val: torch.Tensor | None = None
+    inv_freq: torch.Tensor | None = None
+
+
+def pack_codes(codes: torch.Tensor, bits: int, impl: str = "triton") -> torch.Tensor:
+    """``(..., D)`` codes -> ``(..., bits * D / 32)`` int32 words. See :func:`reference.pack_codes`."""
+    return _impl(impl).pack_codes(codes, bits)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, impl: str = "triton") -> torch.Tensor:
+    """``(..., W)`` int32 words -> ``(..., D)`` int32 codes. See :func:`reference.unpack_codes`."""
+    return _impl(impl).unpack_codes(words, bits, head_dim)
+
+
+def quantize_pack_keys(x, bits, block, lut=None, clamp_lo=None, clamp_hi=None, scale=None, zero=None,
+                       impl: str = "triton"):
+    """Per-channel (per key block) key quantize-and-pack. See :func:`reference.quantize_pack_keys`."""
+    return _impl(impl).quantize_pack_keys(x, bits, block, lut, clamp_lo, clamp_hi, scale, zero)
+
+
+def quantize_pack_values(x, bits, group, lut=None, impl: str = "triton"):
+    """Per-token grouped value quantize-and-pack. See :func:`reference.quantize_pack_values`."""
+    return _impl(impl).quantize_pack_values(x, bits, group, lut)
+
+
+def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, impl: str = "triton",
+                     **tuning) -> torch.Tensor:
+    """One query token per sequence attending to a packed cache.
+
+    Args:
+        q: ``(B, H_q, D)``, ``H_q = n_rep * H_kv``.
+        kv: the layer's :class:`PackedKV`.
+        sm_scale: softmax scale (default ``D ** -0.5``).
+        impl: ``"triton"`` or ``"reference"``.
+        **tuning: Triton launch knobs (``tile``, ``num_warps``, ``num_stages``, ``n_splits``).
+
+    Returns:
+        ``(B, H_q, D)`` in ``q.dtype``.
+    """
+    if impl == "reference":
+        return reference.decode_attention(q, kv, sm_scale)
+    return _impl(impl).decode_attention(q, kv, sm_scale, **tuning)
+
+
+def codebook_from_unit(lut_pm1: torch.Tensor, bits: int) -> torch.Tensor:
+    """Map a NUQ codebook normalised to ``[-1, 1]`` (KVQuant style) to this module's code domain.
+
+    The kernels dequantize ``x_hat = scale * lut[code] + zero`` with the same min/max ``scale`` and
+    ``zero`` as uniform quantization, so uniform is ``lut = [0, 1, ..., 2**bits - 1]`` and a
+    ``[-1, 1]`` codebook ``c`` becomes ``(c + 1) / 2 * (2**bits - 1)``.
+    """
+    return ((lut_pm1.float() + 1) / 2 * (2**bits - 1)).half()
+
+
+def split_outliers(x: torch.Tensor, x_hat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Dense-and-sparse split of keys against per-channel thresholds.
+
+    Args:
+        x: ``(B, H, T, D)`` keys as quantized (pre- or post-RoPE, like the dense part).
+        x_hat: ``(B, H, T, D)`` dequantized dense part (quantized from ``x`` clamped to lo..hi).
+        lo, hi: ``(H, D)`` thresholds.
+
+    Returns:
+        ``(mask (B, H, T, D) bool, residual (B, H, T, D) fp16)``; the residual ``x - x_hat`` is
+        what the sparse store keeps at the masked positions.
+    """
+    mask = (x < lo[:, None].to(x.dtype)) | (x > hi[:, None].to(x.dtype))
+    return mask, (x.float() - x_hat.float()).half()
+
+
+def outlier_csr(mask: torch.Tensor, residual: torch.Tensor, block: int, tok_offset: int = 0):
+    """COO/CSR arrays of a dense-and-sparse split over whole key blocks.
+
+    Args:
+        mask, residual: ``(B, H, T, D)`` from :func:`split_outliers`, ``T`` a multiple of ``block``.
+        block: key block size.
+        tok_offset: packed-token index of the first of the ``T`` tokens.
+
+    Returns:
+        ``(counts (B, H, T / block) int32, tok (B, H, n_max) int32, ch (B, H, n_max) int16,
+        val (B, H, n_max) fp16, n (B, H) int64)``: per-(b, h) entries sorted by token, padded to
+        the largest count ``n_max``.
+    """
+    B, H, T, D = mask.shape
+    counts = mask.reshape(B, H, T // block, block * D).sum(-1).to(torch.int32)  # (B, H, NB)
+    n = counts.sum(-1).long()  # (B, H)
+    n_max = max(int(n.max()) if n.numel() else 0, 1)
+    idx = mask.reshape(B * H, T * D).nonzero()  # (K, 2): row, flat (t, d), row-major sorted
+    row, flat = idx[:, 0], idx[:, 1]
+    start = torch.cumsum(n.reshape(-1), 0) - n.reshape(-1)
+    rank = torch.arange(row.numel(), device=mask.device) - start[row]
+    tok = torch.zeros(B * H, n_max, dtype=torch.int32, device=mask.device)
+    ch = torch.zeros(B * H, n_max, dtype=torch.int16, device=mask.device)
+    val = torch.zeros(B * H, n_max, dtype=torch.float16, device=mask.device)
+    tok[row, rank] = (flat // D + tok_offset).to(torch.int32)
+    ch[row, rank] = (flat % D).to(torch.int16)
+    val[row, rank] = residual.reshape(B * H, T * D)[row, flat]
+    return counts, tok.reshape(B, H, n_max), ch.reshape(B, H, n_max), val.reshape(B, H, n_max), n
+
+
+def build_packed_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bits: int = 4,
+    value_bits: int = 4,
+    key_block: int = 64,
+    value_group: int = 64,
+    n_sink: int = 0,
+    n_recent: int = 0,
+    k_lut: torch.Tensor | None = None,
+    v_lut: torch.Tensor | None = None,
+    k_clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+    inv_freq: torch.Tensor | None = None,
+    impl: str = "triton",
+) -> PackedKV:
+    """Pack a whole K/V sequence at once (tests, benchmarks): sink | packed | recent.
+
+    Args:
+        k, v: ``(B, H, T, D)``; ``T - n_sink - n_recent`` must be a multiple of ``key_block``.
+            Keys are post-RoPE; with ``inv_freq`` the packed part is un-rotated first (pre-RoPE).
+        k_clamp: optional ``(lo, hi)`` per-channel ``(H, D)`` outlier thresholds for keys.
+        other args: see :class:`PackedKV` and :func:`quantize_pack_keys`.
+
+    Returns:
+        A :class:`PackedKV` whose capacities equal its contents.
+    """
+    B, H, T, D = k.shape
+    n_packed = T - n_sink - n_recent
+    if n_packed % key_block:
+        raise ValueError(f"{n_packed} packed tokens is not a multiple of key_block={key_block}")
+    kp, vp = k[:, :, n_sink : n_sink + n_packed], v[:, :, n_sink : n_sink + n_packed]
+    if inv_freq is not None:
+        pos = torch.arange(n_sink, n_sink + n_packed, device=k.device)
+        kp = reference.apply_rope(kp.float(), pos, -inv_freq.float())  # rotate back: pre-RoPE
+    lo, hi = k_clamp if k_clamp is not None else (None, None)
+    kw, ks, kz = quantize_pack_keys(kp, key_bits, key_block, k_lut, lo, hi, impl=impl)
+    vw, vs, vz = quantize_pack_values(vp, value_bits, value_group, v_lut, impl=impl)
+    kv = PackedKV(
+        kw, ks, kz, vw, vs, vz, n_packed,
+        k[:, :, :n_sink].contiguous(), v[:, :, :n_sink].contiguous(), n_sink,
+        k[:, :, T - n_recent :].contiguous(), v[:, :, T - n_recent :].contiguous(), n_recent,
+        key_bits, value_bits, key_block, k_lut, v_lut,
+        inv_freq=None if inv_freq is None else inv_freq.float().contiguous(),
+    )
+    if k_clamp is not None:
+        k_hat = reference.dequantize_keys(kw, ks, kz, key_bits, key_block, k_lut)
+        mask, res = split_outliers(kp.float(), k_hat, lo, hi)
+        counts, tok, ch, val, _ = outlier_csr(mask, res, key_block)
+        ptr = torch.zeros(B, H, counts.shape[-1] + 1, dtype=torch.int32, device=k.device)
+        ptr[:, :, 1:] = torch.cumsum(counts, -1)
+        kv.ol_ptr, kv.ol_tok, kv.ol_ch, kv.ol_val = ptr, tok, ch, val
+    return kv

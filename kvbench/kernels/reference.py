@@ -1,0 +1,301 @@
+"""Pure-PyTorch reference twins of the Triton kernels in :mod:`kvbench.kernels.triton_ops`.
+
+Every function here has the same signature and returns the same tensors (bit-exact for packing and
+quantization) as its Triton twin; the decode attention agrees within a stated relative tolerance.
+See :mod:`kvbench.kernels` for the storage layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_FLOOR = 1e-5  # smallest stored scale (fp16 cannot hold quant.py's 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------
+def bit_slices(bits: int, head_dim: int) -> list[tuple[int, int, int]]:
+    """Split a code width into power-of-two slices.
+
+    Returns:
+        ``[(width, bit_offset, word_offset), ...]``: slice widths in descending order (8, 4, 2, 1),
+        the bit of the code each slice starts at, and the first int32 word of the slice in a
+        token's row of words. ``3 -> [(2, 0, 0), (1, 2, D/16)]``.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    out, bit_off = [], 0
+    for w in (8, 4, 2, 1):
+        if bits & w:
+            if head_dim % (32 // w):
+                raise ValueError(f"head_dim {head_dim} must be a multiple of {32 // w} for {bits}-bit codes")
+            out.append((w, bit_off, head_dim * bit_off // 32))
+            bit_off += w
+    return out
+
+
+def words_per_token(bits: int, head_dim: int) -> int:
+    """int32 words one token's ``head_dim`` codes take (``bits * head_dim / 32``, exact)."""
+    bit_slices(bits, head_dim)
+    return bits * head_dim // 32
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret non-negative int64 values < 2**32 as int32 bit patterns."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes into int32 words.
+
+    Args:
+        codes: ``(..., D)`` integers in ``[0, 2**bits)``.
+        bits: code width, 1..8.
+
+    Returns:
+        ``(..., bits * D // 32)`` int32 words (layout: :mod:`kvbench.kernels`).
+    """
+    d = codes.shape[-1]
+    c = codes.to(torch.int64)
+    parts = []
+    for w, bit_off, _ in bit_slices(bits, d):
+        cpw = 32 // w
+        part = (c >> bit_off) & ((1 << w) - 1)  # (..., D)
+        part = part.reshape(*c.shape[:-1], d // cpw, cpw)  # (..., NW, CPW)
+        shifts = torch.arange(cpw, device=c.device) * w
+        parts.append(_to_int32((part << shifts).sum(-1)))  # (..., NW)
+    return torch.cat(parts, -1)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`.
+
+    Args:
+        words: ``(..., bits * D // 32)`` int32.
+        bits: code width.
+        head_dim: ``D``.
+
+    Returns:
+        ``(..., D)`` int32 codes.
+    """
+    w64 = words.to(torch.int64) & 0xFFFFFFFF
+    code = torch.zeros(*words.shape[:-1], head_dim, dtype=torch.int64, device=words.device)
+    for w, bit_off, word_off in bit_slices(bits, head_dim):
+        cpw = 32 // w
+        nw = head_dim // cpw
+        ws = w64[..., word_off : word_off + nw]  # (..., NW)
+        shifts = torch.arange(cpw, device=words.device) * w
+        part = (ws[..., None] >> shifts) & ((1 << w) - 1)  # (..., NW, CPW)
+        code += part.reshape(*words.shape[:-1], head_dim) << bit_off
+    return code.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantize and pack
+# ----------------------------------------------------------------------------------------------
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-rounded (scale, zero) of min/max stats, returned as fp32."""
+    scale = torch.clamp((hi - lo) / (2**bits - 1), min=SCALE_FLOOR)
+    return scale.half().float(), lo.half().float()
+
+
+def _codes(xn: torch.Tensor, bits: int, lut: torch.Tensor | None) -> torch.Tensor:
+    """Codes of normalised values ``xn`` (code domain): rounding, or the nearest centroid.
+
+    ``lut`` broadcasts against ``xn[..., None]`` (last axis: the ``2**bits`` centroids).
+    """
+    if lut is None:
+        return torch.clamp(torch.floor(xn + 0.5), 0, 2**bits - 1).to(torch.int32)
+    return torch.argmin(torch.abs(xn[..., None] - lut), dim=-1).to(torch.int32)
+
+
+def quantize_pack_keys(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    lut: torch.Tensor | None = None,
+    clamp_lo: torch.Tensor | None = None,
+    clamp_hi: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel key quantization over blocks of ``block`` tokens, then packing.
+
+    Args:
+        x: ``(B, H, T, D)`` keys, ``T`` a multiple of ``block``.
+        bits: code width.
+        block: tokens that share one (scale, zero) per channel.
+        lut: optional ``(H, D, 2**bits)`` NUQ codebook in the code domain (fp16).
+        clamp_lo, clamp_hi: optional ``(H, D)`` outlier thresholds; ``x`` is clamped to them first,
+            so outliers do not stretch the range (they are stored separately, see
+            :func:`kvbench.kernels.ops.split_outliers`).
+        scale, zero: optional calibrated ``(H, D)`` scale and zero point, used for every block
+            instead of the block's min/max.
+
+    Returns:
+        ``(words (B, H, T, W) int32, scale (B, H, T // block, D) fp16, zero (same) fp16)``.
+    """
+    B, H, T, D = x.shape
+    xf = x.float()
+    if clamp_lo is not None:
+        xf = torch.maximum(torch.minimum(xf, clamp_hi.float()[:, None]), clamp_lo.float()[:, None])
+    xb = xf.reshape(B, H, T // block, block, D)  # (B, H, NB, KB, D)
+    if scale is None:
+        s, z = _scale_zero(xb.amin(3), xb.amax(3), bits)  # (B, H, NB, D)
+    else:
+        s = torch.clamp(scale.float(), min=SCALE_FLOOR).half().float().expand(B, H, T // block, D)
+        z = zero.half().float().expand(B, H, T // block, D)
+    xn = (xb - z[:, :, :, None]) / s[:, :, :, None]
+    lut_b = None if lut is None else lut.float()[None, :, None, None]  # (1, H, 1, 1, D, NC)
+    codes = _codes(xn, bits, lut_b).reshape(B, H, T, D)
+    return pack_codes(codes, bits), s.half().contiguous(), z.half().contiguous()
+
+
+def quantize_pack_values(
+    x: torch.Tensor, bits: int, group: int, lut: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token value quantization in groups of ``group`` channels, then packing.
+
+    Args:
+        x: ``(B, H, T, D)`` values.
+        bits: code width.
+        group: channels that share one (scale, zero); divides ``D``.
+        lut: optional ``(H, D, 2**bits)`` NUQ codebook in the code domain (fp16).
+
+    Returns:
+        ``(words (B, H, T, W) int32, scale (B, H, T, D // group) fp16, zero (same) fp16)``.
+    """
+    B, H, T, D = x.shape
+    xg = x.float().reshape(B, H, T, D // group, group)
+    s, z = _scale_zero(xg.amin(-1), xg.amax(-1), bits)  # (B, H, T, NG)
+    xn = ((xg - z[..., None]) / s[..., None]).reshape(B, H, T, D)
+    lut_b = None if lut is None else lut.float()[None, :, None]  # (1, H, 1, D, NC)
+    codes = _codes(xn, bits, lut_b)
+    return pack_codes(codes, bits), s.half(), z.half()
+
+
+def _levels(codes: torch.Tensor, lut: torch.Tensor | None, head_axis: int = 1) -> torch.Tensor:
+    """Code -> level in the code domain (the code itself, or its centroid)."""
+    if lut is None:
+        return codes.float()
+    lf = lut.float()  # (H, D, NC)
+    H, D, NC = lf.shape
+    c = codes.long().movedim(head_axis, 0)  # (H, B, T, D)
+    idx = torch.arange(D, device=c.device) * NC + c
+    out = torch.gather(lf.reshape(H, 1, 1, D * NC).expand(H, *c.shape[1:3], D * NC), -1, idx)
+    return out.movedim(0, head_axis)
+
+
+def dequantize_keys(words, scale, zero, bits: int, block: int, lut=None) -> torch.Tensor:
+    """Inverse of :func:`quantize_pack_keys` (outliers not included).
+
+    Args:
+        words: ``(B, H, T, W)`` int32; scale, zero: ``(B, H, >= T // block, D)``.
+
+    Returns:
+        ``(B, H, T, D)`` fp32.
+    """
+    B, H, T, _ = words.shape
+    D = scale.shape[-1]
+    lv = _levels(unpack_codes(words, bits, D), lut)  # (B, H, T, D)
+    s = scale[:, :, : T // block].float().repeat_interleave(block, 2)
+    z = zero[:, :, : T // block].float().repeat_interleave(block, 2)
+    return lv * s + z
+
+
+def dequantize_values(words, scale, zero, bits: int, lut=None) -> torch.Tensor:
+    """Inverse of :func:`quantize_pack_values`.
+
+    Args:
+        words: ``(B, H, T, W)`` int32; scale, zero: ``(B, H, T, D // group)``.
+
+    Returns:
+        ``(B, H, T, D)`` fp32.
+    """
+    B, H, T, _ = words.shape
+    ng = scale.shape[-1]
+    D = words.shape[-1] * 32 // bits
+    lv = _levels(unpack_codes(words, bits, D), lut).reshape(B, H, T, ng, D // ng)
+    return (lv * scale[:, :, :T, :, None].float() + zero[:, :, :T, :, None].float()).reshape(B, H, T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE and decode attention
+# ----------------------------------------------------------------------------------------------
+def apply_rope(k: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(..., T, D)`` keys at positions ``pos (T,)`` (HF ``rotate_half`` convention)."""
+    ang = pos.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    k1, k2 = k.chunk(2, dim=-1)
+    return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+
+
+def dequantize_all(kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 K/V of a :class:`~kvbench.kernels.ops.PackedKV`: sink, packed, recent.
+
+    Returns:
+        ``(keys, values)``, each ``(B, H, n_sink + n_packed + n_recent, D)`` fp32, keys post-RoPE.
+    """
+    n = kv.n_packed
+    k = dequantize_keys(kv.k_words[:, :, :n], kv.k_scale, kv.k_zero, kv.key_bits, kv.key_block, kv.k_lut)
+    v = dequantize_values(kv.v_words[:, :, :n], kv.v_scale, kv.v_zero, kv.value_bits, kv.v_lut)
+    if kv.ol_ptr is not None and n > 0:
+        B, H = k.shape[:2]
+        cnt = kv.ol_ptr[:, :, n // kv.key_block].long()  # (B, H) entries so far
+        for b in range(B):
+            for h in range(H):
+                c = int(cnt[b, h])
+                if c:
+                    k[b, h].index_put_(
+                        (kv.ol_tok[b, h, :c].long(), kv.ol_ch[b, h, :c].long()),
+                        kv.ol_val[b, h, :c].float(),
+                        accumulate=True,
+                    )
+    if kv.inv_freq is not None:
+        pos = torch.arange(kv.n_sink, kv.n_sink + n, device=k.device)
+        k = apply_rope(k, pos, kv.inv_freq)
+    keys = torch.cat([kv.sink_k[:, :, : kv.n_sink].float(), k, kv.recent_k[:, :, : kv.n_recent].float()], 2)
+    vals = torch.cat([kv.sink_v[:, :, : kv.n_sink].float(), v, kv.recent_v[:, :, : kv.n_recent].float()], 2)
+    return keys, vals
+
+
+def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None) -> torch.Tensor:
+    """One-token attention over a packed cache (fp32 math over the dequantized K/V).
+
+    Args:
+        q: ``(B, H_q, D)`` query of the newest token; ``H_q = n_rep * H_kv`` (GQA/MQA).
+        kv: :class:`~kvbench.kernels.ops.PackedKV`.
+        sm_scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(B, H_q, D)`` in ``q.dtype``.
+    """
+    B, Hq, D = q.shape
+    keys, vals = dequantize_all(kv)  # (B, H_kv, T, D)
+    rep = Hq // keys.shape[1]
+    keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    att = torch.softmax(torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale, -1)
+    return torch.einsum("bht,bhtd->bhd", att, vals).to(q.dtype)
+
+
+def default_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Default RoPE inverse frequencies ``(D/2,)`` fp32."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+__all__ = [
+    "bit_slices",
+    "words_per_token",
+    "pack_codes",
+    "unpack_codes",
+    "quantize_pack_keys",
+    "quantize_pack_values",
+    "dequantize_keys",
+    "dequantize_values",
+    "dequantize_all",
+    "apply_rope",
+    "decode_attention",
+    "default_inv_freq",
+]

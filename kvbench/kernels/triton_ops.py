@@ -1,0 +1,450 @@
+"""Triton kernels, each with the signature of its twin in :mod:`kvbench.kernels.reference`.
+
+Kernels work on contiguous ``(B, H, T, ...)`` buffers (the cache allocates them so); on a CPU they
+run only under ``TRITON_INTERPRET=1`` (slow: about 1 ms per program instance).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import SCALE_FLOOR, words_per_token
+
+_FLOOR = tl.constexpr(SCALE_FLOOR)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-register pack / unpack of one tile (shared by all kernels)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _unpack_slice(row_ptr, mask, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    CPW: tl.constexpr = 32 // WIDTH
+    NW: tl.constexpr = D // CPW
+    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :], mask=mask[:, None], other=0)  # (BT, NW)
+    sh = tl.arange(0, CPW) * WIDTH
+    part = (words[:, :, None] >> sh[None, None, :]) & ((1 << WIDTH) - 1)  # (BT, NW, CPW)
+    return tl.reshape(part, (BT, D))
+
+
+@triton.jit
+def _unpack_tile(row_ptr, mask, BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Codes ``(BT, D)`` int32 of the rows at ``row_ptr (BT,)`` (each row: one token's words)."""
+    code = tl.zeros((BT, D), tl.int32)
+    if BITS & 8:
+        code += _unpack_slice(row_ptr, mask, 0, 8, D, BT)
+    if BITS & 4:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 8) // 32, 4, D, BT) << (BITS & 8)
+    if BITS & 2:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 12) // 32, 2, D, BT) << (BITS & 12)
+    if BITS & 1:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 14) // 32, 1, D, BT) << (BITS & 14)
+    return code
+
+
+@triton.jit
+def _pack_slice(code, row_ptr, mask, SHIFT: tl.constexpr, W_OFF: tl.constexpr, WIDTH: tl.constexpr,
+                D: tl.constexpr, BT: tl.constexpr):
+    CPW: tl.constexpr = 32 // WIDTH
+    NW: tl.constexpr = D // CPW
+    part = tl.reshape((code >> SHIFT) & ((1 << WIDTH) - 1), (BT, NW, CPW))
+    sh = tl.arange(0, CPW) * WIDTH
+    words = tl.sum(part << sh[None, None, :], axis=2)  # (BT, NW), disjoint bit fields
+    tl.store(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :], words.to(tl.int32), mask=mask[:, None])
+
+
+@triton.jit
+def _pack_tile(code, row_ptr, mask, BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    if BITS & 8:
+        _pack_slice(code, row_ptr, mask, 0, 0, 8, D, BT)
+    if BITS & 4:
+        _pack_slice(code, row_ptr, mask, BITS & 8, D * (BITS & 8) // 32, 4, D, BT)
+    if BITS & 2:
+        _pack_slice(code, row_ptr, mask, BITS & 12, D * (BITS & 12) // 32, 2, D, BT)
+    if BITS & 1:
+        _pack_slice(code, row_ptr, mask, BITS & 14, D * (BITS & 14) // 32, 1, D, BT)
+
+
+# ----------------------------------------------------------------------------------------------
+# pack / unpack
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _pack_kernel(c_ptr, w_ptr, n_rows, BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    m = rows < n_rows
+    code = tl.load(c_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=m[:, None], other=0).to(tl.int32)
+    _pack_tile(code, w_ptr + rows * W, m, BITS, D, BT)
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, c_ptr, n_rows, BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    m = rows < n_rows
+    code = _unpack_tile(w_ptr + rows * W, m, BITS, D, BT)
+    tl.store(c_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], code, mask=m[:, None])
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Triton twin of :func:`kvbench.kernels.reference.pack_codes`."""
+    d = codes.shape[-1]
+    w = words_per_token(bits, d)
+    c = codes.reshape(-1, d).to(torch.int32).contiguous()
+    out = torch.empty(c.shape[0], w, dtype=torch.int32, device=c.device)
+    bt = 16
+    _pack_kernel[(triton.cdiv(c.shape[0], bt),)](c, out, c.shape[0], BITS=bits, D=d, W=w, BT=bt)
+    return out.reshape(*codes.shape[:-1], w)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Triton twin of :func:`kvbench.kernels.reference.unpack_codes`."""
+    w = words.shape[-1]
+    ws = words.reshape(-1, w).contiguous()
+    out = torch.empty(ws.shape[0], head_dim, dtype=torch.int32, device=ws.device)
+    bt = 16
+    _unpack_kernel[(triton.cdiv(ws.shape[0], bt),)](ws, out, ws.shape[0], BITS=bits, D=head_dim, W=w, BT=bt)
+    return out.reshape(*words.shape[:-1], head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantize and pack
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _nearest(xn, lut_ptr, lut_off, NC: tl.constexpr):
+    """Index of the nearest centroid (first on ties); ``lut_off`` broadcasts like ``xn``."""
+    best = tl.abs(xn - tl.load(lut_ptr + lut_off).to(tl.float32))
+    code = tl.zeros(xn.shape, tl.int32)
+    for k in tl.static_range(1, NC):
+        dist = tl.abs(xn - tl.load(lut_ptr + lut_off + k).to(tl.float32))
+        better = dist < best
+        code = tl.where(better, k, code)
+        best = tl.where(better, dist, best)
+    return code
+
+
+@triton.jit
+def _quant_keys_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, clo_ptr, chi_ptr, gs_ptr, gz_ptr,
+                       H, T, NB,
+                       BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, KB: tl.constexpr,
+                       HAS_LUT: tl.constexpr, CLAMP: tl.constexpr, GIVEN: tl.constexpr):
+    n = tl.program_id(0)  # b * H + h
+    blk = tl.program_id(1)
+    h = n % H
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    offs_t = blk * KB + tl.arange(0, KB)
+    offs_d = tl.arange(0, D)
+    x = tl.load(x_ptr + (n * T + offs_t)[:, None] * D + offs_d[None, :]).to(tl.float32)  # (KB, D)
+    if CLAMP:
+        lo_t = tl.load(clo_ptr + h * D + offs_d).to(tl.float32)
+        hi_t = tl.load(chi_ptr + h * D + offs_d).to(tl.float32)
+        x = tl.maximum(tl.minimum(x, hi_t[None, :]), lo_t[None, :])
+    if GIVEN:
+        s = tl.maximum(tl.load(gs_ptr + h * D + offs_d).to(tl.float32), _FLOOR)
+        z = tl.load(gz_ptr + h * D + offs_d).to(tl.float32)
+    else:
+        lo = tl.min(x, axis=0)
+        hi = tl.max(x, axis=0)
+        s = tl.maximum(tl.div_rn(hi - lo, QMAX * 1.0), _FLOOR)
+        z = lo
+    s16 = s.to(tl.float16)
+    z16 = z.to(tl.float16)
+    tl.store(s_ptr + (n * NB + blk) * D + offs_d, s16)
+    tl.store(z_ptr + (n * NB + blk) * D + offs_d, z16)
+    xn = tl.div_rn(x - z16.to(tl.float32)[None, :], s16.to(tl.float32)[None, :])
+    if HAS_LUT:
+        code = _nearest(xn, lut_ptr, (h * D + offs_d)[None, :] * (QMAX + 1), QMAX + 1)
+    else:
+        code = tl.minimum(tl.maximum(tl.floor(xn + 0.5), 0.0), QMAX * 1.0).to(tl.int32)
+    _pack_tile(code, w_ptr + (n * T + offs_t) * W, offs_t < T, BITS, D, KB)
+
+
+@triton.jit
+def _quant_values_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, H, T,
+                         BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+                         BT: tl.constexpr, HAS_LUT: tl.constexpr):
+    n = tl.program_id(0)
+    h = n % H
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    NG: tl.constexpr = D // G
+    offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+    m = offs_t < T
+    offs_d = tl.arange(0, D)
+    x = tl.load(x_ptr + (n * T + offs_t)[:, None] * D + offs_d[None, :], mask=m[:, None], other=0.0)
+    x3 = tl.reshape(x.to(tl.float32), (BT, NG, G))
+    lo = tl.min(x3, axis=2)
+    hi = tl.max(x3, axis=2)  # (BT, NG)
+    s16 = tl.maximum(tl.div_rn(hi - lo, QMAX * 1.0), _FLOOR).to(tl.float16)
+    z16 = lo.to(tl.float16)
+    offs_g = tl.arange(0, NG)
+    sz_off = (n * T + offs_t)[:, None] * NG + offs_g[None, :]
+    tl.store(s_ptr + sz_off, s16, mask=m[:, None])
+    tl.store(z_ptr + sz_off, z16, mask=m[:, None])
+    xn = tl.div_rn(x3 - z16.to(tl.float32)[:, :, None], s16.to(tl.float32)[:, :, None])
+    xn = tl.reshape(xn, (BT, D))
+    if HAS_LUT:
+        code = _nearest(xn, lut_ptr, (h * D + offs_d)[None, :] * (QMAX + 1), QMAX + 1)
+    else:
+        code = tl.minimum(tl.maximum(tl.floor(xn + 0.5), 0.0), QMAX * 1.0).to(tl.int32)
+    _pack_tile(code, w_ptr + (n * T + offs_t) * W, m, BITS, D, BT)
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.float16, device=device)
+
+
+def quantize_pack_keys(x, bits, block, lut=None, clamp_lo=None, clamp_hi=None, scale=None, zero=None):
+    """Triton twin of :func:`kvbench.kernels.reference.quantize_pack_keys`."""
+    B, H, T, D = x.shape
+    if T % block:
+        raise ValueError(f"T={T} is not a multiple of the key block {block}")
+    x = x.contiguous()
+    w = words_per_token(bits, D)
+    nb = T // block
+    words = torch.empty(B, H, T, w, dtype=torch.int32, device=x.device)
+    s = torch.empty(B, H, nb, D, dtype=torch.float16, device=x.device)
+    z = torch.empty_like(s)
+    dmy = _dummy(x.device)
+    _quant_keys_kernel[(B * H, nb)](
+        x, words, s, z,
+        dmy if lut is None else lut.contiguous(),
+        dmy if clamp_lo is None else clamp_lo.contiguous(),
+        dmy if clamp_hi is None else clamp_hi.contiguous(),
+        dmy if scale is None else scale.contiguous(),
+        dmy if zero is None else zero.contiguous(),
+        H, T, nb, BITS=bits, D=D, W=w, KB=block,
+        HAS_LUT=lut is not None, CLAMP=clamp_lo is not None, GIVEN=scale is not None,
+    )
+    return words, s, z
+
+
+def quantize_pack_values(x, bits, group, lut=None):
+    """Triton twin of :func:`kvbench.kernels.reference.quantize_pack_values`."""
+    B, H, T, D = x.shape
+    x = x.contiguous()
+    w = words_per_token(bits, D)
+    words = torch.empty(B, H, T, w, dtype=torch.int32, device=x.device)
+    s = torch.empty(B, H, T, D // group, dtype=torch.float16, device=x.device)
+    z = torch.empty_like(s)
+    bt = 16
+    _quant_values_kernel[(B * H, triton.cdiv(T, bt))](
+        x, words, s, z, _dummy(x.device) if lut is None else lut.contiguous(), H, T,
+        BITS=bits, D=D, W=w, G=group, BT=bt, HAS_LUT=lut is not None,
+    )
+    return words, s, z
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention: split-K over the packed tokens + one split for the fp16 sink/recent tokens
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rope_tile(k, pos, inv_freq_ptr, D: tl.constexpr, BT: tl.constexpr):
+    """Rotate a ``(BT, D)`` fp32 key tile at positions ``pos (BT,)`` (HF rotate_half)."""
+    HALF: tl.constexpr = D // 2
+    inv = tl.load(inv_freq_ptr + tl.arange(0, HALF))
+    ang = pos.to(tl.float32)[:, None] * inv[None, :]  # (BT, D/2)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    k1, k2 = tl.split(tl.permute(tl.reshape(k, (BT, 2, HALF)), (0, 2, 1)))
+    r = tl.join(k1 * c - k2 * s, k2 * c + k1 * s)  # (BT, D/2, 2)
+    return tl.reshape(tl.permute(r, (0, 2, 1)), (BT, D))
+
+
+@triton.jit
+def _online(s, v16, m_i, l_i, acc):
+    """One online-softmax step (log2 domain) for scores ``s (GP, BT)`` and values ``(BT, D)``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fp16_part(q16, k_ptr, v_ptr, n_tok, m_i, l_i, acc, D: tl.constexpr, BTF: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for t0 in range(0, n_tok, BTF):
+        offs_t = t0 + tl.arange(0, BTF)
+        m = offs_t < n_tok
+        ptr = offs_t[:, None] * D + offs_d[None, :]
+        k = tl.load(k_ptr + ptr, mask=m[:, None], other=0.0).to(tl.float16)
+        v = tl.load(v_ptr + ptr, mask=m[:, None], other=0.0).to(tl.float16)
+        s = tl.dot(q16, tl.trans(k))
+        s = tl.where(m[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
+    sk_ptr, sv_ptr, rk_ptr, rv_ptr, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr,
+    o_ptr, lse_ptr,
+    sm_scale, H, T_CAP, NB_CAP, S_CAP, R_CAP, OL_CAP,
+    n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
+    OL_CHUNK: tl.constexpr, BTF: tl.constexpr,
+):
+    n = tl.program_id(0)  # b * H + h
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    h = n % H
+    WK: tl.constexpr = KBITS * D // 32
+    WV: tl.constexpr = VBITS * D // 32
+    GS: tl.constexpr = D // NG
+    KNC: tl.constexpr = 1 << KBITS
+    HALF: tl.constexpr = D // 2
+    VNC: tl.constexpr = 1 << VBITS
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < G
+    offs_d = tl.arange(0, D)
+    q_rows = (n * G + offs_g) * D  # q is (B, H * G, D); kv head h serves q heads h*G .. h*G+G-1
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+    q = q * (sm_scale * _LOG2E)  # log2 domain
+    q16 = q.to(tl.float16)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    if sp < n_splits:
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            tm = offs_t < t_end
+            blk = t0 // KB
+            # keys: codes -> levels -> per-channel (block) scale/zero -> optional RoPE
+            kc = _unpack_tile(kw_ptr + (n * T_CAP + offs_t) * WK, tm, KBITS, D, BT)
+            if K_LUT:
+                kf = tl.load(klut_ptr + (h * D + offs_d)[None, :] * KNC + kc).to(tl.float32)
+            else:
+                kf = kc.to(tl.float32)
+            ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + offs_d).to(tl.float32)
+            kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + offs_d).to(tl.float32)
+            k = kf * ks[None, :] + kz[None, :]
+            if PRE_ROPE:
+                k = _rope_tile(k, n_sink + offs_t, invf_ptr, D, BT)
+            s = tl.dot(q16, tl.trans(k.to(tl.float16)))  # (GP, BT)
+            if HAS_OL:
+                # sparse outliers of this block: residuals (pre-RoPE) at (token, channel)
+                e_lo = tl.load(olp_ptr + n * (NB_CAP + 1) + blk)
+                e_hi = tl.load(olp_ptr + n * (NB_CAP + 1) + blk + 1)
+                for e0 in range(e_lo, e_hi, OL_CHUNK):
+                    offs_e = e0 + tl.arange(0, OL_CHUNK)
+                    em = offs_e < e_hi
+                    tok = tl.load(olt_ptr + n * OL_CAP + offs_e, mask=em, other=-1)
+                    ch = tl.load(olc_ptr + n * OL_CAP + offs_e, mask=em, other=0).to(tl.int32)
+                    val = tl.load(olv_ptr + n * OL_CAP + offs_e, mask=em, other=0.0).to(tl.float32)
+                    qm = g_mask[:, None] & em[None, :]
+                    qd = tl.load(q_ptr + q_rows[:, None] + ch[None, :], mask=qm, other=0.0).to(tl.float32)
+                    if PRE_ROPE:
+                        lowh = ch < HALF
+                        pair = tl.where(lowh, ch + HALF, ch - HALF)
+                        sign = tl.where(lowh, 1.0, -1.0)
+                        ang = (n_sink + tok).to(tl.float32) * tl.load(invf_ptr + ch % HALF)
+                        qp = tl.load(q_ptr + q_rows[:, None] + pair[None, :], mask=qm, other=0.0).to(tl.float32)
+                        contrib = val[None, :] * (qd * tl.cos(ang)[None, :] + sign[None, :] * qp * tl.sin(ang)[None, :])
+                    else:
+                        contrib = qd * val[None, :]
+                    contrib = contrib * (sm_scale * _LOG2E)  # (GP, CHUNK)
+                    onehot = ((tok - t0)[:, None] == tl.arange(0, BT)[None, :]).to(tl.float16)  # (CHUNK, BT)
+                    s += tl.dot(contrib.to(tl.float16), onehot)
+            s = tl.where(tm[None, :], s, float("-inf"))
+            # values: codes -> levels -> per-token group scale/zero
+            vc = _unpack_tile(vw_ptr + (n * T_CAP + offs_t) * WV, tm, VBITS, D, BT)
+            if V_LUT:
+                vf = tl.load(vlut_ptr + (h * D + offs_d)[None, :] * VNC + vc).to(tl.float32)
+            else:
+                vf = vc.to(tl.float32)
+            sz = (n * T_CAP + offs_t)[:, None] * NG + tl.arange(0, NG)[None, :]
+            vs = tl.load(vs_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)  # (BT, NG)
+            vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
+            v3 = tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None]
+            v = tl.reshape(v3, (BT, D)).to(tl.float16)
+            m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+    else:
+        m_i, l_i, acc = _fp16_part(q16, sk_ptr + n * S_CAP * D, sv_ptr + n * S_CAP * D, n_sink,
+                                   m_i, l_i, acc, D, BTF)
+        m_i, l_i, acc = _fp16_part(q16, rk_ptr + n * R_CAP * D, rv_ptr + n * R_CAP * D, n_recent,
+                                   m_i, l_i, acc, D, BTF)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    rows = n * G + offs_g  # (b, q head) rows
+    tl.store(o_ptr + (rows[:, None] * S1 + sp) * D + offs_d[None, :], out, mask=g_mask[:, None])
+    tl.store(lse_ptr + rows * S1 + sp, lse, mask=g_mask)
+
+
+@triton.jit
+def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, SP)
+    sm = offs_s < S1
+    lse = tl.load(lse_ptr + row * S1 + offs_s, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
+    o = tl.load(o_ptr + (row * S1 + offs_s)[:, None] * D + tl.arange(0, D)[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None):
+    """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K + reduction).
+
+    Extra keyword arguments (tuning only): ``tile`` tokens per inner step (divides ``key_block``),
+    ``num_warps``, ``num_stages``, and ``n_splits`` (default: enough programs for ~4 per SM).
+    """
+    B, Hq, D = q.shape
+    H = kv.k_words.shape[1]
+    G = Hq // H
+    GP = max(16, triton.next_power_of_2(G))
+    bt = tile or min(kv.key_block, 64)
+    if kv.key_block % bt:
+        raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
+    n_tiles = triton.cdiv(kv.n_packed, bt)
+    if n_splits is None:
+        n_splits = max(1, min(n_tiles, triton.cdiv(4 * _num_sms(q.device), B * H)))
+    tps = max(1, triton.cdiv(n_tiles, max(n_splits, 1)))
+    n_splits = triton.cdiv(n_tiles, tps) if n_tiles else 0
+    S1 = n_splits + 1
+    q = q.contiguous()
+    o_part = torch.empty(B * Hq, S1, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
+    dmy = _dummy(q.device)
+    has_ol = kv.ol_ptr is not None
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    _decode_kernel[(B * H, S1)](
+        q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+        dmy if kv.k_lut is None else kv.k_lut, dmy if kv.v_lut is None else kv.v_lut,
+        kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v,
+        kv.ol_ptr if has_ol else dmy, kv.ol_tok if has_ol else dmy,
+        kv.ol_ch if has_ol else dmy, kv.ol_val if has_ol else dmy,
+        dmy if kv.inv_freq is None else kv.inv_freq,
+        o_part, lse,
+        scale, H, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+        kv.ol_tok.shape[2] if has_ol else 0,
+        kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
+        G=G, GP=GP, D=D, KBITS=kv.key_bits, VBITS=kv.value_bits, KB=kv.key_block, BT=bt,
+        NG=kv.v_scale.shape[-1], K_LUT=kv.k_lut is not None, V_LUT=kv.v_lut is not None,
+        PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol, OL_CHUNK=32, BTF=32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _reduce_kernel[(B * Hq,)](o_part, lse, out, S1, SP=triton.next_power_of_2(S1), D=D)
+    return out
+
+
+__all__ = ["pack_codes", "unpack_codes", "quantize_pack_keys", "quantize_pack_values", "decode_attention"]
