@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import SCALE_FLOOR, words_per_token
+from .reference import SCALE_FLOOR, bit_slices, words_per_token
 
 _FLOOR = tl.constexpr(SCALE_FLOOR)
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -72,7 +72,7 @@ def _pack_tile(code, row_ptr, mask, BITS: tl.constexpr, D: tl.constexpr, BT: tl.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _pack_kernel(c_ptr, w_ptr, n_rows, BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     m = rows < n_rows
     code = tl.load(c_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=m[:, None], other=0).to(tl.int32)
     _pack_tile(code, w_ptr + rows * W, m, BITS, D, BT)
@@ -80,7 +80,7 @@ def _pack_kernel(c_ptr, w_ptr, n_rows, BITS: tl.constexpr, D: tl.constexpr, W: t
 
 @triton.jit
 def _unpack_kernel(w_ptr, c_ptr, n_rows, BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     m = rows < n_rows
     code = _unpack_tile(w_ptr + rows * W, m, BITS, D, BT)
     tl.store(c_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], code, mask=m[:, None])
@@ -128,7 +128,7 @@ def _quant_keys_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, clo_ptr, chi_ptr, gs
                        H, T, NB,
                        BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, KB: tl.constexpr,
                        HAS_LUT: tl.constexpr, CLAMP: tl.constexpr, GIVEN: tl.constexpr):
-    n = tl.program_id(0)  # b * H + h
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
     blk = tl.program_id(1)
     h = n % H
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -163,7 +163,7 @@ def _quant_keys_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, clo_ptr, chi_ptr, gs
 def _quant_values_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, H, T,
                          BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
                          BT: tl.constexpr, HAS_LUT: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     h = n % H
     QMAX: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = D // G
@@ -288,7 +288,7 @@ def _decode_kernel(
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
     OL_CHUNK: tl.constexpr, BTF: tl.constexpr,
 ):
-    n = tl.program_id(0)  # b * H + h
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
     S1 = n_splits + 1
     h = n % H
@@ -377,15 +377,175 @@ def _decode_kernel(
     tl.store(lse_ptr + rows * S1 + sp, lse, mask=g_mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# Decode attention, CUDA-core path (uniform codes, post-RoPE keys, no outliers; G = 1, 2, 4, 8)
+#
+# A w-bit field is rotated to the top of an fp32 mantissa and OR-ed with the exponent of 1.0, so
+# ``f = 1 + code * 2**-w`` costs one funnel shift and one LOP3 (no int->float conversion). Scales are
+# folded into the query (keys) or the probabilities (values); the ``-1`` and the zero points go into
+# per-block bias terms. Softmax rescaling is lazy (only when the running max grows by > 2**8).
+# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr):
-    row = tl.program_id(0)
+def _fields(words, WIDTH: tl.constexpr):
+    """``(BT, NW)`` int32 words -> ``(BT, NW, 32 / WIDTH)`` fp32 ``1 + code * 2**-WIDTH``."""
+    CPW: tl.constexpr = 32 // WIDTH
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
+    j = tl.arange(0, CPW)
+    r = ((j * WIDTH + WIDTH + 9) % 32).to(tl.uint32)  # rotate field j to bits 23-WIDTH .. 22
+    w = words.to(tl.uint32, bitcast=True)[:, :, None]
+    rot = (w >> r[None, None, :]) | (w << ((32 - r) % 32)[None, None, :])
+    return ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _arr(WIDTH: tl.constexpr, D: tl.constexpr):
+    """Channel index ``(NW, CPW)`` of a WIDTH-bit slice's word/field arrangement."""
+    CPW: tl.constexpr = 32 // WIDTH
+    return tl.arange(0, D // CPW)[:, None] * CPW + tl.arange(0, CPW)[None, :]
+
+
+@triton.jit
+def _kslice(row_ptr, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, wq):
+    """Scores ``(G, BT)`` of one key slice against folded query weights ``wq (G, NW, CPW)``."""
+    NW: tl.constexpr = D * WIDTH // 32
+    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :])  # (BT, NW)
+    f = _fields(words, WIDTH)  # (BT, NW, CPW)
+    return tl.sum(tl.sum(f[None] * wq[:, None], axis=3), axis=2)
+
+
+@triton.jit
+def _vslice(acc, row_ptr, vs_row_ptr, p, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr,
+            GS: tl.constexpr, KSCALE: tl.constexpr):
+    """``acc (G, BT, NW, CPW) += p * scale * 2**k * f`` for one value slice."""
+    CPW: tl.constexpr = 32 // WIDTH
+    NW: tl.constexpr = D // CPW
+    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :])  # (BT, NW)
+    f = _fields(words, WIDTH)
+    sc = tl.load(vs_row_ptr[:, None] + (tl.arange(0, NW) * CPW // GS)[None, :]).to(tl.float32)  # (BT, NW)
+    u = p[:, :, None] * (sc * KSCALE)[None]  # (G, BT, NW)
+    return acc + f[None] * u[:, :, :, None]
+
+
+@triton.jit
+def _decode_fma_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    G: tl.constexpr, D: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr,
+    VW1: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr, BTF: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    WK: tl.constexpr = (KW0 + KW1) * D // 32
+    WV: tl.constexpr = (VW0 + VW1) * D // 32
+    GS: tl.constexpr = D // NG
+    KS: tl.constexpr = (1 << VW0) + ((1 << (VW0 + VW1)) if VW1 > 0 else 0)
+    qscale = sm_scale * _LOG2E
+    rows = n * G + tl.arange(0, G)  # (G,) rows (b, q head) of q and of the outputs
+    offs_d = tl.arange(0, D)
+    m_i = tl.full((G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G,), tl.float32)
+    o_base = o_ptr + (rows * S1 + sp) * (3 * D)  # 3 slots: value slice 0, value slice 1, zero/bias term
+    if sp < n_splits:
+        ik0 = _arr(KW0, D)
+        qa0 = tl.load(q_ptr + rows[:, None, None] * D + ik0[None]).to(tl.float32) * qscale  # (G, NW, CPW)
+        if KW1 > 0:
+            ik1 = _arr(KW1, D)
+            qa1 = tl.load(q_ptr + rows[:, None, None] * D + ik1[None]).to(tl.float32) * qscale
+        iv0 = _arr(VW0, D)
+        acc0 = tl.zeros((G, BT, D * VW0 // 32, 32 // VW0), tl.float32)
+        if VW1 > 0:
+            iv1 = _arr(VW1, D)
+            acc1 = tl.zeros((G, BT, D * VW1 // 32, 32 // VW1), tl.float32)
+        corr = tl.zeros((G, NG), tl.float32)
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            kb = (n * NB_CAP + t0 // KB) * D
+            wq0 = qa0 * tl.load(ks_ptr + kb + ik0).to(tl.float32)[None] * (1 << KW0)
+            bias = tl.sum(tl.sum(qa0 * tl.load(kz_ptr + kb + ik0).to(tl.float32)[None] - wq0, axis=2), axis=1)
+            krow = kw_ptr + (n * T_CAP + offs_t) * WK
+            sc = _kslice(krow, 0, KW0, D, wq0)
+            if KW1 > 0:
+                wq1 = qa1 * tl.load(ks_ptr + kb + ik1).to(tl.float32)[None] * (1 << (KW0 + KW1))
+                bias -= tl.sum(tl.sum(wq1, axis=2), axis=1)
+                sc += _kslice(krow, D * KW0 // 32, KW1, D, wq1)
+            sc = sc + bias[:, None]  # (G, BT), log2 domain
+            m_t = tl.max(sc, axis=1)
+            if tl.max(m_t - m_i, axis=0) > 8.0:  # lazy rescale
+                m_new = tl.maximum(m_i, m_t)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                corr = corr * alpha[:, None]
+                acc0 = acc0 * alpha[:, None, None, None]
+                if VW1 > 0:
+                    acc1 = acc1 * alpha[:, None, None, None]
+                m_i = m_new
+            p = tl.exp2(sc - m_i[:, None])  # (G, BT)
+            l_i += tl.sum(p, axis=1)
+            vrow = vw_ptr + (n * T_CAP + offs_t) * WV
+            vsrow = vs_ptr + (n * T_CAP + offs_t) * NG
+            acc0 = _vslice(acc0, vrow, vsrow, p, 0, VW0, D, GS, 1 << VW0)
+            if VW1 > 0:
+                acc1 = _vslice(acc1, vrow, vsrow, p, D * VW0 // 32, VW1, D, GS, 1 << (VW0 + VW1))
+            sz = (n * T_CAP + offs_t)[:, None] * NG + tl.arange(0, NG)[None, :]
+            zc = tl.load(vz_ptr + sz).to(tl.float32) - KS * tl.load(vs_ptr + sz).to(tl.float32)  # (BT, NG)
+            corr += tl.sum(p[:, :, None] * zc[None], axis=1)
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(o_base[:, None, None] + iv0[None], tl.sum(acc0, axis=1) * inv_l[:, None, None])
+        if VW1 > 0:
+            tl.store(o_base[:, None, None] + D + iv1[None], tl.sum(acc1, axis=1) * inv_l[:, None, None])
+        else:
+            tl.store(o_base[:, None] + D + offs_d[None, :], tl.zeros((G, D), tl.float32))
+        cd = tl.reshape(tl.broadcast_to(corr[:, :, None], (G, NG, GS)), (G, D)) * inv_l[:, None]
+        tl.store(o_base[:, None] + 2 * D + offs_d[None, :], cd)
+    else:
+        q = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :]).to(tl.float32) * qscale  # (G, D)
+        acc = tl.zeros((G, D), tl.float32)
+        for part in tl.static_range(2):
+            if part == 0:
+                base_k = sk_ptr + n * S_CAP * D
+                base_v = sv_ptr + n * S_CAP * D
+                n_tok = n_sink
+            else:
+                base_k = rk_ptr + n * R_CAP * D
+                base_v = rv_ptr + n * R_CAP * D
+                n_tok = n_recent
+            for t0 in range(0, n_tok, BTF):
+                offs_t = t0 + tl.arange(0, BTF)
+                tm = offs_t < n_tok
+                ptr = offs_t[:, None] * D + offs_d[None, :]
+                k = tl.load(base_k + ptr, mask=tm[:, None], other=0.0).to(tl.float32)
+                v = tl.load(base_v + ptr, mask=tm[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(q[:, None, :] * k[None], axis=2)  # (G, BTF)
+                s = tl.where(tm[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                pf = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pf, axis=1)
+                acc = acc * alpha[:, None] + tl.sum(pf[:, :, None] * v[None], axis=1)
+                m_i = m_new
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(o_base[:, None] + offs_d[None, :], acc * inv_l[:, None])
+        tl.store(o_base[:, None] + D + offs_d[None, :], tl.zeros((G, D), tl.float32))
+        tl.store(o_base[:, None] + 2 * D + offs_d[None, :], tl.zeros((G, D), tl.float32))
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + rows * S1 + sp, lse)
+
+
+@triton.jit
+def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, NSLOT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SP)
     sm = offs_s < S1
     lse = tl.load(lse_ptr + row * S1 + offs_s, mask=sm, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
-    o = tl.load(o_ptr + (row * S1 + offs_s)[:, None] * D + tl.arange(0, D)[None, :], mask=sm[:, None], other=0.0)
+    o = tl.zeros((SP, D), tl.float32)
+    for k in tl.static_range(NSLOT):
+        o += tl.load(o_ptr + ((row * S1 + offs_s)[:, None] * NSLOT + k) * D + tl.arange(0, D)[None, :],
+                     mask=sm[:, None], other=0.0)
     out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
 
@@ -401,17 +561,38 @@ def _num_sms(device) -> int:
     return _SM_COUNT[device]
 
 
-def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None):
+def _fma_slices(bits: int, head_dim: int, group: int | None = None):
+    """(w0, w1) slice widths for the CUDA-core path, or None where it does not apply."""
+    sl = bit_slices(bits, head_dim)
+    if len(sl) > 2 or (group is not None and any(group % (32 // w) for w, _, _ in sl)):
+        return None
+    return sl[0][0], (sl[1][0] if len(sl) == 2 else 0)
+
+
+def fma_path_applies(kv, n_rep: int) -> bool:
+    """True where :func:`decode_attention` takes the CUDA-core path (uniform, post-RoPE, no outliers)."""
+    d = kv.k_scale.shape[-1]
+    return (
+        kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
+        and n_rep in (1, 2, 4, 8) and _fma_slices(kv.key_bits, d) is not None
+        and _fma_slices(kv.value_bits, d, d // kv.v_scale.shape[-1]) is not None
+    )
+
+
+def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None, path=None):
     """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K + reduction).
 
-    Extra keyword arguments (tuning only): ``tile`` tokens per inner step (divides ``key_block``),
-    ``num_warps``, ``num_stages``, and ``n_splits`` (default: enough programs for ~4 per SM).
+    Two kernels: a CUDA-core one for uniform codes (see ``_decode_fma_kernel``) and a tensor-core one
+    (``tl.dot``) for the rest (NUQ codebooks, pre-RoPE keys, sparse outliers). Extra keyword
+    arguments (tuning only): ``tile`` tokens per inner step (divides ``key_block``), ``num_warps``,
+    ``num_stages``, ``n_splits`` (default: about 4 programs per SM), ``path`` ("fma" | "dot").
     """
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
-    GP = max(16, triton.next_power_of_2(G))
-    bt = tile or min(kv.key_block, 64)
+    if path is None:
+        path = "fma" if fma_path_applies(kv, G) else "dot"
+    bt = tile or min(kv.key_block, max(16, 64 // G) if path == "fma" else 64)
     if kv.key_block % bt:
         raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
     n_tiles = triton.cdiv(kv.n_packed, bt)
@@ -421,29 +602,42 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     n_splits = triton.cdiv(n_tiles, tps) if n_tiles else 0
     S1 = n_splits + 1
     q = q.contiguous()
-    o_part = torch.empty(B * Hq, S1, D, dtype=torch.float32, device=q.device)
+    nslot = 3 if path == "fma" else 1
+    o_part = torch.empty(B * Hq, S1, nslot, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
-    dmy = _dummy(q.device)
-    has_ol = kv.ol_ptr is not None
     scale = D**-0.5 if sm_scale is None else sm_scale
-    _decode_kernel[(B * H, S1)](
-        q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
-        dmy if kv.k_lut is None else kv.k_lut, dmy if kv.v_lut is None else kv.v_lut,
-        kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v,
-        kv.ol_ptr if has_ol else dmy, kv.ol_tok if has_ol else dmy,
-        kv.ol_ch if has_ol else dmy, kv.ol_val if has_ol else dmy,
-        dmy if kv.inv_freq is None else kv.inv_freq,
-        o_part, lse,
-        scale, H, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
-        kv.ol_tok.shape[2] if has_ol else 0,
-        kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
-        G=G, GP=GP, D=D, KBITS=kv.key_bits, VBITS=kv.value_bits, KB=kv.key_block, BT=bt,
-        NG=kv.v_scale.shape[-1], K_LUT=kv.k_lut is not None, V_LUT=kv.v_lut is not None,
-        PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol, OL_CHUNK=32, BTF=32,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if path == "fma":
+        kw0, kw1 = _fma_slices(kv.key_bits, D)
+        vw0, vw1 = _fma_slices(kv.value_bits, D)
+        _decode_fma_kernel[(B * H, S1)](
+            q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+            kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
+            scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+            kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
+            G=G, D=D, KW0=kw0, KW1=kw1, VW0=vw0, VW1=vw1, KB=kv.key_block, BT=bt,
+            NG=kv.v_scale.shape[-1], BTF=16, num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        dmy = _dummy(q.device)
+        has_ol = kv.ol_ptr is not None
+        _decode_kernel[(B * H, S1)](
+            q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+            dmy if kv.k_lut is None else kv.k_lut, dmy if kv.v_lut is None else kv.v_lut,
+            kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v,
+            kv.ol_ptr if has_ol else dmy, kv.ol_tok if has_ol else dmy,
+            kv.ol_ch if has_ol else dmy, kv.ol_val if has_ol else dmy,
+            dmy if kv.inv_freq is None else kv.inv_freq,
+            o_part, lse,
+            scale, H, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+            kv.ol_tok.shape[2] if has_ol else 0,
+            kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
+            G=G, GP=max(16, triton.next_power_of_2(G)), D=D, KBITS=kv.key_bits, VBITS=kv.value_bits,
+            KB=kv.key_block, BT=bt, NG=kv.v_scale.shape[-1], K_LUT=kv.k_lut is not None,
+            V_LUT=kv.v_lut is not None, PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol, OL_CHUNK=32, BTF=32,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _reduce_kernel[(B * Hq,)](o_part, lse, out, S1, SP=triton.next_power_of_2(S1), D=D)
+    _reduce_kernel[(B * Hq,)](o_part, lse, out, S1, SP=triton.next_power_of_2(S1), D=D, NSLOT=nslot)
     return out
 
 
