@@ -97,10 +97,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load(output_dir: str | os.PathLike = "outputs"):
-    """All finished runs under ``output_dir`` as a DataFrame (config columns + metric columns)."""
+def load(output_dir: str | os.PathLike = "outputs", wandb: str | None = None, filters: dict | None = None, api=None):
+    """All finished runs under ``output_dir`` as a DataFrame (config columns + metric columns).
+
+    With ``wandb="entity/project"``, the finished kvbench runs of that W&B project instead (see
+    :func:`load_wandb`), in the same columns.
+    """
     import pandas as pd
 
+    if wandb is not None:
+        return load_wandb(wandb, filters=filters, api=api)
     rows = []
     for mfile in sorted(Path(output_dir).glob("**/metrics.json")):
         run = mfile.parent
@@ -110,4 +116,46 @@ def load(output_dir: str | os.PathLike = "outputs"):
         row["run_dir"] = str(run)
         row["run_id"] = run.name
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def wandb_row(config: dict, summary: dict) -> dict | None:
+    """The results row of a W&B run logged by :mod:`kvbench.tracking` (None for other runs).
+
+    Its config holds the flattened resolved config plus ``run_dir`` and ``run_id``; its summary the
+    flattened metrics. Keys W&B adds (``_runtime``, ``_step``, tables) and a sweep's own parameter
+    names that shadow a config group (``method`` beside ``method.name``) are dropped.
+    """
+    if "run_id" not in config:
+        return None
+    keys = [k for k in config if not k.startswith("_") and k not in ("run_dir", "run_id")]
+    row = {k: config[k] for k in keys if not any(o.startswith(k + ".") for o in keys)}
+    for k in sorted(summary):
+        v = summary[k]
+        if not k.startswith(("_", "table/")) and not isinstance(v, dict):
+            row[f"metrics.{k}"] = v
+    row["run_dir"] = config["run_dir"]
+    row["run_id"] = config["run_id"]
+    return row
+
+
+def load_wandb(path: str, filters: dict | None = None, api=None):
+    """Finished kvbench runs of the W&B project ``path`` (``entity/project``) as a DataFrame.
+
+    Same columns as :func:`load`; one row per results-store run (the newest W&B run wins when a run
+    was logged twice). ``filters`` is a W&B (MongoDB-style) run filter, e.g.
+    ``{"config.model.name": "smollm2-135m"}``; ``api`` defaults to ``wandb.Api()`` (needs a key).
+    """
+    import pandas as pd
+
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    rows, seen = [], set()
+    for run in api.runs(path, filters={"state": "finished", **(filters or {})}, order="-created_at"):
+        row = wandb_row(dict(run.config), dict(run.summary_metrics))
+        if row is not None and row["run_id"] not in seen:
+            seen.add(row["run_id"])
+            rows.append(row)
     return pd.DataFrame(rows)

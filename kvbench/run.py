@@ -71,6 +71,7 @@ def run(cfg) -> dict:
     done = results.existing_metrics(out)
     if done is not None:
         print(f"kvbench: identical run already finished, reusing {out}", file=sys.stderr)
+        log_run(cfg, done, out, reused=True)  # only under a W&B sweep agent, which needs a run
         summarize(cfg, done, out)
         return done
     torch.manual_seed(cfg.seed)
@@ -79,10 +80,11 @@ def run(cfg) -> dict:
     validate(cfg, info)
     method = build_method(cfg, info)
     splits = load_splits(cfg.data)
+    calibration = None
     if method.calibration_needs():
         from kvbench.calibrate import prepare
 
-        prepare(cfg, model, tok, splits, method)
+        calibration = prepare(cfg, model, tok, splits, method)
     t1 = time.perf_counter()
     metrics = evaluate(cfg, model, tok, splits, method)
     t2 = time.perf_counter()
@@ -92,7 +94,7 @@ def run(cfg) -> dict:
     metrics["time"] = {"setup_s": t1 - t0, "eval_s": t2 - t1}
     metrics["model"] = {"layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
     results.save_run(out, cfg, metrics)
-    log_run(cfg, metrics, out)
+    log_run(cfg, metrics, out, calibration=calibration)
     summarize(cfg, metrics, out)
     return metrics
 
