@@ -129,33 +129,33 @@ def bench_decode_attention(args, copy_bw: float, gpu: str) -> list[dict]:
 
 
 def tune(args) -> list[dict]:
-    """Launch-parameter sweep at one long-context shape (for the profile notes)."""
+    """Launch-parameter sweep at a few long-context shapes (for the profile notes)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
     from kvbench.kernels import ops
 
     out = []
-    for shape, batch, T, bits in [("llama2-7b", 8, 65536, 4), ("llama3-8b", 1, 131072, 2), ("llama2-7b", 8, 65536, 2)]:
+    for shape, batch, T, bits in [("llama2-7b", 8, 65536, 4), ("llama2-7b", 8, 65536, 2), ("llama3-8b", 8, 65536, 4)]:
         hq, hkv, d = SHAPES[shape]
         k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
         v = torch.randn_like(k)
         q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+        fp16_us = _bench(lambda: sdpa(q[:, :, None], k, v, enable_gqa=hq != hkv))
         kv = ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_recent=args.recent)
         del k, v
         nbytes = _packed_bytes_read(kv)
-        for tile in (32, 64, 128):
-            if args.key_block % tile:
+        cfgs = [dict(path="dot", tile=t, num_warps=w) for t in (64, 128) for w in (4, 8)]
+        cfgs += [dict(path="fma", tile=t, num_warps=w, lanes_per_row=lp)
+                 for t in (16, 32, 64) for w in (4, 8) for lp in (2, 8)]
+        for kw in cfgs:
+            try:
+                us = _bench(lambda: ops.decode_attention(q, kv, **kw))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
+                print("tune fail", kw, type(e).__name__, str(e)[:200])
                 continue
-            for nw in (4, 8):
-                for ns in (2, 3):
-                    for spl in (1,):
-                        kw = dict(tile=tile, num_warps=nw, num_stages=ns)
-                        try:
-                            us = _bench(lambda: ops.decode_attention(q, kv, **kw))
-                        except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
-                            print("tune fail", kw, type(e).__name__)
-                            continue
-                        out.append(dict(shape=shape, batch=batch, T=T, bits=bits, **kw, us=round(us, 2),
-                                        GBps=round(nbytes / us / 1e3, 1)))
-                        print("tune", out[-1], flush=True)
+            out.append(dict(shape=shape, batch=batch, T=T, bits=bits, **kw, us=round(us, 2),
+                            fp16_us=round(fp16_us, 2), speedup=round(fp16_us / us, 3), GBps=round(nbytes / us / 1e3, 1)))
+            print("tune", out[-1], flush=True)
         del kv
         torch.cuda.empty_cache()
     return out

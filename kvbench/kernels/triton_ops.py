@@ -387,43 +387,53 @@ def _decode_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fields(words, WIDTH: tl.constexpr):
-    """``(BT, NW)`` int32 words -> ``(BT, NW, 32 / WIDTH)`` fp32 ``1 + code * 2**-WIDTH``."""
+    """``(NWp, BT, P)`` int32 words -> ``(NWp, 32 / WIDTH, BT, P)`` fp32 ``1 + code * 2**-WIDTH``."""
     CPW: tl.constexpr = 32 // WIDTH
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
     j = tl.arange(0, CPW)
-    r = ((j * WIDTH + WIDTH + 9) % 32).to(tl.uint32)  # rotate field j to bits 23-WIDTH .. 22
-    w = words.to(tl.uint32, bitcast=True)[:, :, None]
-    rot = (w >> r[None, None, :]) | (w << ((32 - r) % 32)[None, None, :])
+    r = ((j * WIDTH + WIDTH + 9) % 32).to(tl.uint32)[None, :, None, None]  # field j -> bits 23-WIDTH..22
+    w = words.to(tl.uint32, bitcast=True)[:, None, :, :]
+    rot = (w >> r) | (w << ((32 - r) % 32))
     return ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _arr(WIDTH: tl.constexpr, D: tl.constexpr):
-    """Channel index ``(NW, CPW)`` of a WIDTH-bit slice's word/field arrangement."""
+def _arr(WIDTH: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    """Channel index ``(NWp, CPW, 1, P)`` of a slice's arrangement: word ``p * NWp + i``, field ``j``."""
     CPW: tl.constexpr = 32 // WIDTH
-    return tl.arange(0, D // CPW)[:, None] * CPW + tl.arange(0, CPW)[None, :]
+    NWP: tl.constexpr = D // CPW // P
+    i = tl.arange(0, NWP)[:, None, None, None]
+    j = tl.arange(0, CPW)[None, :, None, None]
+    p = tl.arange(0, P)[None, None, None, :]
+    return (p * NWP + i) * CPW + j
 
 
 @triton.jit
-def _kslice(row_ptr, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, wq):
-    """Scores ``(G, BT)`` of one key slice against folded query weights ``wq (G, NW, CPW)``."""
-    NW: tl.constexpr = D * WIDTH // 32
-    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :])  # (BT, NW)
-    f = _fields(words, WIDTH)  # (BT, NW, CPW)
-    return tl.sum(tl.sum(f[None] * wq[:, None], axis=3), axis=2)
+def _words(row_ptr, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    """``(NWp, BT, P)`` words of one slice for token rows ``row_ptr (BT,)``."""
+    NWP: tl.constexpr = D * WIDTH // 32 // P
+    w_idx = tl.arange(0, P)[None, None, :] * NWP + tl.arange(0, NWP)[:, None, None]
+    return tl.load(row_ptr[None, :, None] + W_OFF + w_idx)
+
+
+@triton.jit
+def _kslice(row_ptr, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, wq):
+    """Scores ``(G, BT)`` of one key slice against folded query weights ``wq (G, NWp, CPW, 1, P)``."""
+    f = _fields(_words(row_ptr, W_OFF, WIDTH, D, P), WIDTH)  # (NWp, CPW, BT, P)
+    return tl.sum(tl.sum(tl.sum(f[None] * wq, axis=2), axis=1), axis=2)
 
 
 @triton.jit
 def _vslice(acc, row_ptr, vs_row_ptr, p, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr,
-            GS: tl.constexpr, KSCALE: tl.constexpr):
-    """``acc (G, BT, NW, CPW) += p * scale * 2**k * f`` for one value slice."""
+            P: tl.constexpr, GS: tl.constexpr, KSCALE: tl.constexpr):
+    """``acc (G, NWp, CPW, BT, P) += p * scale * 2**k * f`` for one value slice."""
     CPW: tl.constexpr = 32 // WIDTH
-    NW: tl.constexpr = D // CPW
-    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :])  # (BT, NW)
-    f = _fields(words, WIDTH)
-    sc = tl.load(vs_row_ptr[:, None] + (tl.arange(0, NW) * CPW // GS)[None, :]).to(tl.float32)  # (BT, NW)
-    u = p[:, :, None] * (sc * KSCALE)[None]  # (G, BT, NW)
-    return acc + f[None] * u[:, :, :, None]
+    NWP: tl.constexpr = D // CPW // P
+    f = _fields(_words(row_ptr, W_OFF, WIDTH, D, P), WIDTH)  # (NWp, CPW, BT, P)
+    grp = ((tl.arange(0, P)[None, None, :] * NWP + tl.arange(0, NWP)[:, None, None]) * CPW) // GS
+    sc = tl.load(vs_row_ptr[None, :, None] + grp).to(tl.float32)  # (NWp, BT, P)
+    u = p[:, None, :, None] * (sc * KSCALE)[None]  # (G, NWp, BT, P)
+    return acc + f[None] * u[:, :, None, :, :]
 
 
 @triton.jit
@@ -432,6 +442,7 @@ def _decode_fma_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
     G: tl.constexpr, D: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr,
     VW1: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr, BTF: tl.constexpr,
+    P: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -447,16 +458,17 @@ def _decode_fma_kernel(
     l_i = tl.zeros((G,), tl.float32)
     o_base = o_ptr + (rows * S1 + sp) * (3 * D)  # 3 slots: value slice 0, value slice 1, zero/bias term
     if sp < n_splits:
-        ik0 = _arr(KW0, D)
-        qa0 = tl.load(q_ptr + rows[:, None, None] * D + ik0[None]).to(tl.float32) * qscale  # (G, NW, CPW)
+        rq = rows[:, None, None, None, None] * D
+        ik0 = _arr(KW0, D, P)
+        qa0 = tl.load(q_ptr + rq + ik0[None]).to(tl.float32) * qscale  # (G, NWp, CPW, 1, P)
         if KW1 > 0:
-            ik1 = _arr(KW1, D)
-            qa1 = tl.load(q_ptr + rows[:, None, None] * D + ik1[None]).to(tl.float32) * qscale
-        iv0 = _arr(VW0, D)
-        acc0 = tl.zeros((G, BT, D * VW0 // 32, 32 // VW0), tl.float32)
+            ik1 = _arr(KW1, D, P)
+            qa1 = tl.load(q_ptr + rq + ik1[None]).to(tl.float32) * qscale
+        iv0 = _arr(VW0, D, P)
+        acc0 = tl.zeros((G, D * VW0 // 32 // P, 32 // VW0, BT, P), tl.float32)
         if VW1 > 0:
-            iv1 = _arr(VW1, D)
-            acc1 = tl.zeros((G, BT, D * VW1 // 32, 32 // VW1), tl.float32)
+            iv1 = _arr(VW1, D, P)
+            acc1 = tl.zeros((G, D * VW1 // 32 // P, 32 // VW1, BT, P), tl.float32)
         corr = tl.zeros((G, NG), tl.float32)
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
@@ -464,13 +476,14 @@ def _decode_fma_kernel(
             offs_t = t0 + tl.arange(0, BT)
             kb = (n * NB_CAP + t0 // KB) * D
             wq0 = qa0 * tl.load(ks_ptr + kb + ik0).to(tl.float32)[None] * (1 << KW0)
-            bias = tl.sum(tl.sum(qa0 * tl.load(kz_ptr + kb + ik0).to(tl.float32)[None] - wq0, axis=2), axis=1)
+            bterm = qa0 * tl.load(kz_ptr + kb + ik0).to(tl.float32)[None] - wq0
+            bias = tl.sum(tl.sum(tl.sum(tl.sum(bterm, axis=4), axis=3), axis=2), axis=1)
             krow = kw_ptr + (n * T_CAP + offs_t) * WK
-            sc = _kslice(krow, 0, KW0, D, wq0)
+            sc = _kslice(krow, 0, KW0, D, P, wq0)
             if KW1 > 0:
                 wq1 = qa1 * tl.load(ks_ptr + kb + ik1).to(tl.float32)[None] * (1 << (KW0 + KW1))
-                bias -= tl.sum(tl.sum(wq1, axis=2), axis=1)
-                sc += _kslice(krow, D * KW0 // 32, KW1, D, wq1)
+                bias -= tl.sum(tl.sum(tl.sum(tl.sum(wq1, axis=4), axis=3), axis=2), axis=1)
+                sc += _kslice(krow, D * KW0 // 32, KW1, D, P, wq1)
             sc = sc + bias[:, None]  # (G, BT), log2 domain
             m_t = tl.max(sc, axis=1)
             if tl.max(m_t - m_i, axis=0) > 8.0:  # lazy rescale
@@ -478,24 +491,26 @@ def _decode_fma_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 l_i = l_i * alpha
                 corr = corr * alpha[:, None]
-                acc0 = acc0 * alpha[:, None, None, None]
+                acc0 = acc0 * alpha[:, None, None, None, None]
                 if VW1 > 0:
-                    acc1 = acc1 * alpha[:, None, None, None]
+                    acc1 = acc1 * alpha[:, None, None, None, None]
                 m_i = m_new
             p = tl.exp2(sc - m_i[:, None])  # (G, BT)
             l_i += tl.sum(p, axis=1)
             vrow = vw_ptr + (n * T_CAP + offs_t) * WV
             vsrow = vs_ptr + (n * T_CAP + offs_t) * NG
-            acc0 = _vslice(acc0, vrow, vsrow, p, 0, VW0, D, GS, 1 << VW0)
+            acc0 = _vslice(acc0, vrow, vsrow, p, 0, VW0, D, P, GS, 1 << VW0)
             if VW1 > 0:
-                acc1 = _vslice(acc1, vrow, vsrow, p, D * VW0 // 32, VW1, D, GS, 1 << (VW0 + VW1))
+                acc1 = _vslice(acc1, vrow, vsrow, p, D * VW0 // 32, VW1, D, P, GS, 1 << (VW0 + VW1))
             sz = (n * T_CAP + offs_t)[:, None] * NG + tl.arange(0, NG)[None, :]
             zc = tl.load(vz_ptr + sz).to(tl.float32) - KS * tl.load(vs_ptr + sz).to(tl.float32)  # (BT, NG)
             corr += tl.sum(p[:, :, None] * zc[None], axis=1)
         inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-        tl.store(o_base[:, None, None] + iv0[None], tl.sum(acc0, axis=1) * inv_l[:, None, None])
+        il = inv_l[:, None, None, None, None]
+        ob = o_base[:, None, None, None, None]
+        tl.store(ob + iv0[None], tl.sum(acc0, axis=3)[:, :, :, None, :] * il)
         if VW1 > 0:
-            tl.store(o_base[:, None, None] + D + iv1[None], tl.sum(acc1, axis=1) * inv_l[:, None, None])
+            tl.store(ob + D + iv1[None], tl.sum(acc1, axis=3)[:, :, :, None, :] * il)
         else:
             tl.store(o_base[:, None] + D + offs_d[None, :], tl.zeros((G, D), tl.float32))
         cd = tl.reshape(tl.broadcast_to(corr[:, :, None], (G, NG, GS)), (G, D)) * inv_l[:, None]
@@ -579,7 +594,8 @@ def fma_path_applies(kv, n_rep: int) -> bool:
     )
 
 
-def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None, path=None):
+def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None, path=None,
+                     lanes_per_row=None):
     """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K + reduction).
 
     Two kernels: a CUDA-core one for uniform codes (see ``_decode_fma_kernel``) and a tensor-core one
@@ -592,7 +608,7 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     G = Hq // H
     if path is None:
         path = "fma" if fma_path_applies(kv, G) else "dot"
-    bt = tile or min(kv.key_block, max(16, 64 // G) if path == "fma" else 64)
+    bt = tile or min(kv.key_block, 64)
     if kv.key_block % bt:
         raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
     n_tiles = triton.cdiv(kv.n_packed, bt)
@@ -609,13 +625,15 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     if path == "fma":
         kw0, kw1 = _fma_slices(kv.key_bits, D)
         vw0, vw1 = _fma_slices(kv.value_bits, D)
+        nw_min = min(D * w // 32 for w in (kw0, kw1, vw0, vw1) if w)
+        lanes = min(lanes_per_row or 2 * G, nw_min)
         _decode_fma_kernel[(B * H, S1)](
             q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
             kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
             scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
             kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
             G=G, D=D, KW0=kw0, KW1=kw1, VW0=vw0, VW1=vw1, KB=kv.key_block, BT=bt,
-            NG=kv.v_scale.shape[-1], BTF=16, num_warps=num_warps, num_stages=num_stages,
+            NG=kv.v_scale.shape[-1], BTF=16, P=lanes, num_warps=num_warps, num_stages=num_stages,
         )
     else:
         dmy = _dummy(q.device)
