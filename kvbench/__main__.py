@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -10,10 +11,62 @@ import hydra
 
 from kvbench.config import register_configs
 
+GROUPS = ("model", "method", "kv", "data", "eval", "calib", "logging", "experiment")
+
 
 def conf_dir() -> str:
     """The packaged ``conf/`` folder (works for editable and regular installs, from any cwd)."""
     return str(Path(str(files("kvbench.conf"))).resolve())
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+
+
+def _did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """One-line error for an unknown config option or key, before Hydra prints a traceback-like report.
+
+    Group choices (``method=qokvv``) are checked against ``conf/<group>/``; dotted keys
+    (``kv.bitz=4``) against the composed config, naming the valid keys.
+    """
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    for ov in overrides:
+        key, value = ov.lstrip("+~").split("=", 1)
+        if key in GROUPS:
+            known = group_options(key)
+            for choice in value.split(","):
+                if choice and choice not in known and not choice.startswith(("choice(", "range(", "glob(")):
+                    return f"Unknown {key} {choice!r}.{_did_you_mean(choice, known)} Known: {', '.join(known)}"
+    if "-m" in args or "--multirun" in args:
+        return None  # sweep syntax (a,b) cannot be composed as one config; Hydra validates each job
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - turned into one line below
+        msg = str(e).splitlines()[0]
+        for ov in overrides:
+            key = ov.lstrip("+~").split("=", 1)[0]
+            parent, _, leaf = key.rpartition(".")
+            if not parent:
+                continue
+            try:
+                with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+                    base = compose("config", overrides=[o for o in overrides if o != ov])
+                node = OmegaConf.select(base, parent)
+            except Exception:  # noqa: BLE001
+                continue
+            if OmegaConf.is_dict(node) and leaf not in node:
+                return f"Unknown key {key!r}.{_did_you_mean(leaf, node.keys())} Valid keys of {parent}: {', '.join(node.keys())}"
+        return f"invalid override: {msg}"
+    return None
 
 
 def _task(cfg) -> None:
@@ -31,6 +84,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "calibrate":
         sys.argv = [sys.argv[0], *sys.argv[2:], "command=calibrate"]
     register_configs()
+    error = check_overrides(sys.argv[1:])
+    if error:
+        print(f"kvbench: error: {error}", file=sys.stderr)
+        sys.exit(2)
     hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(_task)()
 
 

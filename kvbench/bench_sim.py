@@ -1,0 +1,88 @@
+"""Benchmark (not a test): wall time and peak memory of fp16 vs simulated-quantized perplexity.
+
+``python -m kvbench.bench_sim [--seqlen 2048 --windows 4 --out reports/bench]`` runs each
+configuration in a fresh subprocess (so peak RSS is its own), timing only the perplexity loop after
+a warm-up window, and writes ``simulated_overhead.json`` and ``.md``. Goal (issue 3): simulated
+quantization adds at most 30 % to the fp16 time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "fp16": ["method=fp16"],
+    "uniform int4 per-token": ["method=uniform", "kv.bits=4"],
+    "uniform int2 per-channel keys": ["method=uniform", "kv.bits=2", "method.key_axis=channel"],
+    "uniform int4 + sink 1 + recent 128": ["method=uniform", "kv.bits=4", "method.sink_tokens=1", "method.recent_window=128"],
+}
+
+
+def one(overrides: list[str], seqlen: int, windows: int) -> dict:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.__main__ import conf_dir
+    from kvbench.config import register_configs
+    from kvbench.data import load_splits
+    from kvbench.eval.ppl import perplexity
+    from kvbench.models import load_model
+    from kvbench.patch import patched
+    from kvbench.run import build_method
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    model, tok, info = load_model(cfg.model)
+    ids = tok(load_splits(cfg.data).joined("eval"), return_tensors="pt").input_ids[0]
+    method = build_method(cfg, info)
+    with patched(model, method):
+        perplexity(model, ids, seqlen, 1, progress=False)  # warm-up
+        t0 = time.perf_counter()
+        p = perplexity(model, ids, seqlen, windows, progress=False)
+        dt = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ppl": p["ppl"], "seconds": dt, "tokens": p["tokens"], "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--out", default="reports/bench")
+    ap.add_argument("--one", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.seqlen, args.windows)))
+        return
+    rows = []
+    for name, overrides in CONFIGS.items():
+        cmd = [sys.executable, "-m", "kvbench.bench_sim", "--seqlen", str(args.seqlen), "--windows", str(args.windows), "--one", *overrides]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append({"config": name, "overrides": overrides, **json.loads(out)})
+        print(f"{name:36s} {rows[-1]['seconds']:7.1f} s  {rows[-1]['peak_rss_mb']:7.0f} MB  ppl {rows[-1]['ppl']:.3f}", flush=True)
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["overhead_vs_fp16"] = r["seconds"] / base - 1
+    meta = {"command": f"python -m kvbench.bench_sim --seqlen {args.seqlen} --windows {args.windows}",
+            "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+            "model": "smollm2-135m (fp32, CPU)", "seqlen": args.seqlen, "windows": args.windows}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "simulated_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"`{meta['command']}` on {meta['machine']}, {meta['model']}", "",
+             "| config | eval time (s) | overhead vs fp16 | peak RSS (MB) | ppl |", "|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['seconds']:.1f} | {r['overhead_vs_fp16']:+.1%} | {r['peak_rss_mb']:.0f} | {r['ppl']:.3f} |" for r in rows]
+    (out_dir / "simulated_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Shared fixtures: the tiny random model, the embedded model, and Hydra composition."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _load(name: str):
+    from kvbench.config import ModelConfig
+    from kvbench.models import load_model
+
+    return load_model(OmegaConf.structured(ModelConfig(name=name, embedded=name)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``(model, tokenizer, info)`` of the 2-layer random-weight Llama (GQA 4/2, RoPE), fp32."""
+    return _load("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """``(model, tokenizer, info)`` of the embedded SmolLM2-135M, fp32."""
+    return _load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wiki_splits():
+    from kvbench.config import DataConfig
+    from kvbench.data import load_splits
+
+    return load_splits(OmegaConf.structured(DataConfig(name="wiki")))
+
+
+def compose_config(overrides=()):
+    """Compose the packaged Hydra config with ``overrides`` (as the command line would)."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.__main__ import conf_dir
+    from kvbench.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    return compose_config
+
+
+def tokens(tok, text: str = "The quick brown fox jumps over the lazy dog. " * 8) -> torch.Tensor:
+    return tok(text, return_tensors="pt").input_ids  # (1, T)
