@@ -1,0 +1,198 @@
+"""Reports: golden LaTeX from a fixture frame, missing/duplicate/seed handling, plots, paper.tex compiles.
+
+The golden table is tests/fixtures/report/golden.tex, written by tests/fixtures/report/make_golden.py
+from tests/fixtures/report/results_frame.json (made by make_frame.py beside it) and spec.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvbench import report
+from kvbench.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "report"
+NUMBER = re.compile(r"[-+]?\d+\.\d+|\d+")
+ATOL = 0.011  # numbers are printed with 1-2 decimals: one unit of the last digit
+
+
+@pytest.fixture(autouse=True)
+def _at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the .tex headers name specs by their path relative to the working directory
+
+
+@pytest.fixture
+def frame():
+    return pd.DataFrame(json.loads((FIX / "results_frame.json").read_text()))
+
+
+@pytest.fixture
+def spec():
+    return report.load_spec(FIX / "spec.yaml")
+
+
+def split_numbers(text: str) -> tuple[str, list[float]]:
+    return NUMBER.sub("<N>", text), [float(x) for x in NUMBER.findall(text)]
+
+
+def test_golden_tex(frame, spec, tmp_path):
+    res = report.build(spec, frame, tmp_path, "runs")
+    got_text, got = split_numbers(res["tex"].read_text())
+    want_text, want = split_numbers((FIX / "golden.tex").read_text())
+    assert got_text == want_text, "LaTeX text differs from golden.tex (rerun make_golden.py if intended)"
+    assert len(got) == len(want)
+    bad = [(g, w) for g, w in zip(got, want) if abs(g - w) > ATOL]
+    assert not bad, f"numbers off by more than {ATOL}: {bad[:5]}"
+
+
+def test_cells_values_seeds_and_best(frame, spec):
+    t = report.build_table(frame, spec)
+    labels = [r["label"] for r in t.spec["rows"]]
+    cols = [c["label"] for c in t.columns]
+    assert labels == ["fp16", "int4 per-token", "int4 per-channel K", "int3 per-token", "int3 per-channel K",
+                      "int2 per-token", "int2 per-channel K"]  # grouped by kv.bits, reference first
+    assert "WikiText-2" not in cols  # optional column without any run is left out
+    cell = t.cells[labels.index("int3 per-token")][cols.index("Wiki")]
+    assert cell.values == [15.91, 15.98, 16.02]  # three seeds: mean +- sample std
+    assert cell.mean == pytest.approx(15.97) and cell.std == pytest.approx(0.05568, abs=1e-4)
+    rel = t.cells[labels.index("int4 per-token")][cols.index(r"$\Delta$\%")]
+    assert rel.mean == pytest.approx((13.10 / 12.857 - 1) * 100)
+    assert report._best_rows(t, cols.index("Wiki")) == {labels.index("int4 per-channel K")}  # fp16 excluded
+    tex = report.render_table(t, "cmd", "runs")
+    assert r"15.97{\scriptsize$\pm$0.06}" in tex and r"\textbf{12.99}" in tex
+
+
+def test_missing_cells_marked_and_listed(frame, spec, tmp_path, monkeypatch, capsys):
+    t = report.build_table(frame, spec)
+    labels = [r["label"] for r in t.spec["rows"]]
+    assert t.cells[labels.index("int2 per-channel K")][0].missing
+    tex = report.render_table(t, "cmd", "runs")
+    row = next(line for line in tex.splitlines() if line.startswith("int2 per-channel K"))
+    assert row.count(report.MISSING) == 4  # Wiki, C4, avg bits, saving (the Delta column shows --)
+    expected = ("python -m kvbench method=uniform model=tiny data=wiki eval=ppl eval.seqlen=512 "
+                "method.key_axis=channel kv.bits=2 output_dir=runs logging.wandb.mode=disabled")
+    assert expected in t.missing and len(t.missing) == 4  # the avg-bits cell needs the same run: listed once
+    monkeypatch.setattr(report, "load_frame", lambda source: frame)
+    assert report.main([str(FIX / "spec.yaml"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "missing runs (4)" in out and expected in out
+    assert f"%   {expected}" in (tmp_path / "spec.tex").read_text()
+
+
+def test_duplicates_reported_not_averaged(frame, spec):
+    t = report.build_table(frame, spec)
+    labels = [r["label"] for r in t.spec["rows"]]
+    cell = t.cells[labels.index("int4 per-channel K")][[c["label"] for c in t.columns].index("C4")]
+    assert cell.values == [20.83] and cell.duplicate  # the newest run, not the mean 20.82
+    assert len(t.duplicates) == 1 and "values DISAGREE" in t.duplicates[0] and "runs/default/uniform/dup" in t.duplicates[0]
+    assert not t.cells[0][0].duplicate  # fp16 at kv.bits 4 and 2 (ignored, equal values): one experiment
+
+
+def test_ambiguous_cell_names_the_differing_key(frame, tmp_path):
+    text = (FIX / "spec.yaml").read_text().replace(", ignore: [kv.bits]", "")
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(UserError, match=r"\(fp16, Wiki\).*differ in \['kv.bits'\]"):
+        report.build_table(frame, report.load_spec(tmp_path / "s.yaml"))
+
+
+def test_spec_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("rows: [{label: x}]\ncolumns: [{label: y}]\ncaptoin: typo\n")
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['captoin'\]; valid keys: .*'caption'"):
+        report.load_spec(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("rows: [{label: x, mach: {}}]\ncolumns: [{label: y}]\n")
+    with pytest.raises(UserError, match=r"rows\[0\]: unknown key\(s\) \['mach'\]"):
+        report.load_spec(tmp_path / "b.yaml")
+    with pytest.raises(UserError, match="no such report spec"):
+        report.load_spec(tmp_path / "nope.yaml")
+
+
+def test_pareto_front():
+    pts = [(4.5, 13.1), (4.5, 12.99), (3.5, 15.97), (3.5, 14.2), (2.5, 45.0), (4.0, 14.5)]
+    assert report.pareto_front(pts) == [(2.5, 45.0), (3.5, 14.2), (4.5, 12.99)]
+
+
+def _compile(folder: Path) -> Path:
+    """pdflatex paper.tex in ``folder``, then its first page to PNG; returns the PNG."""
+    for _ in range(2):  # twice, for references
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"], cwd=folder,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:]
+    subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "1", "-singlefile", "paper.pdf", "page1"],
+                   cwd=folder, check=True, timeout=60)
+    png = folder / "page1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    return png
+
+
+needs_latex = pytest.mark.skipif(not (shutil.which("pdflatex") and shutil.which("pdftoppm")),
+                                 reason="pdflatex/pdftoppm not installed (.ci/run installs them)")
+
+
+@needs_latex
+def test_paper_from_fixture_compiles(frame, tmp_path, monkeypatch):
+    shutil.copy(FIX / "spec.yaml", tmp_path / "ppl.yaml")
+    monkeypatch.setattr(report, "load_frame", lambda source: frame)
+    assert report.main(["--all", str(tmp_path)]) == 0
+    paper = (tmp_path / "paper.tex").read_text()
+    assert r"\input{ppl}" in paper and "ppl_pareto.pdf" in paper and "ppl_drop.pdf" in paper
+    for name in ("ppl.tex", "ppl_pareto.pdf", "ppl_pareto.png", "ppl_drop.pdf", "ppl_drop.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    _compile(tmp_path)
+    text = subprocess.run(["pdftotext", "paper.pdf", "-"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "int4 per-channel K" in text and "12.99" in text
+
+
+def test_checked_in_paper_includes_every_spec():
+    paper = (ROOT / "reports" / "paper.tex").read_text()
+    for path in report.spec_paths(ROOT / "reports"):
+        spec = report.load_spec(path)
+        assert f"\\input{{{spec['name']}}}" in paper, f"paper.tex misses table {spec['name']}"
+        assert (ROOT / "reports" / f"{spec['name']}.tex").exists()
+        for p in spec["plots"]:
+            assert f"{p['name']}.pdf" in paper and (ROOT / "reports" / f"{p['name']}.png").exists()
+
+
+@needs_latex
+def test_checked_in_paper_compiles(tmp_path):
+    src = ROOT / "reports"
+    for f in list(src.glob("*.tex")) + list(src.glob("*.pdf")):
+        if f.name != "paper.pdf":
+            shutil.copy(f, tmp_path / f.name)
+    _compile(tmp_path)
+
+
+def test_run_missing_end_to_end(tmp_path):
+    """From an empty store: --run-missing runs the listed kvbench commands (tiny model), then reports."""
+    runs, text = tmp_path / "runs", tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"The quick brown fox jumps over the lazy dog number {i}. " * 4 for i in range(20)))
+    (tmp_path / "t.yaml").write_text(f"""
+caption: tiny end to end
+runs: {runs}
+filters: {{model.name: tiny-llama, data.name: text, data.path: {text}, eval.seqlen: 32, eval.max_windows: 1}}
+overrides: [logging.wandb.mode=disabled, logging.progress=false]
+rows:
+  - {{label: fp16, match: {{method.name: fp16}}, reference: true}}
+  - {{label: int2, match: {{method.name: uniform, kv.bits: 2}}}}
+columns:
+  - {{label: ppl, relative: pct}}
+  - {{label: avg bits, metric: metrics.avg_bits, best: none}}
+""")
+    spec = report.load_spec(tmp_path / "t.yaml")
+    assert len(report.build_table(report.load_frame(str(runs)), spec).missing) == 2
+    r = subprocess.run([sys.executable, "-m", "kvbench.report", str(tmp_path / "t.yaml"), "--run-missing"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = report.build_table(report.load_frame(str(runs)), spec)
+    assert not t.missing and len(list(runs.glob("**/metrics.json"))) == 2
+    fp16, int2 = t.cells[0][0].mean, t.cells[1][0].mean
+    assert fp16 > 1 and int2 != fp16 and t.cells[1][2].mean == pytest.approx(2 + 32 / 16)  # tiny head_dim 16
+    assert "missing runs" not in r.stdout and (tmp_path / "t.tex").exists()
