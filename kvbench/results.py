@@ -128,12 +128,12 @@ def wandb_row(config: dict, summary: dict) -> dict | None:
     """
     if "run_id" not in config:
         return None
-    keys = [k for k in config if not k.startswith("_") and k not in ("run_dir", "run_id")]
+    config = flatten({k: v for k, v in config.items() if not k.startswith("_")})  # nested or dotted: same keys
+    keys = [k for k in config if k not in ("run_dir", "run_id")]
     row = {k: config[k] for k in keys if not any(o.startswith(k + ".") for o in keys)}
-    for k in sorted(summary):
-        v = summary[k]
-        if not k.startswith(("_", "table/")) and not isinstance(v, dict):
-            row[f"metrics.{k}"] = v
+    metrics = flatten({k: v for k, v in summary.items()
+                       if not k.startswith(("_", "table/")) and not (isinstance(v, dict) and "_type" in v)})
+    row.update({f"metrics.{k}": metrics[k] for k in sorted(metrics)})
     row["run_dir"] = config["run_dir"]
     row["run_id"] = config["run_id"]
     return row

@@ -104,11 +104,10 @@ def test_modes(compose, tmp_path, monkeypatch):
 
 
 def test_wandb_rows_one_per_run():
-    cfg = {"method": "uniform", "method.name": "uniform", "kv.bits": 4, "_wandb": {"x": 1}, "run_id": "a", "run_dir": "d/a"}
-    summary = {"ppl": 9.0, "_runtime": 3, "table/tasks": {"_type": "table-file"}, "ppl_info.context": 64}
+    cfg = {"method": "uniform", "method.name": "uniform", "kv": {"bits": 4}, "_wandb": {"x": 1}, "run_id": "a", "run_dir": "d/a"}
+    summary = {"ppl": 9.0, "_runtime": 3, "table/tasks": {"_type": "table-file"}, "ppl_info": {"context": 64}}
     assert results.wandb_row(cfg, summary) == {"method.name": "uniform", "kv.bits": 4, "metrics.ppl": 9.0,
                                                "metrics.ppl_info.context": 64, "run_dir": "d/a", "run_id": "a"}
     assert results.wandb_row({"lr": 0.1}, {"loss": 1.0}) is None, "runs not logged by kvbench are ignored"
-    newer, older = dict(cfg, **{"kv.bits": 4}), dict(cfg)
-    frame = results.load_wandb("me/kvbench", api=FakeApi([(newer, {"ppl": 8.0}), (older, {"ppl": 9.0}), ({"lr": 1}, {})]))
+    frame = results.load_wandb("me/kvbench", api=FakeApi([(cfg, {"ppl": 8.0}), (cfg, {"ppl": 9.0}), ({"lr": 1}, {})]))
     assert list(frame["metrics.ppl"]) == [8.0], "the newest W&B run of a results-store run wins"
