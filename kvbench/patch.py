@@ -162,7 +162,7 @@ def patched(model, method: KVMethod):
         handles.append(mod.register_forward_pre_hook(record_rope, with_kwargs=True))
         if method.needs_query:
             q_mod = getattr(mod, "q_norm", None) or mod.q_proj
-            q_mod._kvbench_parent = mod
+            q_mod.__dict__["_kvbench_parent"] = mod  # not setattr: a Module attribute would become a child (a cycle)
             handles.append(q_mod.register_forward_hook(record_query))
     try:
         yield model
@@ -171,3 +171,4 @@ def patched(model, method: KVMethod):
             h.remove()
         for mod in attn:
             mod.__dict__.pop("_kvbench_layer", None)
+            (getattr(mod, "q_norm", None) or mod.q_proj).__dict__.pop("_kvbench_parent", None)
