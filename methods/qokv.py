@@ -1,0 +1,396 @@
+"""QoKV: token grouping by average attention score with mixed bit widths, plus channel scaling.
+
+Two components, each switchable:
+
+1. **Token grouping.** The importance of a token is the *average attention score it receives*:
+   the attention probabilities of the layer summed over the queries that see the token, divided by
+   how many queries do, and averaged over the query heads. Tokens are ranked by that score and
+   split into groups (``group_shares``, most important first, or ``group_thresholds`` on the score
+   relative to its mean); group ``g`` stores keys at ``kv.bits + key_bit_offsets[g]`` and values at
+   ``kv.bits + value_bit_offsets[g]`` bits (clamped to 1..8). ``grouping=online`` (the default)
+   computes the scores per sequence from the real attention probabilities of the current forward
+   (post-RoPE queries and unquantized keys, causal mask, scaling ``1/sqrt(head_dim)``);
+   ``grouping=offline`` uses a per-layer position -> group map computed once from calibration
+   attention (the original code's ``Get_group`` step); ``grouping=none`` turns the component off.
+   ``top_initial`` / ``top_recent`` force the first / most recent tokens into the top group.
+
+2. **Channel scaling.** Per layer, KV head and channel, an offline scale ``s`` from the calibration
+   split (the original's ``Scale_get`` step). Keys and values are stored as ``Q(x / s)`` and read as
+   ``s * Q(x / s)``: equivalent to folding ``s`` into the query (keys) or into the output
+   projection's input columns (values), so with quantization off the model is unchanged
+   (:func:`fold_channel_scales` does the folding on the weights). Rule: ``s_j = m_j ** alpha``
+   (normalised to geometric mean 1), ``m_j = max |x_j|`` over the calibration tokens, i.e. the
+   SmoothQuant family ``max|X_j|^alpha / max|W_j|^(1-alpha)`` with the other side set to 1,
+   because in kvbench the query / output path is not quantized, so nothing is gained by moving
+   difficulty there. Under a per-token min-max quantizer the error of every channel is
+   ``range / (2^b - 1)`` with ``range = max_j |x_j| / s_j``; the logit error
+   ``sum_j q_j s_j e_j`` is then smallest for ``s_j = m_j`` (alpha = 1, full equalisation) whatever
+   the query; alpha < 1 interpolates towards no scaling. Post-RoPE key scales are tied over the
+   rotary pairs ``(j, j + D/2)`` so the folding into ``q_proj`` / ``k_proj`` commutes with RoPE.
+
+The base quantizer is uniform asymmetric per-token (grouped by ``kv.group_size`` channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kvbench.errors import UserError
+from kvbench.method import FP16_BITS, KVMethod, MethodConfig
+from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
+from kvbench.registry import register_method
+
+GROUPINGS = ("online", "offline", "none")
+BASES = ("uniform",)
+
+
+@dataclass
+class QoKVConfig(MethodConfig):
+    """QoKV hyperparameters (the defaults are the configuration the README reports).
+
+    Attributes:
+        grouping: ``online`` (scores from the current sequence), ``offline`` (calibrated
+            position -> group map per layer) or ``none`` (one group at ``kv.bits``).
+        group_shares: token share of each group, most important first; sums to 1.
+        group_thresholds: instead of shares, ``len(group_shares) - 1`` descending thresholds on the
+            score divided by its mean over the tokens quantized together.
+        key_bit_offsets: key bit width of each group relative to ``kv.bits``.
+        value_bit_offsets: value bit width of each group relative to ``kv.bits``.
+        top_initial: first tokens of the sequence always in the top group.
+        top_recent: most recent tokens (at quantization time) always in the top group.
+        scale_keys: per-channel key scaling (calibrated).
+        scale_values: per-channel value scaling (calibrated).
+        alpha: scaling strength, ``s_j = max|x_j| ** alpha`` (0 = no scaling, 1 = equalised ranges).
+        tie_rope_pairs: tie key scales over rotary pairs so they fold into the weights exactly.
+        pre_rope: quantize (and scale) keys before the rotary embedding.
+        base: base quantizer of every group (``uniform`` per-token grouped).
+    """
+
+    name: str = "qokv"
+    grouping: str = "online"
+    group_shares: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    group_thresholds: Optional[list[float]] = None
+    key_bit_offsets: list[int] = field(default_factory=lambda: [4, 0, -1])
+    value_bit_offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
+    top_initial: int = 1
+    top_recent: int = 0
+    scale_keys: bool = True
+    scale_values: bool = True
+    alpha: float = 1.0
+    tie_rope_pairs: bool = True
+    pre_rope: bool = False
+    base: str = "uniform"
+
+
+def group_counts(shares: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens of each group among absolute positions ``[lo, hi)``.
+
+    Cumulative rounding over positions, so chunks of any size (one token at a time while
+    decoding) add up to the declared shares of the whole sequence.
+
+    Args:
+        shares: ``(G,)`` token shares, most important first, summing to 1.
+        lo, hi: absolute positions of the chunk.
+
+    Returns:
+        ``(G,)`` int64 counts summing to ``hi - lo``.
+    """
+    cum = torch.cumsum(shares.double(), 0)
+    cum[-1] = 1.0
+
+    def upto(x: int) -> torch.Tensor:
+        return torch.floor(cum * x + 0.5).long()
+
+    c = torch.diff(upto(hi) - upto(lo), prepend=torch.zeros(1, dtype=torch.long))
+    return c
+
+
+def assign_groups(scores: torch.Tensor, counts: torch.Tensor, forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rank tokens by score and cut the ranking into groups of the given sizes.
+
+    Args:
+        scores: ``(B, n)`` importance of each token (higher = more important).
+        counts: ``(G,)`` tokens per group, summing to ``n``; group 0 is the top group.
+        forced: ``(n,)`` bool, tokens that must land in group 0 (it grows if needed, taking the
+            places from the next groups).
+
+    Returns:
+        ``(B, n)`` int64 group index of every token.
+    """
+    n = scores.shape[-1]
+    s = scores.float()
+    counts = counts.clone()
+    if forced is not None and forced.any():
+        s = torch.where(forced, torch.full_like(s, math.inf), s)
+        extra = int(forced.sum()) - int(counts[0])
+        g = 1
+        while extra > 0 and g < len(counts):
+            take = min(extra, int(counts[g]))
+            counts[0] += take
+            counts[g] -= take
+            extra -= take
+            g += 1
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)  # (B, n)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=s.device).expand_as(order))
+    bounds = torch.cumsum(counts, 0).to(s.device)  # (G,)
+    return torch.bucketize(rank, bounds, right=True).clamp_max(len(counts) - 1)
+
+
+def threshold_groups(scores: torch.Tensor, thresholds: list[float], forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Groups by score relative to its mean: group ``g`` holds ``thresholds[g-1] > s/mean >= thresholds[g]``.
+
+    Args:
+        scores: ``(B, n)``.
+        thresholds: ``G - 1`` descending thresholds.
+        forced: ``(n,)`` bool, tokens put in group 0.
+
+    Returns:
+        ``(B, n)`` int64 group index.
+    """
+    rel = scores.float() / scores.float().mean(-1, keepdim=True).clamp_min(1e-12)
+    t = torch.tensor(sorted(thresholds), dtype=rel.dtype, device=rel.device)  # ascending
+    groups = len(thresholds) - torch.bucketize(rel, t, right=True)
+    if forced is not None:
+        groups = torch.where(forced, torch.zeros_like(groups), groups)
+    return groups
+
+
+def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
+    """Average attention each key in ``[lo, hi)`` receives from the queries that see it.
+
+    Args:
+        query: ``(B, H_q, T_q, D)`` post-RoPE queries at absolute positions
+            ``query_start .. query_start + T_q - 1``.
+        keys: ``(B, H_kv, T, D)`` post-RoPE keys at positions ``0 .. T - 1`` (GQA: ``H_q % H_kv == 0``).
+        lo, hi: the keys to score.
+
+    Returns:
+        ``(B, hi - lo)``: attention probabilities (causal softmax with scaling ``1/sqrt(D)``) summed
+        over the queries at or after each key, divided by their number, averaged over query heads.
+    """
+    B, H, Tq, D = query.shape
+    T = keys.shape[-2]
+    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H_q, T, D)
+    logits = query.float() @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H_q, T_q, T)
+    qpos = torch.arange(query_start, query_start + Tq, device=query.device)
+    kpos = torch.arange(T, device=query.device)
+    visible = kpos[None, :] <= qpos[:, None]  # (T_q, T)
+    p = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)  # (B, H_q, T_q, T)
+    seen_by = visible[:, lo:hi].sum(0).clamp_min(1)  # (n,)
+    return p[..., lo:hi].sum(-2).mean(1) / seen_by  # (B, n)
+
+
+def channel_scales(x: torch.Tensor, alpha: float, tie_pairs: bool = False) -> torch.Tensor:
+    """Per-channel scales ``s_j = m_j ** alpha`` (geometric mean 1) from calibration activations.
+
+    Args:
+        x: ``(N, H_kv, T, D)`` calibration keys or values of one layer.
+        alpha: strength; 0 gives all ones.
+        tie_pairs: use the larger ``m`` of the rotary pair ``(j, j + D/2)`` for both channels.
+
+    Returns:
+        ``(H_kv, D)`` positive scales.
+    """
+    m = x.abs().amax(dim=(0, 2)).clamp_min(1e-5)  # (H_kv, D)
+    if tie_pairs:
+        half = m.shape[-1] // 2
+        top = torch.maximum(m[..., :half], m[..., half:])
+        m = torch.cat([top, top], dim=-1)
+    log_s = alpha * m.log()
+    return (log_s - log_s.mean(-1, keepdim=True)).exp()
+
+
+@register_method("qokv")
+class QoKV(KVMethod):
+    config_class = QoKVConfig
+    version = 1
+
+    def __init__(self, cfg, kv, info):
+        super().__init__(cfg, kv, info)
+        if cfg.grouping not in GROUPINGS:
+            raise UserError(f"method.grouping must be one of {GROUPINGS}, got {cfg.grouping!r}")
+        if cfg.base not in BASES:
+            raise UserError(f"method.base must be one of {BASES}, got {cfg.base!r}")
+        G = len(cfg.group_shares)
+        if len(cfg.key_bit_offsets) != G or len(cfg.value_bit_offsets) != G:
+            raise UserError(f"method.key_bit_offsets and value_bit_offsets need one entry per group ({G})")
+        if any(s < 0 for s in cfg.group_shares) or abs(sum(cfg.group_shares) - 1) > 1e-6:
+            raise UserError(f"method.group_shares must be non-negative and sum to 1, got {list(cfg.group_shares)}")
+        if cfg.group_thresholds is not None and len(cfg.group_thresholds) != G - 1:
+            raise UserError(f"method.group_thresholds needs {G - 1} entries (one fewer than groups)")
+        self.pre_rope = cfg.pre_rope
+        self.needs_query = cfg.grouping == "online"
+        self.n_groups = G if cfg.grouping != "none" else 1
+        self.shares = torch.tensor(list(cfg.group_shares) if cfg.grouping != "none" else [1.0], dtype=torch.float64)
+        offs_k = list(cfg.key_bit_offsets) if cfg.grouping != "none" else [0]
+        offs_v = list(cfg.value_bit_offsets) if cfg.grouping != "none" else [0]
+        self.key_bits = [self._width(o) for o in offs_k]
+        self.value_bits = [self._width(o) for o in offs_v]
+        self.key_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
+        self.value_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
+        self.offline_groups: Optional[torch.Tensor] = None  # (L, T_calib)
+        self.tokens_per_group = torch.zeros(self.n_groups, dtype=torch.float64)  # realised, for avg bits
+        self._last = (None, None)  # (ctx, groups) shared by quantize_keys and quantize_values
+
+    def _width(self, offset: int) -> int:
+        if self.kv.bits >= FP16_BITS:
+            return FP16_BITS
+        return int(min(8, max(1, self.kv.bits + offset)))
+
+    # -- calibration -----------------------------------------------------------------------------
+    def calibration_needs(self):
+        needs = set()
+        if self.cfg.scale_keys:
+            needs.add("keys" if self.cfg.pre_rope else "keys_post")
+        if self.cfg.scale_values:
+            needs.add("values")
+        if self.cfg.grouping == "offline":
+            needs.add("attention")
+        return frozenset(needs)
+
+    def calibrate(self, stats):
+        out = {}
+        tie = self.cfg.tie_rope_pairs and not self.cfg.pre_rope
+        if self.cfg.scale_keys:
+            keys = stats["keys" if self.cfg.pre_rope else "keys_post"]
+            out["key_scales"] = torch.stack([channel_scales(k, self.cfg.alpha, tie) for k in keys])
+        if self.cfg.scale_values:
+            out["value_scales"] = torch.stack([channel_scales(v, self.cfg.alpha) for v in stats["values"]])
+        if self.cfg.grouping == "offline":
+            maps = []
+            for a in stats["attention"]:  # (N, H_q, T)
+                score = a.float().mean(dim=(0, 1))[None]  # (1, T)
+                T = score.shape[-1]
+                maps.append(self._groups_of(score, 0, T, T)[0])
+            out["groups"] = torch.stack(maps).to(torch.int64)  # (L, T_calib)
+        return out
+
+    def load_state(self, tensors):
+        self.key_scales = tensors.get("key_scales")
+        self.value_scales = tensors.get("value_scales")
+        self.offline_groups = tensors.get("groups")
+
+    # -- grouping --------------------------------------------------------------------------------
+    def _forced(self, lo: int, hi: int, total: int, device) -> torch.Tensor:
+        pos = torch.arange(lo, hi, device=device)
+        return (pos < self.cfg.top_initial) | (pos >= total - self.cfg.top_recent)
+
+    def _groups_of(self, scores: torch.Tensor, lo: int, hi: int, total: int) -> torch.Tensor:
+        forced = self._forced(lo, hi, total, scores.device)
+        if self.cfg.group_thresholds is not None:
+            return threshold_groups(scores, list(self.cfg.group_thresholds), forced)
+        return assign_groups(scores, group_counts(self.shares, lo, hi), forced)
+
+    def groups(self, layer: int, B: int, n: int, ctx) -> torch.Tensor:
+        """Group of every token handed to the method, ``(B, n)`` int64 (0 = top group)."""
+        if self.n_groups == 1:
+            return torch.zeros(B, n, dtype=torch.long)
+        lo = ctx.start if ctx is not None else 0
+        hi = lo + n
+        total = ctx.keys.shape[-2] if ctx is not None and ctx.keys is not None else hi
+        if self.cfg.grouping == "offline":
+            if self.offline_groups is None:
+                raise RuntimeError("qokv: offline grouping needs calibration (load_state was not called)")
+            gmap = self.offline_groups[layer]  # (T_calib,)
+            pos = torch.arange(lo, hi)
+            g = torch.full((n,), self.n_groups - 1, dtype=torch.long)  # beyond the calibrated length: last group
+            inside = pos < gmap.numel()
+            g[inside] = gmap[pos[inside]].long()
+            g = torch.where(self._forced(lo, hi, total, g.device), torch.zeros_like(g), g)
+            return g.expand(B, n)
+        if ctx is None or ctx.query is None or ctx.keys is None:
+            raise RuntimeError("qokv: online grouping needs the layer's queries (KVContext.query)")
+        scores = received_attention(ctx.query, ctx.keys, ctx.query_start, lo, hi)  # (B, n)
+        return self._groups_of(scores, lo, hi, total)
+
+    def _groups_for(self, x: torch.Tensor, layer: int, ctx, count: bool) -> torch.Tensor:
+        last_ctx, last = self._last
+        if last_ctx is not None and last_ctx is ctx:
+            return last
+        g = self.groups(layer, x.shape[0], x.shape[-2], ctx).to(x.device)
+        self._last = (ctx, g)
+        if count:  # realised shares, counted once per token and layer (with the keys)
+            self.tokens_per_group += torch.bincount(g.flatten().cpu(), minlength=self.n_groups).double()
+        return g
+
+    # -- quantization ----------------------------------------------------------------------------
+    def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales) -> torch.Tensor:
+        """``x (B, H_kv, n, D)`` -> ``s * Q_g(x / s)`` with each token's group width; ``groups (B, n)``."""
+        s = None if scales is None else scales.to(x.device, torch.float32)[None, :, None, :]  # (1, H_kv, 1, D)
+        y = x.float() if s is None else x.float() / s
+        out = torch.empty_like(y)
+        for g, bits in enumerate(widths):
+            mask = (groups == g)[:, None, :, None]  # (B, 1, n, 1)
+            if mask.any():
+                out = torch.where(mask, fake_quantize_affine(y, bits, dim=-1, group_size=self.kv.group_size), out)
+        return (out if s is None else out * s).to(x.dtype)
+
+    def quantize_keys(self, k, layer, ctx=None):
+        g = self._groups_for(k, layer, ctx, count=True)
+        ks = self.key_scales[layer] if self.key_scales is not None else None
+        return self._quantize(k, g, self.key_bits, ks)
+
+    def quantize_values(self, v, layer, ctx=None):
+        g = self._groups_for(v, layer, ctx, count=False)
+        vs = self.value_scales[layer] if self.value_scales is not None else None
+        return self._quantize(v, g, self.value_bits, vs)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def group_fractions(self) -> torch.Tensor:
+        """Realised share of tokens per group (declared shares before any token was quantized)."""
+        n = self.tokens_per_group.sum()
+        return self.tokens_per_group / n if n > 0 else self.shares.double()
+
+    def bits_per_element(self):
+        if self.kv.bits >= FP16_BITS:
+            return float(FP16_BITS), float(FP16_BITS)
+        f = self.group_fractions()
+        per_group = self.kv.group_size or self.info.head_dim
+        overhead = SCALE_ZERO_BITS / per_group
+        if self.n_groups > 1:  # group id of every token of a layer, shared by its K and V of all heads
+            overhead += math.ceil(math.log2(self.n_groups)) / (2 * self.info.num_kv_heads * self.info.head_dim)
+        kb = float(sum(fi * b for fi, b in zip(f.tolist(), self.key_bits))) + overhead
+        vb = float(sum(fi * b for fi, b in zip(f.tolist(), self.value_bits))) + overhead
+        return kb, vb
+
+    def avg_bits(self, seq_len: int) -> float:
+        """Base accounting plus the channel scales (one fp16 per layer, KV head and channel of K
+        and of V, amortised over the ``seq_len`` tokens of a sequence)."""
+        n_scaled = (int(self.cfg.scale_keys) + int(self.cfg.scale_values)) * (self.kv.bits < FP16_BITS)
+        return super().avg_bits(seq_len) + n_scaled * FP16_BITS / (2 * seq_len)
+
+
+def fold_channel_scales(model, method: QoKV) -> None:
+    """Fold the calibrated channel scales into the attention weights (in place).
+
+    Keys: ``k_proj`` rows divided by ``s``, ``q_proj`` rows multiplied by ``s`` (repeated over the
+    query heads of each KV head); values: ``v_proj`` rows divided by ``s``, ``o_proj`` input columns
+    multiplied by ``s``. The model's outputs are unchanged (up to rounding); a cache then stores
+    ``K / s`` and ``V / s`` directly. Needs post-RoPE scales tied over rotary pairs (or no RoPE),
+    and attention without q/k norms.
+    """
+    from kvbench.patch import attention_modules
+
+    for layer, mod in enumerate(attention_modules(model)):
+        D = mod.head_dim
+        group = mod.config.num_attention_heads // mod.config.num_key_value_heads
+        with torch.no_grad():
+            if method.key_scales is not None:
+                s = method.key_scales[layer].to(mod.k_proj.weight)  # (H_kv, D)
+                _scale_rows(mod.k_proj, 1 / s.flatten())
+                _scale_rows(mod.q_proj, s.repeat_interleave(group, 0).flatten())
+            if method.value_scales is not None:
+                s = method.value_scales[layer].to(mod.v_proj.weight)
+                _scale_rows(mod.v_proj, 1 / s.flatten())
+                mod.o_proj.weight.mul_(s.repeat_interleave(group, 0).flatten()[None, :])
+
+
+def _scale_rows(linear: torch.nn.Linear, s: torch.Tensor) -> None:
+    linear.weight.mul_(s[:, None])
+    if linear.bias is not None:
+        linear.bias.mul_(s)
