@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -678,8 +679,9 @@ def compile_pdf(tex: Path) -> Path:
     if not shutil.which("pdflatex"):
         raise UserError("pdflatex is not installed (Debian: apt-get install texlive-latex-base texlive-latex-recommended)")
     for _ in range(2):
+        env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}  # reproducible PDF bytes
         r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name], cwd=tex.parent,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
         if r.returncode:
             err = [line for line in r.stdout.splitlines() if line.startswith("!")]
             raise UserError(f"pdflatex failed on {tex}: {err[0] if err else r.stdout[-500:]}")
