@@ -549,6 +549,127 @@ def _decode_fma_kernel(
     tl.store(lse_ptr + rows * S1 + sp, lse)
 
 
+# ----------------------------------------------------------------------------------------------
+# Decode attention, tensor-core path for uniform codes with per-token values (value_group == D):
+# transposed products S^T = K Q^T and O^T = V^T P^T so that the dequantized tiles are the big
+# (M >= 64) operand; dequantization is the mantissa trick (``f = 1 + code * 2**-w``, exact in fp16)
+# with the key scales folded into Q and the value scales into P; zero points go into bias terms.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fields_rows(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """``(BT, NW)`` words -> ``(BT, D)`` fp16 ``1 + code * 2**-WIDTH`` (channel ``i * CPW + j``)."""
+    CPW: tl.constexpr = 32 // WIDTH
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
+    r = ((tl.arange(0, CPW) * WIDTH + WIDTH + 9) % 32).to(tl.uint32)[None, None, :]
+    w = words.to(tl.uint32, bitcast=True)[:, :, None]
+    rot = (w >> r) | (w << ((32 - r) % 32))
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    return tl.reshape(f, (BT, D)).to(tl.float16)
+
+
+@triton.jit
+def _fields_cols(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """``(NW, BT)`` words -> ``(D, BT)`` fp16 ``1 + code * 2**-WIDTH``."""
+    CPW: tl.constexpr = 32 // WIDTH
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
+    r = ((tl.arange(0, CPW) * WIDTH + WIDTH + 9) % 32).to(tl.uint32)[None, :, None]
+    w = words.to(tl.uint32, bitcast=True)[:, None, :]
+    rot = (w >> r) | (w << ((32 - r) % 32))
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    return tl.reshape(f, (D, BT)).to(tl.float16)
+
+
+@triton.jit
+def _decode_mma_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr,
+    VW0: tl.constexpr, VW1: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, BTF: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    WK: tl.constexpr = (KW0 + KW1) * D // 32
+    WV: tl.constexpr = (VW0 + VW1) * D // 32
+    KS: tl.constexpr = (1 << VW0) + ((1 << (VW0 + VW1)) if VW1 > 0 else 0)
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < G
+    offs_d = tl.arange(0, D)
+    rows = n * G + offs_g
+    qT = tl.load(q_ptr + rows[None, :] * D + offs_d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+    qT = qT * (sm_scale * _LOG2E)  # (D, GP)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    accT = tl.zeros((D, GP), tl.float32)
+    corr = tl.zeros((GP,), tl.float32)
+    if sp < n_splits:
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            kb = (n * NB_CAP + t0 // KB) * D
+            ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
+            kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
+            wq0 = qT * ksc * (1 << KW0)
+            bias = tl.sum(qT * kzp - wq0, axis=0)  # (GP,)
+            krow = kw_ptr + (n * T_CAP + offs_t) * WK
+            NWK0: tl.constexpr = D * KW0 // 32
+            kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), KW0, D, BT)
+            sT = tl.dot(kf, wq0.to(tl.float16))  # (BT, GP)
+            if KW1 > 0:
+                NWK1: tl.constexpr = D * KW1 // 32
+                wq1 = qT * ksc * (1 << (KW0 + KW1))
+                bias -= tl.sum(wq1, axis=0)
+                kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), KW1, D, BT)
+                sT += tl.dot(kf1, wq1.to(tl.float16))
+            sT = sT + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            pT = tl.exp2(sT - m_new[None, :])  # (BT, GP)
+            l_i = l_i * alpha + tl.sum(pT, axis=0)
+            vsc = tl.load(vs_ptr + n * T_CAP + offs_t).to(tl.float32)  # (BT,), one group per token
+            vzp = tl.load(vz_ptr + n * T_CAP + offs_t).to(tl.float32)
+            corr = corr * alpha + tl.sum(pT * (vzp - KS * vsc)[:, None], axis=0)
+            vcol = vw_ptr + (n * T_CAP + offs_t) * WV  # (BT,)
+            NWV0: tl.constexpr = D * VW0 // 32
+            vf = _fields_cols(tl.load(vcol[None, :] + tl.arange(0, NWV0)[:, None]), VW0, D, BT)  # (D, BT)
+            accT = accT * alpha[None, :] + tl.dot(vf, (pT * (vsc * (1 << VW0))[:, None]).to(tl.float16))
+            if VW1 > 0:
+                NWV1: tl.constexpr = D * VW1 // 32
+                vf1 = _fields_cols(tl.load(vcol[None, :] + NWV0 + tl.arange(0, NWV1)[:, None]), VW1, D, BT)
+                accT += tl.dot(vf1, (pT * (vsc * (1 << (VW0 + VW1)))[:, None]).to(tl.float16))
+            m_i = m_new
+        accT = accT + corr[None, :]
+    else:
+        for part in tl.static_range(2):
+            if part == 0:
+                base_k = sk_ptr + n * S_CAP * D
+                base_v = sv_ptr + n * S_CAP * D
+                n_tok = n_sink
+            else:
+                base_k = rk_ptr + n * R_CAP * D
+                base_v = rv_ptr + n * R_CAP * D
+                n_tok = n_recent
+            for t0 in range(0, n_tok, BTF):
+                offs_t = t0 + tl.arange(0, BTF)
+                tm = offs_t < n_tok
+                k = tl.load(base_k + offs_t[:, None] * D + offs_d[None, :], mask=tm[:, None], other=0.0)
+                vT = tl.load(base_v + offs_t[None, :] * D + offs_d[:, None], mask=tm[None, :], other=0.0)
+                sT = tl.dot(k.to(tl.float16), qT.to(tl.float16))  # (BTF, GP)
+                sT = tl.where(tm[:, None], sT, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                pT = tl.exp2(sT - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(pT, axis=0)
+                accT = accT * alpha[None, :] + tl.dot(vT.to(tl.float16), pT.to(tl.float16))
+                m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    outT = accT / l_safe[None, :]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(o_ptr + (rows[None, :] * S1 + sp) * D + offs_d[:, None], outT, mask=g_mask[None, :])
+    tl.store(lse_ptr + rows * S1 + sp, lse, mask=g_mask)
+
+
 @triton.jit
 def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, NSLOT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -594,6 +715,16 @@ def fma_path_applies(kv, n_rep: int) -> bool:
     )
 
 
+def mma_path_applies(kv, n_rep: int) -> bool:
+    """True where the transposed tensor-core path applies (uniform, post-RoPE, no outliers, per-token V)."""
+    d = kv.k_scale.shape[-1]
+    return (
+        kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
+        and kv.v_scale.shape[-1] == 1 and n_rep <= 16 and _fma_slices(kv.key_bits, d) is not None
+        and _fma_slices(kv.value_bits, d) is not None
+    )
+
+
 def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None, path=None,
                      lanes_per_row=None):
     """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K + reduction).
@@ -607,8 +738,8 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     H = kv.k_words.shape[1]
     G = Hq // H
     if path is None:
-        path = "fma" if fma_path_applies(kv, G) else "dot"
-    bt = tile or min(kv.key_block, 64)
+        path = "mma" if mma_path_applies(kv, G) else "dot"
+    bt = tile or min(kv.key_block, 128 if path == "mma" else 64)
     if kv.key_block % bt:
         raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
     n_tiles = triton.cdiv(kv.n_packed, bt)
@@ -622,7 +753,20 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     o_part = torch.empty(B * Hq, S1, nslot, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
     scale = D**-0.5 if sm_scale is None else sm_scale
-    if path == "fma":
+    if path == "mma":
+        kw0, kw1 = _fma_slices(kv.key_bits, D)
+        vw0, vw1 = _fma_slices(kv.value_bits, D)
+        o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
+        _decode_mma_kernel[(B * H, S1)](
+            q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+            kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
+            scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+            kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
+            G=G, GP=max(16, triton.next_power_of_2(G)), D=D, KW0=kw0, KW1=kw1, VW0=vw0, VW1=vw1,
+            KB=kv.key_block, BT=bt, BTF=32, num_warps=num_warps, num_stages=num_stages,
+        )
+    elif path == "fma":
         kw0, kw1 = _fma_slices(kv.key_bits, D)
         vw0, vw1 = _fma_slices(kv.value_bits, D)
         nw_min = min(D * w // 32 for w in (kw0, kw1, vw0, vw1) if w)
