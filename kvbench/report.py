@@ -35,7 +35,7 @@ A cell's runs are the rows of the frame that match ``filters``, the row's and th
 Runs that differ only in ``seed`` are repeats (mean +- std); runs with the same config and seed in
 different run directories are duplicates: reported (in the output and the ``.tex`` header) and marked,
 the newest one used, never averaged. Runs that differ in any other config key make the cell ambiguous:
-an error that names the differing keys, so a filter (or ``ignore``) can be added.
+it shows ``?`` and the output names the differing keys, so a filter (or ``ignore``) can be added.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ BOOKKEEPING_PREFIXES = ("logging.", "metrics.", "wandb.")
 HYDRA_GROUPS = ("method", "model", "data", "eval", "kv", "calib", "logging")  # `<group>.name: x` -> `<group>=x`
 MISSING = r"$\emptyset$"
 DAGGER = r"$^\dagger$"
+AMBIGUOUS = r"\textbf{?}"
 DUP_TOL = 1e-9
 
 
@@ -176,10 +177,11 @@ class Cell:
     runs: list[str] = field(default_factory=list)
     duplicate: bool = False
     selector: dict = field(default_factory=dict)
+    ambiguous: str = ""  # why several configs match (the cell then has no value)
 
     @property
     def missing(self) -> bool:
-        return not self.values
+        return not self.values and not self.ambiguous
 
     @property
     def mean(self) -> float:
@@ -204,6 +206,7 @@ class Table:
     n_runs: int
     missing: list[str]
     duplicates: list[str]
+    ambiguous: list[str] = field(default_factory=list)
 
 
 def _matches(frame, selector: dict):
@@ -287,8 +290,9 @@ def _cell(frame, selector: dict, metric: str, ignore: list[str], spec: dict, whe
         return cell
     varying = _varying(sub, _identity_columns(sub, ignore))
     if varying:
-        raise UserError(f"{spec['path']}: cell {where} matches runs of different configs (they differ in "
-                        f"{varying}); add these keys to `filters` (or to `ignore` if they do not change the result)")
+        cell.ambiguous = (f"cell {where} matches runs of different configs (they differ in {varying}); add these "
+                          f"keys to the row's `match` or to `filters` (or to `ignore` if they do not change results)")
+        return cell
     sub = sub.assign(_seed=sub["seed"] if "seed" in sub.columns else 0)
     for seed, runs in sub.groupby("_seed", sort=True):
         runs = runs.drop(columns="_seed")
@@ -379,7 +383,8 @@ def build_table(frame, spec: dict) -> Table:
                 line.append(_average(spec, i, j, base))
         cells.append(line)
     n_runs = len({r for line in cells for cell in line for r in cell.runs})
-    return Table(spec, columns, cells, n_runs, missing, duplicates)
+    ambiguous = [c.ambiguous for c in base.values() if c.ambiguous]
+    return Table(spec, columns, cells, n_runs, missing, duplicates, ambiguous)
 
 
 def _has_runs(frame, spec: dict, col: dict) -> bool:
@@ -389,7 +394,7 @@ def _has_runs(frame, spec: dict, col: dict) -> bool:
 
 
 def _relative(cell: Cell, ref: Cell | None, mode: str, is_ref: bool) -> Cell:
-    if is_ref or ref is None or cell.missing or ref.missing:
+    if is_ref or ref is None or not cell.values or not ref.values:
         return Cell()
     d = cell.mean - ref.mean
     return Cell(values=[d / ref.mean * 100 if mode == "pct" else d])
@@ -399,7 +404,7 @@ def _average(spec: dict, i: int, j: int, base: dict) -> Cell:
     want = spec["columns"][j]["average"]
     picked = [k for k in range(j) if not spec["columns"][k]["average"] and spec["columns"][k]["best"] != "none"
               and (want is True or spec["columns"][k]["label"] in want)]
-    if not picked or any(base[i, k].missing for k in picked):
+    if not picked or any(not base[i, k].values for k in picked):
         return Cell()
     return Cell(values=[sum(base[i, k].mean for k in picked) / len(picked)])
 
@@ -414,7 +419,9 @@ def tex_escape(text: str) -> str:
 
 def format_cell(cell: Cell, col: dict, bold: bool, marker: str) -> str:
     """One cell's LaTeX: mean (bold if best) [+- std over seeds] [dagger for duplicates], or the marker."""
-    if cell.missing:
+    if cell.ambiguous:
+        return AMBIGUOUS
+    if not cell.values:
         return "--" if col["kind"] == "relative" else marker
     scale = 100.0 if col["format"] == "pct" else 1.0
     d = col["decimals"]
@@ -434,7 +441,7 @@ def _best_rows(table: Table, j: int) -> set[int]:
     if col["best"] == "none" or col["kind"] == "relative":
         return set()
     vals = {i: line[j].mean for i, line in enumerate(table.cells)
-            if not table.spec["rows"][i]["reference"] and not line[j].missing}
+            if not table.spec["rows"][i]["reference"] and line[j].values}
     if len(vals) < 2:
         return set()
     target = min(vals.values()) if col["best"] == "min" else max(vals.values())
@@ -479,11 +486,14 @@ def render_table(table: Table, command: str, source: str) -> str:
         notes.append(r"mean$\pm$std over seeds")
     if any(c.missing for line in table.cells for j, c in enumerate(line) if table.columns[j]["kind"] != "relative"):
         notes.append(f"{marker}: no run yet (the commands are listed in the header of this file)")
+    if any(c.ambiguous for c in flat):
+        notes.append(f"{AMBIGUOUS}: runs of several configs match (listed in the header of this file)")
     if any(c.duplicate for c in flat):
         notes.append(f"{DAGGER}: duplicate runs that disagree, the newest shown")
     notes.append(r"rebuilt by \texttt{" + tex_escape(command) + "}")
     return _env().get_template("table.tex.j2").render(
         command=command, source=source, n_runs=table.n_runs, missing=table.missing, duplicates=table.duplicates,
+        ambiguous=table.ambiguous,
         caption=spec["caption"], label=spec["label"], colspec="r" * len(cols), groups=groups,
         row_header=tex_escape(spec["row_header"]), headers=[tex_escape(c["label"]) for c in cols],
         sections=body, notes=notes)
@@ -588,7 +598,7 @@ def plot_drop(table: Table, plot: dict, out: Path) -> list[Path]:
         xs, hs = [], []
         for k, j in enumerate(cols):
             a, b = table.cells[ref][j] if ref is not None else None, table.cells[i][j]
-            if a is None or a.missing or b.missing:
+            if a is None or not a.values or not b.values:
                 continue
             scale = 100.0 if table.columns[j]["format"] == "pct" else 1.0
             sign = 1.0 if table.columns[j]["best"] == "max" else -1.0  # a drop in accuracy, a rise in ppl
@@ -724,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {cmd}")
             for d in res["duplicates"]:
                 print(f"  duplicate: {d}")
+            for d in res["table"].ambiguous:
+                print(f"  ambiguous: {d}")
         if a.all:
             folder = Path(a.out or a.all)
             paper = folder / "paper.tex"

@@ -100,8 +100,12 @@ def test_duplicates_reported_not_averaged(frame, spec):
 def test_ambiguous_cell_names_the_differing_key(frame, tmp_path):
     text = (FIX / "spec.yaml").read_text().replace(", ignore: [kv.bits]", "")
     (tmp_path / "s.yaml").write_text(text)
-    with pytest.raises(UserError, match=r"\(fp16, Wiki\).*differ in \['kv.bits'\]"):
-        report.build_table(frame, report.load_spec(tmp_path / "s.yaml"))
+    t = report.build_table(frame, report.load_spec(tmp_path / "s.yaml"))  # fp16 at kv.bits 4 and 2 (Wiki only)
+    assert t.cells[0][0].ambiguous and not t.cells[0][0].values and not t.cells[0][0].missing
+    assert len(t.ambiguous) == 3 and re.search(r"\(fp16, Wiki\).*differ in \['kv.bits'\]", t.ambiguous[0])
+    tex = report.render_table(t, "cmd", "runs")
+    assert r"fp16 & \textbf{?} & -- & 20.50 & \textbf{?} & \textbf{?} \\" in tex.splitlines()
+    assert "% Ambiguous cells" in tex
 
 
 def test_spec_errors(tmp_path):
