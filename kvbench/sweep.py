@@ -201,6 +201,11 @@ def plan(spec: dict, extra: list[str] = (), count: int | None = None, seed: int 
     return planned
 
 
+def lock_path(out: Path) -> Path:
+    """The lock a runner holds while it computes the run in ``out`` (beside it, removed after)."""
+    return out.parent / f".{out.name}.lock"
+
+
 def run_all(planned: list[PlannedRun], progress: bool = True) -> dict:
     """Run every planned run that is not done; returns counts of ran/skipped/busy/failed runs."""
     from filelock import FileLock, Timeout
@@ -209,12 +214,15 @@ def run_all(planned: list[PlannedRun], progress: bool = True) -> dict:
     from kvbench.run import run
 
     todo = [p for p in planned if not p.done]
+    for p in planned:
+        if p.done:  # a runner killed between finishing a run and removing its lock leaves it behind
+            lock_path(p.out).unlink(missing_ok=True)
     counts = {"ran": 0, "skipped": len(planned) - len(todo), "busy": 0, "failed": 0}
     bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, file=sys.stderr)
     for p in bar:
         bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in p.params.items()))
         p.out.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(p.out.parent / f".{p.out.name}.lock"))
+        lock = FileLock(str(lock_path(p.out)))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -238,6 +246,7 @@ def run_all(planned: list[PlannedRun], progress: bool = True) -> dict:
             traceback.print_exc()
         finally:
             lock.release()
+            Path(lock.lock_file).unlink(missing_ok=True)  # keep the results store clean (nobody waits on it)
     return counts
 
 

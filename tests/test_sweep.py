@@ -148,7 +148,26 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, capsys):
     assert "4 runs, 4 done, 0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in _finished(out)} == mtimes, "a finished run was run again"
 
+    assert not list(out.glob("**/*.lock")), "the runner's per-run locks are removed"
     frame = results.load(out)
     assert len(frame) == 4 and frame["run_id"].is_unique
     assert sorted(zip(frame["method.name"], frame["kv.bits"])) == [("fp16", 2), ("fp16", 4), ("uniform", 2), ("uniform", 4)]
     assert frame["metrics.ppl"].notna().all()
+
+
+def test_run_held_by_another_runner_is_skipped(tmp_path, capsys):
+    from filelock import FileLock
+
+    planned = sweep.plan(yaml.safe_load(GRID_2X2), tiny(tmp_path))
+    held = []
+    for p in planned:
+        p.out.parent.mkdir(parents=True, exist_ok=True)
+        held.append(FileLock(str(sweep.lock_path(p.out))))
+        held[-1].acquire(timeout=0)
+    try:
+        assert sweep.run_all(planned, progress=False) == {"ran": 0, "skipped": 0, "busy": 4, "failed": 0}
+    finally:
+        for lock in held:
+            lock.release()
+    assert "being computed by another runner" in capsys.readouterr().err
+    assert not _finished(tmp_path / "out")
