@@ -11,7 +11,8 @@ A spec (YAML) declares the table::
     caption: ...                     # LaTeX allowed; & % # _ are escaped in labels, not in captions
     label: tab:name
     runs: reports/runs               # results store: a local folder, or wandb:<entity>/<project>
-    filters: {model.name: smollm2-135m, eval.seqlen: 512}   # every cell's runs match these
+    filters: {model.name: smollm2-135m, eval.seqlen: 512}   # every cell's runs match these;
+                                     # a list is a list-valued key; {any: [a, b]} allows several values
     overrides: [logging.wandb.mode=disabled]                # extra args in the commands of missing runs
     metric: metrics.ppl              # default metric of a column
     decimals: 2
@@ -210,7 +211,10 @@ class Table:
 
 
 def _matches(frame, selector: dict):
-    """Boolean mask of the frame's rows whose config equals ``selector`` (a list value = any of)."""
+    """Boolean mask of the frame's rows whose config equals ``selector``.
+
+    A value is compared exactly (lists too: list-valued config keys); ``{any: [a, b]}`` allows several.
+    """
     import numpy as np
     import pandas as pd
 
@@ -219,7 +223,7 @@ def _matches(frame, selector: dict):
         if key not in frame.columns:
             return pd.Series(False, index=frame.index)
         col = frame[key]
-        options = want if isinstance(want, list) and not key.startswith("eval.tasks") else [want]
+        options = want["any"] if _is_any(want) else [want]
         hit = pd.Series(False, index=frame.index)
         for w in options:
             if w is None:
@@ -251,12 +255,16 @@ def _norm(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def _is_any(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"any"} and isinstance(value["any"], list)
+
+
 def command_for(selector: dict, spec: dict, seed=None) -> str:
     """The kvbench command line that produces the run a cell selects (Hydra overrides, shell-quoted)."""
     groups, rest = [], []
     for key, value in selector.items():
-        if isinstance(value, list) and not key.startswith("eval.tasks"):
-            value = value[0]  # a filter with several allowed values: the first one
+        if _is_any(value):
+            value = value["any"][0]  # a filter with several allowed values: the first one
         if isinstance(value, list):
             text = "[" + ",".join(str(v) for v in value) + "]"
         elif value is None:

@@ -200,3 +200,39 @@ columns:
     fp16, int2 = t.cells[0][0].mean, t.cells[1][0].mean
     assert fp16 > 1 and int2 != fp16 and t.cells[1][2].mean == pytest.approx(2 + 32 / 16)  # tiny head_dim 16
     assert "missing runs" not in r.stdout and (tmp_path / "t.tex").exists()
+
+
+def test_checked_in_specs_missing_commands_compose():
+    """The command printed for each missing cell of every checked-in spec composes, and its run fits the cell."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench import results
+    from kvbench.__main__ import conf_dir
+    from kvbench.config import register_configs
+
+    register_configs()
+    seen = set()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        _check_commands(seen, compose, results)
+    assert len(seen) >= 10
+
+
+def _check_commands(seen, compose, results):
+    import shlex
+
+    for path in report.spec_paths(ROOT / "reports"):
+        spec = report.load_spec(path)
+        t = report.build_table(pd.DataFrame(), spec)
+        assert len(t.missing) >= len(spec["rows"]), path  # an empty store: at least one run per row is missing
+        for cell in (c for line in t.cells for c in line if c.missing and c.selector):
+            cmd = report.command_for(cell.selector, spec)
+            assert cmd in t.missing
+            shape = (path.name, tuple(sorted(cell.selector)))  # one command per set of keys (Hydra is slow)
+            if shape in seen:
+                continue
+            seen.add(shape)
+            argv = shlex.split(cmd)
+            assert argv[:3] == ["python", "-m", "kvbench"]
+            cfg = compose("config", overrides=argv[3:])
+            row = pd.DataFrame([results.flatten(results.result_config(cfg))])
+            assert report._matches(row, cell.selector).all(), cmd
