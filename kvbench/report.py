@@ -10,6 +10,7 @@ A spec (YAML) declares the table::
 
     caption: ...                     # LaTeX allowed; & % # _ are escaped in labels, not in captions
     label: tab:name
+    order: 1                         # position in paper.tex (then by name)
     runs: reports/runs               # results store: a local folder, or wandb:<entity>/<project>
     filters: {model.name: smollm2-135m, eval.seqlen: 512}   # every cell's runs match these;
                                      # a list is a list-valued key; {any: [a, b]} allows several values
@@ -57,7 +58,7 @@ from pathlib import Path
 from kvbench.errors import UserError
 
 SPEC_KEYS = {"name", "caption", "label", "runs", "filters", "overrides", "metric", "decimals", "best",
-             "ignore", "seeds", "sections", "rows", "columns", "plots", "missing_marker", "row_header"}
+             "ignore", "seeds", "sections", "rows", "columns", "plots", "missing_marker", "row_header", "order"}
 ROW_KEYS = {"label", "match", "expand", "reference", "ignore"}
 COLUMN_KEYS = {"label", "group", "match", "metric", "decimals", "best", "format", "relative", "average", "ignore",
                "optional"}
@@ -106,7 +107,7 @@ def load_spec(path: str | Path) -> dict:
     spec = {"name": path.stem, "caption": path.stem, "label": f"tab:{path.stem}", "runs": "reports/runs",
             "filters": {}, "overrides": [], "metric": "metrics.ppl", "decimals": 2, "best": "min",
             "ignore": [], "seeds": None, "sections": None, "plots": [], "missing_marker": MISSING,
-            "row_header": "Method", **spec, "path": path}
+            "row_header": "Method", "order": 100, **spec, "path": path}
     rows = []
     for i, r in enumerate(spec["rows"]):
         _check_keys(r, ROW_KEYS, f"{path}: rows[{i}]")
@@ -510,7 +511,7 @@ def render_table(table: Table, command: str, source: str) -> str:
 def render_paper(specs: list[dict], folder: Path, command: str, title: str = "kvbench report") -> str:
     """``paper.tex``: every table and figure of ``specs`` (template ``kvbench/templates/paper.tex.j2``)."""
     items = []
-    for s in specs:
+    for s in sorted(specs, key=lambda s: (s["order"], s["name"])):
         cmd = f"python -m kvbench.report {_rel(s['path'])}"
         items.append({"kind": "table", "file": s["name"], "command": cmd})
         for p in s["plots"]:
