@@ -8,7 +8,7 @@ The same file works with ``wandb sweep sweeps/bits.yaml`` + ``wandb agent``. Her
 * ``method: bayes`` needs the metrics of finished runs, kept by a W&B server: use ``wandb agent``.
 
 Each run's Hydra overrides are built from the sweep's ``command`` exactly as ``wandb agent`` builds
-its argv (the words after ``-m kvbench`` plus ``${args_no_hyphens}``), followed by the overrides
+its argv (the words after ``-m kvbench``, ``${args_no_hyphens}`` expanded), followed by the overrides
 given on this command line (e.g. ``model=tiny-llama``), which win. Every run is composed with
 Hydra before anything runs, so a malformed file fails at once with one line. A run whose results
 already exist (:func:`kvbench.results.run_dir` of its composed config holds ``metrics.json``) is
@@ -87,12 +87,12 @@ def read_spec(path) -> dict:
         raise UserError(f"{path}: method must be one of {', '.join(METHODS)}, got {spec.get('method')!r}")
     if not spec.get("parameters"):
         raise UserError(f"{path}: a sweep needs at least one entry under parameters")
-    fixed_overrides(spec, path)
+    command_words(spec, path)
     return spec
 
 
-def fixed_overrides(spec: dict, path="sweep") -> list[str]:
-    """The fixed Hydra overrides of the sweep's ``command`` (the words after ``-m kvbench``).
+def command_words(spec: dict, path="sweep") -> list[str]:
+    """The words of the sweep's ``command`` after ``-m kvbench``: fixed overrides and one macro.
 
     The command must run kvbench and pass the parameters as Hydra overrides, as
     ``[${env}, ${interpreter}, -m, kvbench, ${args_no_hyphens}]`` does.
@@ -106,7 +106,15 @@ def fixed_overrides(spec: dict, path="sweep") -> list[str]:
     bad = [c for c in rest if c.startswith("${") and c not in PARAM_MACROS + SKIPPED_MACROS]
     if bad:
         raise UserError(f"{path}: command macro {bad[0]} is not a Hydra override; use ${{args_no_hyphens}}")
-    return [c for c in rest if c not in PARAM_MACROS]
+    return [c for c in rest if c not in SKIPPED_MACROS]
+
+
+def run_overrides(spec: dict, params: dict, path="sweep") -> list[str]:
+    """A run's Hydra overrides in the order ``wandb agent`` passes them (the macro expanded in place)."""
+    out = []
+    for word in command_words(spec, path):
+        out += param_overrides(spec, params) if word in PARAM_MACROS else [word]
+    return out
 
 
 def param_overrides(spec: dict, params: dict) -> list[str]:
@@ -184,10 +192,9 @@ def compose(overrides: list[str]):
 
 def plan(spec: dict, extra: list[str] = (), count: int | None = None, seed: int = 0, path="sweep") -> list[PlannedRun]:
     """Expand, compose and look up every run of the sweep (identical configs are planned once)."""
-    fixed = fixed_overrides(spec, path)
     planned, seen = [], set()
     for params in expand(spec, count, seed):
-        overrides = fixed + list(param_overrides(spec, params)) + list(extra)
+        overrides = run_overrides(spec, params, path) + list(extra)
         try:
             cfg = compose(overrides)
         except UserError as e:

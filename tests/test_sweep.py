@@ -76,6 +76,17 @@ def test_bits_sweep_is_a_grid_over_method_and_bits():
     assert combos == {(m, b) for m in spec["parameters"]["method"]["values"] for b in spec["parameters"]["kv.bits"]["values"]}
 
 
+@pytest.mark.parametrize("macro", sweep.PARAM_MACROS)
+def test_overrides_match_wandb_agent(macro):
+    """The runner passes each run's parameters exactly as `wandb agent` builds its command line."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = {"command": ["${env}", "${interpreter}", "-m", "kvbench", macro]}
+    params = {"kv.bits": {"value": 3}, "method": {"value": "uniform"}, "calib.fisher": {"value": False},
+              "data.calib_fraction": {"value": 0.25}}
+    assert sweep.param_overrides(spec, params) == create_sweep_command_args({"args": params})[macro[2:-1]]
+
+
 def test_expand_grid_and_seeded_random(tmp_path):
     grid = yaml.safe_load(GRID_2X2)
     assert [sweep.param_overrides(grid, p) for p in sweep.expand(grid)] == [
@@ -112,7 +123,7 @@ def test_dry_run_lists_runs_and_runs_nothing(tmp_path, capsys):
     assert sweep.main([str(path), "--dry-run", *tiny(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(" todo " in line for line in lines)
-    assert "model=tiny-llama kv.bits=2 method=fp16 data=text" in lines[0]
+    assert "  kv.bits=2 method=fp16 model=tiny-llama data=text" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
