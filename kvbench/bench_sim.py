@@ -32,7 +32,7 @@ def one(overrides: list[str], seqlen: int, windows: int) -> dict:
     from kvbench.__main__ import conf_dir
     from kvbench.config import register_configs
     from kvbench.data import load_splits
-    from kvbench.eval.ppl import perplexity
+    from kvbench.eval.ppl import perplexity, tokenize_prefix
     from kvbench.models import load_model
     from kvbench.patch import patched
     from kvbench.run import build_method
@@ -41,7 +41,7 @@ def one(overrides: list[str], seqlen: int, windows: int) -> dict:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     model, tok, info = load_model(cfg.model)
-    ids = tok(load_splits(cfg.data).joined("eval"), return_tensors="pt").input_ids[0]
+    ids = tokenize_prefix(tok, load_splits(cfg.data).eval, seqlen * (windows + 1))
     method = build_method(cfg, info)
     with patched(model, method):
         perplexity(model, ids, seqlen, 1, progress=False)  # warm-up

@@ -17,6 +17,25 @@ import torch
 from tqdm.auto import tqdm
 
 
+def tokenize_prefix(tok, docs: list[str], n_tokens: int | None) -> torch.Tensor:
+    """Token ids ``(N,)`` of ``"\n\n".join(docs)``, stopping once ``n_tokens`` are certainly there.
+
+    The text is cut at a document boundary with a margin, so the first ``n_tokens`` ids equal those
+    of tokenizing the whole text (tokenizing ~1M tokens to use 16k would dominate a quick run).
+    """
+    n_docs = len(docs)
+    if n_tokens is not None:
+        chars, n_docs = 0, 0
+        while n_docs < len(docs) and chars < 8 * n_tokens:
+            chars += len(docs[n_docs]) + 2
+            n_docs += 1
+    while True:
+        ids = tok("\n\n".join(docs[:n_docs]), return_tensors="pt").input_ids[0]
+        if n_tokens is None or ids.numel() > n_tokens or n_docs == len(docs):
+            return ids
+        n_docs = min(len(docs), 2 * n_docs)
+
+
 def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """``ids (N,)`` -> ``(n_windows, seqlen)`` non-overlapping windows."""
     n = ids.numel() // seqlen
@@ -45,6 +64,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
 
 def evaluate(cfg, model, tok, splits, method) -> dict:
     """The ``eval=ppl`` entry point: perplexity of the evaluation split."""
-    ids = tok(splits.joined("eval"), return_tensors="pt").input_ids[0]
+    need = None if cfg.eval.max_windows is None else cfg.eval.seqlen * cfg.eval.max_windows
+    ids = tokenize_prefix(tok, splits.eval, need)
     p = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.logging.progress)
     return {"ppl": p["ppl"], "ppl_info": {"kind": "token", "context": p["seqlen"], "tokens": p["tokens"], "windows": p["windows"]}}
