@@ -50,7 +50,8 @@ def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool 
     Returns a dict with, for each requested need, a list over layers of:
       ``keys`` pre-RoPE keys ``(N, H_kv, T, D)``; ``keys_post`` post-RoPE keys ``(N, H_kv, T, D)``;
       ``values`` ``(N, H_kv, T, D)``; with ``fisher``, ``fisher_keys`` / ``fisher_values``: squared
-      gradients of the summed LM loss w.r.t. those (pre-RoPE) activations, same shapes;
+      gradients of the summed LM loss w.r.t. those (pre-RoPE) activations, same shapes (and
+      ``fisher_keys_post`` w.r.t. post-RoPE keys when ``keys_post`` is requested too);
       ``attention``: average attention each token receives ``(N, H_q, T)`` (column sums of the
       attention probabilities divided by the number of queries that see the token).
     """
@@ -61,7 +62,7 @@ def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool 
     device = next(model.parameters()).device
     fisher = "fisher" in needs
     stats: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in attn] for k in
-                                                   ("keys", "keys_post", "values", "fisher_keys", "fisher_values", "attention")}
+                                                   ("keys", "keys_post", "values", "fisher_keys", "fisher_keys_post", "fisher_values", "attention")}
     live: dict = {}
 
     def grab(name, mod):
@@ -81,6 +82,10 @@ def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool 
         handles.append(mod.v_proj.register_forward_hook(grab("v", mod)))
         handles.append(mod.register_forward_pre_hook(grab_rope, with_kwargs=True))
     prev_impl = model.config._attn_implementation
+    # Fisher needs gradients w.r.t. activations only: freeze the weights so backward skips them
+    frozen = [p for p in model.parameters() if p.requires_grad] if fisher else []
+    for p in frozen:
+        p.requires_grad_(False)
     if "attention" in needs:
         model.set_attn_implementation("eager")
     try:
@@ -102,7 +107,12 @@ def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool 
                     post = apply_rope(k_heads, *(t.float().cpu() for t in rope)) if rope is not None else k_heads
                     stats["keys_post"][i].append(post)
                 if fisher:
-                    stats["fisher_keys"][i].append(_heads(k.grad, mod.head_dim).float().pow(2).cpu())
+                    g_heads = _heads(k.grad, mod.head_dim).float().cpu()
+                    stats["fisher_keys"][i].append(g_heads.pow(2))
+                    if "keys_post" in needs:  # RoPE is a rotation R: dL/dk_post = R dL/dk_pre
+                        rope = live.get(("rope", mod.layer_idx))
+                        g_post = apply_rope(g_heads, *(t.float().cpu() for t in rope)) if rope is not None else g_heads
+                        stats["fisher_keys_post"][i].append(g_post.pow(2))
                     stats["fisher_values"][i].append(_heads(v.grad, mod.head_dim).float().pow(2).cpu())
                 if "attention" in needs:
                     p = out.attentions[i][0].float()  # (H_q, T, T)
@@ -114,9 +124,35 @@ def collect(model, batches: torch.Tensor, needs: frozenset[str], progress: bool 
         for h in handles:
             h.remove()
         model.set_attn_implementation(prev_impl)
+        for p in frozen:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
     return {k: [torch.cat(v) if k != "attention" else torch.stack(v) for v in layers]
             for k, layers in stats.items() if layers[0]}
+
+
+_STATS_CACHE: dict = {}  # one entry: the statistics of the last calibration, for the next run of a sweep
+
+
+def cached_collect(cfg, model, batches: torch.Tensor, needs: frozenset[str]) -> dict:
+    """:func:`collect`, reusing the previous call's statistics when they cover ``needs``.
+
+    Runs of a sweep execute in one process and often share the model and calibration batches while
+    the method's settings change (e.g. an ablation): only the method's fit is then recomputed.
+    Statistics gathered with ``fisher`` serve a request without it (the Fisher entries are dropped).
+    """
+    ident = (json.dumps(_plain(cfg.model), sort_keys=True, default=str),
+             hashlib.sha1(batches.numpy().tobytes()).hexdigest(), str(next(model.parameters()).device))
+    hit = _STATS_CACHE.get(ident)
+    if hit is not None and needs <= hit[0]:
+        stats = hit[1]
+        if "fisher" not in needs:
+            stats = {k: v for k, v in stats.items() if not k.startswith("fisher")}
+        return stats
+    _STATS_CACHE.clear()
+    stats = collect(model, batches, needs, cfg.logging.progress)
+    _STATS_CACHE[ident] = (frozenset(needs), stats)
+    return stats
 
 
 def _plain(cfg) -> dict:
@@ -188,7 +224,7 @@ def prepare(cfg, model, tok, splits, method) -> Path:
             if not cfg.calib.fisher:
                 needs.discard("fisher")
             batches = calibration_batches(tok, splits.joined("calib"), cfg.calib.num_samples, cfg.calib.seqlen, cfg.seed)
-            stats = collect(model, batches, frozenset(needs), cfg.logging.progress)
+            stats = cached_collect(cfg, model, batches, frozenset(needs))
             save_artifact(path, key, meta, method.calibrate(stats))
         method.load_state(load_artifact(path, key))
     return path

@@ -19,6 +19,11 @@ MATRIX = [
     ("uniform", ["kv.bits=3", "method.key_axis=channel", "method.key_block=16"]),
     ("uniform", ["kv.bits=2", "method.value_axis=channel", "method.key_block=8"]),
     ("uniform", ["kv.bits=2", "method.sink_tokens=4", "method.recent_window=8"]),
+    ("kvquant", []),  # nuq4-1%, pre-RoPE per-channel keys, Fisher, one sink token
+    ("kvquant", ["kv.bits=3", "method.pre_rope=false", "calib.fisher=false"]),
+    ("kvquant", ["kv.bits=3", "method.key_axis=token", "method.outlier_frac=0.1"]),
+    ("kvquant", ["kv.bits=3", "method.nuq=false", "method.outlier_frac=0"]),
+    ("kvquant", ["kv.bits=2", "method.qnorm=true", "method.sink_tokens=0", "method.recent_window=8"]),
 ]
 
 

@@ -1,0 +1,249 @@
+"""KVQuant (Hooper et al., 2024, arXiv 2401.18079), built from switchable components.
+
+==========================  ====================================  ======================================
+component                   override                              what it does
+==========================  ====================================  ======================================
+pre-RoPE keys               ``method.pre_rope=true``              keys quantized before the rotary
+                                                                  embedding (the cache rotates back)
+per-channel keys            ``method.key_axis=channel``           one range per head and channel,
+                                                                  calibrated offline (``token``:
+                                                                  per-token ranges, online)
+NUQ                         ``method.nuq=true``                   per-layer codebook from k-means on
+                                                                  normalized calibration K/V
+Fisher weighting            ``calib.fisher=true``                 k-means weighted by the squared
+                                                                  gradients of the LM loss
+dense-and-sparse            ``method.outlier_frac=0.01``          top 0.5 % + bottom 0.5 % kept in fp16
+                                                                  (keys: per-channel thresholds,
+                                                                  offline; values: per token, online)
+Q-Norm                      ``method.qnorm=true``                 codebook moment-matched to the
+                                                                  calibration data (free at run time)
+attention sink              ``method.sink_tokens=1``              first token kept in fp16 (shared)
+==========================  ====================================  ======================================
+
+Values are always quantized per token (a range per token, head and ``kv.group_size`` channels of
+the dense part, computed online; outliers chosen per token over all heads). Everything is
+simulated: quantize, then dequantize in fp32. A uniform ``b``-bit quantizer is the codebook
+``linspace(-1, 1, 2**b)`` in the same normalized space, so turning NUQ off changes nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvbench.method import FP16_BITS, KVMethod, MethodConfig
+from kvbench.quant import (
+    SCALE_ZERO_BITS,
+    denormalize,
+    dequantize_codebook,
+    kmeans_1d,
+    normalize,
+    outlier_mask,
+    outlier_thresholds,
+    outliers_per_side,
+    q_norm,
+    quantize_codebook,
+    uniform_codebook,
+)
+from kvbench.registry import register_method
+
+OUTLIER_BITS = 32  # one fp16 value + one 16-bit index per sparse outlier (as the paper counts)
+KEY_AXES = ("channel", "token")
+
+
+@dataclass
+class KVQuantConfig(MethodConfig):
+    """KVQuant's hyperparameters; the defaults are the paper's method (``nuq<bits>-1%``, one sink).
+
+    Attributes:
+        pre_rope: quantize keys before the rotary embedding.
+        key_axis: ``channel`` (offline-calibrated per-channel ranges) or ``token`` (online).
+        nuq: non-uniform codebooks learned by k-means (Fisher-weighted when ``calib.fisher``).
+        outlier_frac: total fraction of each slice kept in fp16 (0.01 = top 0.5 % + bottom 0.5 %).
+        qnorm: moment-match the codebooks to the calibration data (Q-Norm; used at 2 bits).
+    """
+
+    name: str = "kvquant"
+    sink_tokens: int = 1
+    pre_rope: bool = True
+    key_axis: str = "channel"
+    nuq: bool = True
+    outlier_frac: float = 0.01
+    qnorm: bool = False
+
+
+@register_method("kvquant")
+class KVQuant(KVMethod):
+    config_class = KVQuantConfig
+    version = 1
+
+    def __init__(self, cfg, kv, info):
+        super().__init__(cfg, kv, info)
+        if cfg.key_axis not in KEY_AXES:
+            raise ValueError(f"method.key_axis must be one of {KEY_AXES}, got {cfg.key_axis!r}")
+        if not 0 <= cfg.outlier_frac < 0.5:
+            raise ValueError(f"method.outlier_frac must be in [0, 0.5), got {cfg.outlier_frac}")
+        if cfg.qnorm and not cfg.nuq:
+            raise ValueError("method.qnorm=true needs method.nuq=true (Q-Norm corrects the NUQ codebook)")
+        self.pre_rope = bool(cfg.pre_rope)  # read by the cache
+        self.key_block = 1  # key ranges are offline (channel) or per token: no block needed
+        self.bits = kv.bits
+        self.group = kv.group_size or info.head_dim
+        self.state: dict[str, torch.Tensor] = {}
+        self.seq_len = 2048  # context that per-layer parameters are amortised over (set by avg_bits)
+        self.outlier_count = {"k": 0, "v": 0}  # measured at run time, for honest bit counts
+        self.element_count = {"k": 0, "v": 0}
+
+    # -- calibration ---------------------------------------------------------------------------
+    @property
+    def quantizes(self) -> bool:
+        return self.bits < FP16_BITS
+
+    def calibration_needs(self) -> frozenset[str]:
+        if not self.quantizes or (self.cfg.key_axis == "token" and not self.cfg.nuq):
+            return frozenset()
+        needs = {"keys" if self.pre_rope else "keys_post"}
+        if self.cfg.nuq:
+            needs |= {"values", "fisher"}
+        return frozenset(needs)
+
+    def calibrate(self, stats: dict) -> dict[str, torch.Tensor]:
+        """Per-channel key thresholds and per-layer codebooks from calibration statistics.
+
+        Args:
+            stats: :func:`kvbench.calibrate.collect` output: lists over layers of ``(N, H_kv, T, D)``
+                keys (pre- or post-RoPE), values and, optionally, their squared gradients.
+
+        Returns:
+            ``k_lo.{l}``, ``k_hi.{l}`` ``(H_kv, D)`` (per-channel keys) and ``k_cb.{l}``,
+            ``v_cb.{l}`` ``(2**bits,)`` (NUQ) for every layer ``l``.
+        """
+        kname = "keys" if self.pre_rope else "keys_post"
+        keys = stats[kname]
+        s = self.cfg.sink_tokens  # sink tokens stay fp16 at run time: leave them out
+        out: dict[str, torch.Tensor] = {}
+        for layer in tqdm(range(len(keys)), desc="kvquant fit", leave=False):
+            k = keys[layer][..., s:, :]  # (N, H_kv, T, D)
+            if self.cfg.key_axis == "channel":
+                flat = k.permute(1, 3, 0, 2).flatten(2)  # (H_kv, D, N*T)
+                out[f"k_lo.{layer}"], out[f"k_hi.{layer}"] = outlier_thresholds(flat, self.cfg.outlier_frac)
+                self.state.update({f"k_lo.{layer}": out[f"k_lo.{layer}"], f"k_hi.{layer}": out[f"k_hi.{layer}"]})
+            if not self.cfg.nuq:
+                continue
+            for which, x in (("k", k), ("v", stats["values"][layer][..., s:, :])):
+                fkey = {"k": f"fisher_{kname}", "v": "fisher_values"}[which]
+                fisher = stats[fkey][layer][..., s:, :] if fkey in stats else None
+                y, dense = self._normalized(x, which, layer)
+                w = fisher[dense] if fisher is not None else None
+                cb = kmeans_1d(y[dense], 2**self.bits, w)
+                if self.cfg.qnorm:
+                    yd = y[dense]
+                    a, b = q_norm(dequantize_codebook(quantize_codebook(yd, cb), cb), yd)
+                    cb = (cb * a + b).sort().values
+                out[f"{which}_cb.{layer}"] = cb
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self._state_names() if n not in tensors]
+        if missing:
+            raise ValueError(f"kvquant calibration artifact lacks {missing[:3]} (stale artifact?)")
+        self.state = {n: t.float() for n, t in tensors.items()}
+
+    def _state_names(self) -> list[str]:
+        names = []
+        if not self.calibration_needs():
+            return names
+        for layer in range(self.info.num_layers):
+            if self.cfg.key_axis == "channel":
+                names += [f"k_lo.{layer}", f"k_hi.{layer}"]
+            if self.cfg.nuq:
+                names += [f"k_cb.{layer}", f"v_cb.{layer}"]
+        return names
+
+    # -- quantization --------------------------------------------------------------------------
+    def _ranges(self, x: torch.Tensor, which: str, layer: int):
+        """Ranges and outliers of ``x (B, H_kv, T, D)``: returns ``lo, hi`` broadcastable to
+        ``(B, H_kv, T, D/g, g)`` and the outlier mask ``(B, H_kv, T, D)``."""
+        B, H, T, D = x.shape
+        if which == "k" and self.cfg.key_axis == "channel":
+            if f"k_lo.{layer}" not in self.state:
+                raise RuntimeError("kvquant: per-channel keys need calibration (kvbench.calibrate.prepare)")
+            lo = self.state[f"k_lo.{layer}"].to(x)[None, :, None, :]  # (1, H_kv, 1, D)
+            hi = self.state[f"k_hi.{layer}"].to(x)[None, :, None, :]
+            mask = (x < lo) | (x > hi) if self.cfg.outlier_frac > 0 else torch.zeros_like(x, dtype=torch.bool)
+            return lo.unsqueeze(-1), hi.unsqueeze(-1), mask  # broadcast over the group axis as (..., D, 1)
+        per_token = x.transpose(1, 2).reshape(B, T, H * D)  # outliers chosen per token over all heads
+        mask = outlier_mask(per_token, self.cfg.outlier_frac).view(B, T, H, D).transpose(1, 2)
+        xg = x.view(B, H, T, D // self.group, self.group)
+        mg = mask.view_as(xg)
+        lo = xg.masked_fill(mg, float("inf")).amin(-1, keepdim=True)  # (B, H_kv, T, D/g, 1)
+        hi = xg.masked_fill(mg, float("-inf")).amax(-1, keepdim=True)
+        return lo, hi, mask
+
+    def _grouped(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """``(B, H, T, D)`` -> ``(B, H, T, D/g, g)`` for per-token ranges, ``(B, H, T, D, 1)`` per channel."""
+        if which == "k" and self.cfg.key_axis == "channel":
+            return x.unsqueeze(-1)
+        return x.unflatten(-1, (x.shape[-1] // self.group, self.group))
+
+    def _normalized(self, x: torch.Tensor, which: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibration data in the quantizer's normalized space: ``(y, dense)`` of ``x``'s shape."""
+        lo, hi, mask = self._ranges(x, which, layer)
+        y = normalize(self._grouped(x, which), lo, hi).view_as(x)
+        return y, ~mask
+
+    def _codebook(self, which: str, layer: int, like: torch.Tensor) -> torch.Tensor:
+        if self.cfg.nuq:
+            return self.state[f"{which}_cb.{layer}"].to(like)
+        return uniform_codebook(self.bits).to(like)
+
+    def _quantize(self, x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
+        if not self.quantizes:
+            return x
+        xf = x.float()
+        lo, hi, mask = self._ranges(xf, which, layer)
+        cb = self._codebook(which, layer, xf)
+        y = normalize(self._grouped(xf, which), lo, hi).clamp(-1, 1)
+        x_hat = denormalize(dequantize_codebook(quantize_codebook(y, cb), cb), lo, hi).view_as(xf)
+        x_hat = torch.where(mask, xf, x_hat)  # sparse outliers stay exact
+        self.outlier_count[which] += int(mask.sum())
+        self.element_count[which] += mask.numel()
+        return x_hat.to(x.dtype)
+
+    def quantize_keys(self, k, layer, ctx=None):
+        """Keys ``(B, H_kv, T, D)`` (pre-RoPE if ``pre_rope``) -> same shape."""
+        return self._quantize(k, "k", layer)
+
+    def quantize_values(self, v, layer, ctx=None):
+        """Values ``(B, H_kv, T, D)`` -> same shape (per-token ranges)."""
+        return self._quantize(v, "v", layer)
+
+    # -- bits ----------------------------------------------------------------------------------
+    def outlier_rate(self, which: str) -> float:
+        """Measured fraction of outliers so far, or the expected one before any quantization."""
+        if self.element_count[which]:
+            return self.outlier_count[which] / self.element_count[which]
+        if which == "k" and self.cfg.key_axis == "channel":
+            return self.cfg.outlier_frac
+        n = self.info.num_kv_heads * self.info.head_dim  # per-token slices span all heads
+        return 2 * outliers_per_side(n, self.cfg.outlier_frac) / n
+
+    def _bits(self, which: str) -> float:
+        per_layer_elems = self.seq_len * self.info.num_kv_heads * self.info.head_dim
+        codebook = (2**self.bits * FP16_BITS / per_layer_elems) if self.cfg.nuq else 0.0
+        if which == "k" and self.cfg.key_axis == "channel":
+            scales = SCALE_ZERO_BITS / self.seq_len  # one (lo, hi) per channel and layer, offline
+        else:
+            scales = SCALE_ZERO_BITS / self.group  # one (lo, hi) per token, head and group
+        return self.bits + scales + codebook + OUTLIER_BITS * self.outlier_rate(which)
+
+    def bits_per_element(self):
+        if not self.quantizes:
+            return float(FP16_BITS), float(FP16_BITS)
+        return self._bits("k"), self._bits("v")
+
+    def avg_bits(self, seq_len: int) -> float:
+        self.seq_len = seq_len  # offline per-channel ranges and codebooks are amortised over the context
+        return super().avg_bits(seq_len)
