@@ -39,6 +39,7 @@ from kvbench.errors import UserError
 PARAM_MACROS = ("${args_no_hyphens}", "${args_override_hydra}", "${args_append_hydra}")
 SKIPPED_MACROS = ("${env}", "${interpreter}", "${program}")
 METHODS = ("grid", "random", "bayes")
+MAX_GRID = 1_000_000
 ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # as wandb agent: ${envvar:NAME}
 
 
@@ -136,16 +137,11 @@ def expand(spec: dict, count: int | None = None, seed: int = 0) -> list[dict]:
         raise UserError("method: bayes picks each run from the metrics of finished runs, kept by a W&B server; "
                         "run it with `wandb sweep FILE` + `wandb agent` (the offline runner does grid and random)")
     if method == "grid":
-        runs = []
-        try:
-            while True:
-                nxt = next_runs(spec, runs, validate=True, n=1)[0]
-                if nxt is None:
-                    break
-                runs.append(nxt)
+        try:  # the controller stops at the end of the grid (a trailing None)
+            runs = next_runs(spec, [], validate=True, n=MAX_GRID)
         except ValueError as e:
             raise UserError(f"grid sweep: {str(e).splitlines()[0]}") from None
-        params = [r.config for r in runs]
+        params = [r.config for r in runs if r is not None]
     else:
         if count is None:
             raise UserError("a random sweep has no end: give the number of runs with --count N")
@@ -291,9 +287,9 @@ def summary(spec: dict, planned: list[PlannedRun]) -> None:
         return
     rows = []
     for p in planned:
-        m = results.existing_metrics(p.out)
-        if m is not None and metric in results.flatten(m):
-            rows.append((results.flatten(m)[metric], p))
+        value = results.flatten(results.existing_metrics(p.out) or {}).get(metric)
+        if isinstance(value, (int, float)):
+            rows.append((value, p))
     if not rows:
         return
     rows.sort(key=lambda r: r[0], reverse=spec["metric"].get("goal") == "maximize")

@@ -105,6 +105,7 @@ def test_expand_grid_and_seeded_random(tmp_path):
     (lambda s: s.replace("[2, 4]", "[2, 5]"), r"kv\.bits=5 is not supported"),   # bad value (range)
     (lambda s: s.replace("[fp16, uniform]", "[fp16, unifrom]"), r"unifrom"),     # unknown method
     (lambda s: s.replace("method: grid", "method: bayes"), r"W&B server"),       # unsupported here
+    (lambda s: s.replace("{values: [2, 4]}", "{min: 2.0, max: 4.0}"), r"grid sweep: .*disallowed type"),
     (lambda s: s.replace("method: grid", "method: hyperband"), r"not a valid W&B sweep"),
     (lambda s: s.replace('"${args_no_hyphens}"', '"${args}"'), r"Hydra overrides"),
     (lambda s: s.replace("values:", "valuez:"), r"not a valid W&B sweep"),
