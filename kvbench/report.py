@@ -512,7 +512,7 @@ def render_paper(specs: list[dict], folder: Path, command: str, title: str = "kv
     """``paper.tex``: every table and figure of ``specs`` (template ``kvbench/templates/paper.tex.j2``)."""
     items = []
     for s in sorted(specs, key=lambda s: (s["order"], s["name"])):
-        cmd = f"python -m kvbench.report {_rel(s['path'])}"
+        cmd = _rebuild(s)
         items.append({"kind": "table", "file": s["name"], "command": cmd})
         for p in s["plots"]:
             caption = p["caption"] or p["name"]
@@ -586,7 +586,7 @@ def plot_pareto(frame, spec: dict, plot: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    return _save(fig, out / plot["name"])
+    return _save(fig, out / plot["name"], _rebuild(spec))
 
 
 def plot_drop(table: Table, plot: dict, out: Path) -> list[Path]:
@@ -625,16 +625,21 @@ def plot_drop(table: Table, plot: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, out / plot["name"])
+    return _save(fig, out / plot["name"], _rebuild(spec))
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def _rebuild(spec: dict) -> str:
+    return f"python -m kvbench.report {_rel(spec['path'])}"
+
+
+def _save(fig, stem: Path, command: str) -> list[Path]:
+    """PDF + PNG with reproducible bytes; the command that rebuilds them is in their metadata."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
-    fig.savefig(paths[0], metadata={"CreationDate": None, "Producer": None})  # reproducible bytes
-    fig.savefig(paths[1], dpi=150, metadata={"Software": None})
+    fig.savefig(paths[0], metadata={"CreationDate": None, "Producer": None, "Subject": command})
+    fig.savefig(paths[1], dpi=150, metadata={"Software": None, "Description": command})
     plt.close(fig)
     return paths
 
@@ -658,7 +663,7 @@ def build(spec: dict, frame=None, out: Path | None = None, source: str | None = 
     out = Path(out or spec["path"].parent)
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(frame, spec)
-    command = f"python -m kvbench.report {_rel(spec['path'])}"
+    command = _rebuild(spec)
     tex = out / f"{spec['name']}.tex"
     tex.write_text(render_table(table, command, source))
     plots = []
