@@ -98,30 +98,36 @@ def log_run(cfg, metrics: dict, run_path, calibration=None, wandb_dir=None, reus
         run_path: its results-store directory (holds the result files logged as an artifact).
         calibration: path of the calibration artifact (``.safetensors``) the run used, if any.
         wandb_dir: where W&B writes its files (default: ``run_path``).
-        reused: the run had already finished and is being reused; it is logged only under a
-            W&B sweep agent, which needs a run to report to its sweep.
+        reused: the run had already finished and is being reused; it is logged again only under
+            a W&B sweep agent (which needs a run to report to its sweep), or if it has no local W&B
+            run yet (it ran with W&B disabled, or online logging failed).
 
     Returns:
         The W&B run's local files directory, or None when nothing was logged.
     """
     mode = wandb_mode(cfg)
-    if mode == "disabled" or (reused and not os.environ.get("WANDB_SWEEP_ID")):
+    wandb_dir = Path(wandb_dir or run_path)
+    if mode == "disabled" or (reused and not os.environ.get("WANDB_SWEEP_ID") and (wandb_dir / "wandb").is_dir()):
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    run = wandb.init(
-        project=cfg.logging.wandb.project,
-        entity=cfg.logging.wandb.entity,
-        mode=mode,
-        name=run_name(cfg),
-        group=run_group(cfg),
-        tags=run_tags(cfg),
-        config=logged_config(cfg, run_path),
-        dir=str(wandb_dir or run_path),
-        reinit="finish_previous",
-        allow_val_change=True,
-    )
+    try:
+        run = wandb.init(
+            project=cfg.logging.wandb.project,
+            entity=cfg.logging.wandb.entity,
+            mode=mode,
+            name=run_name(cfg),
+            group=run_group(cfg),
+            tags=run_tags(cfg),
+            config=logged_config(cfg, run_path),
+            dir=str(wandb_dir),
+            reinit="finish_previous",
+            allow_val_change=True,
+        )
+    except wandb.errors.UsageError as e:  # e.g. online without `wandb login`
+        raise UserError(f"W&B {mode} logging failed ({str(e).splitlines()[0]}); the results are saved in {run_path}; "
+                        "rerun with logging.wandb.mode=offline to log it locally") from None
     try:
         run.summary.update(flatten(metrics))
         for name, (columns, rows) in metric_tables(metrics).items():

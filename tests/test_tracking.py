@@ -95,7 +95,8 @@ def test_modes(compose, tmp_path, monkeypatch):
     assert tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run") is None
     assert not list(tmp_path.glob("**/wandb"))
     cfg.logging.wandb.mode = "offline"
-    assert tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run", reused=True) is None, "a reused run is not re-logged"
+    (tmp_path / "run" / "wandb" / "offline-run-1").mkdir(parents=True)
+    assert tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run", reused=True) is None, "a logged run is not re-logged"
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     assert tracking.wandb_mode(cfg) == "online", "a W&B agent's runs must reach its server"
     cfg.logging.wandb.mode = "sometimes"
@@ -111,3 +112,12 @@ def test_wandb_rows_one_per_run():
     assert results.wandb_row({"lr": 0.1}, {"loss": 1.0}) is None, "runs not logged by kvbench are ignored"
     frame = results.load_wandb("me/kvbench", api=FakeApi([(cfg, {"ppl": 8.0}), (cfg, {"ppl": 9.0}), ({"lr": 1}, {})]))
     assert list(frame["metrics.ppl"]) == [8.0], "the newest W&B run of a results-store run wins"
+
+
+def test_online_without_key_is_one_clear_line(compose, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no stored key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = compose(["model=tiny-llama", f"output_dir={tmp_path}", "logging.wandb.mode=online"])
+    with pytest.raises(UserError, match=r"W&B online logging failed .*results are saved in .*mode=offline"):
+        tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run")
