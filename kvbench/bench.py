@@ -135,7 +135,7 @@ def tune(args) -> list[dict]:
     from kvbench.kernels import ops
 
     out = []
-    for shape, batch, T, bits in [("llama2-7b", 8, 65536, 4), ("llama2-7b", 8, 65536, 2), ("llama3-8b", 8, 65536, 4)]:
+    for shape, batch, T, bits in [("llama2-7b", 8, 65536, 4), ("llama2-7b", 8, 65536, 2), ("llama3-8b", 1, 131072, 4)]:
         hq, hkv, d = SHAPES[shape]
         k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
         v = torch.randn_like(k)
@@ -144,9 +144,8 @@ def tune(args) -> list[dict]:
         kv = ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_recent=args.recent)
         del k, v
         nbytes = _packed_bytes_read(kv)
-        cfgs = [dict(path="dot", tile=t, num_warps=w) for t in (64, 128) for w in (4, 8)]
-        cfgs += [dict(path="fma", tile=t, num_warps=w, lanes_per_row=lp)
-                 for t in (16, 32, 64) for w in (4, 8) for lp in (2, 8)]
+        cfgs = [dict(path="dot", tile=128, num_warps=4), dict(path="fma", tile=64, num_warps=4, lanes_per_row=8)]
+        cfgs += [dict(path="mma", tile=t, num_warps=w, num_stages=st) for t in (64, 128) for w in (4, 8) for st in (2, 3)]
         for kw in cfgs:
             try:
                 us = _bench(lambda: ops.decode_attention(q, kv, **kw))

@@ -556,13 +556,21 @@ def _decode_fma_kernel(
 # with the key scales folded into Q and the value scales into P; zero points go into bias terms.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fields_rows(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """``(BT, NW)`` words -> ``(BT, D)`` fp16 ``1 + code * 2**-WIDTH`` (channel ``i * CPW + j``)."""
     CPW: tl.constexpr = 32 // WIDTH
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
-    r = ((tl.arange(0, CPW) * WIDTH + WIDTH + 9) % 32).to(tl.uint32)[None, None, :]
-    w = words.to(tl.uint32, bitcast=True)[:, :, None]
-    rot = (w >> r) | (w << ((32 - r) % 32))
+    j = tl.arange(0, CPW)
+    sl = tl.maximum(23 - WIDTH - j * WIDTH, 0).to(tl.uint32)[None, None, :]  # field j -> bits 23-WIDTH..22
+    sr = tl.maximum(j * WIDTH + WIDTH - 23, 0).to(tl.uint32)[None, None, :]
+    NW: tl.constexpr = D // CPW
+    # layout anchor: a never-taken load, contiguous along the fields, so that each thread holds
+    # whole words' fields (vectorized shared-memory stores of the dequantized tile)
+    o3 = (tl.arange(0, BT)[:, None, None] * NW + tl.arange(0, NW)[None, :, None]) * CPW + tl.arange(0, CPW)[None, None, :]
+    never = (tl.arange(0, BT) < 0)[:, None, None]
+    anchor = tl.load(anchor_ptr + o3, mask=never, other=0)
+    w = words.to(tl.uint32, bitcast=True)[:, :, None] + anchor.to(tl.uint32)
+    rot = (w << sl) >> sr
     f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
     return tl.reshape(f, (BT, D)).to(tl.float16)
 
@@ -572,9 +580,11 @@ def _fields_cols(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """``(NW, BT)`` words -> ``(D, BT)`` fp16 ``1 + code * 2**-WIDTH``."""
     CPW: tl.constexpr = 32 // WIDTH
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
-    r = ((tl.arange(0, CPW) * WIDTH + WIDTH + 9) % 32).to(tl.uint32)[None, :, None]
+    j = tl.arange(0, CPW)
+    sl = tl.maximum(23 - WIDTH - j * WIDTH, 0).to(tl.uint32)[None, :, None]
+    sr = tl.maximum(j * WIDTH + WIDTH - 23, 0).to(tl.uint32)[None, :, None]
     w = words.to(tl.uint32, bitcast=True)[:, None, :]
-    rot = (w >> r) | (w << ((32 - r) % 32))
+    rot = (w << sl) >> sr
     f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
     return tl.reshape(f, (D, BT)).to(tl.float16)
 
@@ -614,13 +624,13 @@ def _decode_mma_kernel(
             bias = tl.sum(qT * kzp - wq0, axis=0)  # (GP,)
             krow = kw_ptr + (n * T_CAP + offs_t) * WK
             NWK0: tl.constexpr = D * KW0 // 32
-            kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), KW0, D, BT)
+            kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), kw_ptr, KW0, D, BT)
             sT = tl.dot(kf, wq0.to(tl.float16))  # (BT, GP)
             if KW1 > 0:
                 NWK1: tl.constexpr = D * KW1 // 32
                 wq1 = qT * ksc * (1 << (KW0 + KW1))
                 bias -= tl.sum(wq1, axis=0)
-                kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), KW1, D, BT)
+                kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), kw_ptr, KW1, D, BT)
                 sT += tl.dot(kf1, wq1.to(tl.float16))
             sT = sT + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(sT, axis=0))
