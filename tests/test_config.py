@@ -16,8 +16,8 @@ YAMLS = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.name != "c
 
 def _override(rel: Path) -> str:
     group = "/".join(rel.parent.parts)
-    if group == "experiment":
-        return f"+experiment={rel.stem}"
+    if rel.parts[0] == "experiment":  # an `optional experiment` default: select, don't append
+        return f"experiment={rel.with_suffix('').relative_to('experiment').as_posix()}"
     if group.startswith("hydra"):
         return f"{group}={rel.stem}"
     return f"{group}={rel.stem}"
