@@ -20,7 +20,8 @@ def conf_dir() -> str:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+    root = Path(conf_dir()) / group  # options in subfolders too (experiment=kvquant_ablation/nuq)
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def _did_you_mean(word: str, known) -> str:
