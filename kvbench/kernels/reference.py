@@ -79,16 +79,15 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     Returns:
         ``(..., D)`` int32 codes.
     """
-    w64 = words.to(torch.int64) & 0xFFFFFFFF
-    code = torch.zeros(*words.shape[:-1], head_dim, dtype=torch.int64, device=words.device)
+    code = torch.zeros(*words.shape[:-1], head_dim, dtype=torch.int32, device=words.device)
     for w, bit_off, word_off in bit_slices(bits, head_dim):
         cpw = 32 // w
         nw = head_dim // cpw
-        ws = w64[..., word_off : word_off + nw]  # (..., NW)
-        shifts = torch.arange(cpw, device=words.device) * w
-        part = (ws[..., None] >> shifts) & ((1 << w) - 1)  # (..., NW, CPW)
+        ws = words[..., word_off : word_off + nw].to(torch.int32)  # (..., NW)
+        shifts = torch.arange(cpw, device=words.device, dtype=torch.int32) * w
+        part = (ws[..., None] >> shifts) & ((1 << w) - 1)  # (..., NW, CPW); masking undoes the sign fill
         code += part.reshape(*words.shape[:-1], head_dim) << bit_off
-    return code.to(torch.int32)
+    return code
 
 
 # ----------------------------------------------------------------------------------------------
