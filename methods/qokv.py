@@ -65,6 +65,8 @@ class QoKVConfig(MethodConfig):
         scale_keys: per-channel key scaling (calibrated).
         scale_values: per-channel value scaling (calibrated).
         alpha: scaling strength, ``s_j = max|x_j| ** alpha`` (0 = no scaling, 1 = equalised ranges).
+        alpha_search: pick alpha per layer and KV head from a grid instead, minimising the
+            Fisher-weighted quantization error on the calibration split (:func:`search_alpha`).
         tie_rope_pairs: tie key scales over rotary pairs so they fold into the weights exactly.
         pre_rope: quantize (and scale) keys before the rotary embedding.
         base: base quantizer of every group (``uniform`` per-token grouped).
@@ -81,6 +83,7 @@ class QoKVConfig(MethodConfig):
     scale_keys: bool = True
     scale_values: bool = True
     alpha: float = 1.0
+    alpha_search: bool = True
     tie_rope_pairs: bool = True
     pre_rope: bool = False
     base: str = "uniform"
@@ -185,12 +188,12 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
     return p[..., lo:hi].sum(-2).mean(1) / seen_by  # (B, n)
 
 
-def channel_scales(x: torch.Tensor, alpha: float, tie_pairs: bool = False) -> torch.Tensor:
+def channel_scales(x: torch.Tensor, alpha, tie_pairs: bool = False) -> torch.Tensor:
     """Per-channel scales ``s_j = m_j ** alpha`` (geometric mean 1) from calibration activations.
 
     Args:
         x: ``(N, H_kv, T, D)`` calibration keys or values of one layer.
-        alpha: strength; 0 gives all ones.
+        alpha: strength, a float or ``(H_kv,)`` per head; 0 gives all ones.
         tie_pairs: use the larger ``m`` of the rotary pair ``(j, j + D/2)`` for both channels.
 
     Returns:
@@ -201,8 +204,45 @@ def channel_scales(x: torch.Tensor, alpha: float, tie_pairs: bool = False) -> to
         half = m.shape[-1] // 2
         top = torch.maximum(m[..., :half], m[..., half:])
         m = torch.cat([top, top], dim=-1)
-    log_s = alpha * m.log()
+    a = torch.as_tensor(alpha, dtype=m.dtype).reshape(-1, 1)  # (1 or H_kv, 1)
+    log_s = a * m.log()
     return (log_s - log_s.mean(-1, keepdim=True)).exp()
+
+
+ALPHA_GRID = tuple(i / 8 for i in range(9))
+
+
+def search_alpha(x: torch.Tensor, weight: Optional[torch.Tensor], bits: int, group_size: Optional[int],
+                 tie_pairs: bool = False, grid=ALPHA_GRID, max_tokens: int = 2048) -> torch.Tensor:
+    """Per-head scaling strength minimising the (Fisher-)weighted error of ``s * Q(x / s)``.
+
+    The Outlier-Suppression+-style range search of QoKV's ``Scale_get`` step, with the loss
+    measured by the diagonal Fisher information (squared gradients of the LM loss w.r.t. the
+    activation, a second-order estimate of the loss increase) instead of a layer-output MSE.
+
+    Args:
+        x: ``(N, H_kv, T, D)`` calibration keys or values of one layer.
+        weight: ``(N, H_kv, T, D)`` Fisher information of ``x`` (``None``: plain squared error).
+        bits: bit width the error is measured at (per-token quantization, ``group_size`` channels).
+        tie_pairs: tie over rotary pairs (as :func:`channel_scales`).
+        grid: candidate strengths.
+        max_tokens: tokens per head used for the search (an even subsample).
+
+    Returns:
+        ``(H_kv,)`` the best strength of each head.
+    """
+    N, H, T, D = x.shape
+    flat = x.transpose(0, 1).reshape(H, N * T, D)  # (H_kv, N*T, D)
+    w = None if weight is None else weight.transpose(0, 1).reshape(H, N * T, D)
+    step = max(1, N * T // max_tokens)
+    sub, wsub = flat[:, ::step], (None if w is None else w[:, ::step])
+    errs = []
+    for a in grid:
+        s = channel_scales(x, a, tie_pairs)[:, None, :]  # (H_kv, 1, D)
+        err = (fake_quantize_affine(sub / s, bits, dim=-1, group_size=group_size) * s - sub).pow(2)
+        errs.append((err if wsub is None else err * wsub).sum(dim=(1, 2)))  # (H_kv,)
+    best = torch.stack(errs).argmin(0)  # (H_kv,)
+    return torch.tensor(grid, dtype=x.dtype)[best]
 
 
 @register_method("qokv")
@@ -251,16 +291,31 @@ class QoKV(KVMethod):
             needs.add("values")
         if self.cfg.grouping == "offline":
             needs.add("attention")
+        if (self.cfg.scale_keys or self.cfg.scale_values) and self.cfg.alpha_search:
+            needs.add("fisher")  # dropped by the pipeline when calib.fisher=false (plain squared error)
         return frozenset(needs)
+
+    def _scales(self, xs: list, fisher: Optional[list], tie: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales ``(L, H_kv, D)`` and strengths ``(L, H_kv)`` of every layer."""
+        scales, alphas = [], []
+        for i, x in enumerate(xs):
+            if self.cfg.alpha_search and self.kv.bits < FP16_BITS:
+                a = search_alpha(x, None if fisher is None else fisher[i], self.kv.bits,
+                                 self.kv.group_size, tie)
+            else:
+                a = torch.full((x.shape[1],), float(self.cfg.alpha))
+            alphas.append(a)
+            scales.append(channel_scales(x, a, tie))
+        return torch.stack(scales), torch.stack(alphas)
 
     def calibrate(self, stats):
         out = {}
         tie = self.cfg.tie_rope_pairs and not self.cfg.pre_rope
         if self.cfg.scale_keys:
-            keys = stats["keys" if self.cfg.pre_rope else "keys_post"]
-            out["key_scales"] = torch.stack([channel_scales(k, self.cfg.alpha, tie) for k in keys])
+            name = "keys" if self.cfg.pre_rope else "keys_post"
+            out["key_scales"], out["key_alpha"] = self._scales(stats[name], stats.get(f"fisher_{name}"), tie)
         if self.cfg.scale_values:
-            out["value_scales"] = torch.stack([channel_scales(v, self.cfg.alpha) for v in stats["values"]])
+            out["value_scales"], out["value_alpha"] = self._scales(stats["values"], stats.get("fisher_values"), False)
         if self.cfg.grouping == "offline":
             maps = []
             for a in stats["attention"]:  # (N, H_q, T)

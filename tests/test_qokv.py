@@ -187,3 +187,30 @@ def test_bad_config_is_a_one_line_error(compose, tiny_model, tmp_path):
         _method(compose, info, ["method.key_bit_offsets=[4,0]"], tmp_path)
     with pytest.raises(UserError, match="grouping"):
         _method(compose, info, ["method.grouping=sometimes"], tmp_path)
+
+
+@pytest.mark.slow
+def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embedded_model, wiki_splits, compose):
+    """On SmolLM2's real attention (256 Wikipedia tokens, no forcing), the attention-sink first
+    token and the most recent tokens are in the top 10 % by received attention in most layers,
+    while a middle token is there about as often as chance (10 %)."""
+    from kvbench.patch import patched
+    from kvbench.run import build_method
+
+    model, tok, info = embedded_model
+    cfg = compose(["method=qokv", "kv.bits=16", "method.scale_keys=false", "method.scale_values=false",
+                   "method.top_initial=0", "method.top_recent=0", "method.group_shares=[0.1,0.9]",
+                   "method.key_bit_offsets=[4,0]", "method.value_bit_offsets=[0,0]"])
+    method = build_method(cfg, info)
+    seen = []
+    groups = method.groups
+    method.groups = lambda *a, **k: seen.append(groups(*a, **k)[0]) or seen[-1][None]
+    ids = tok(wiki_splits.joined("eval")[:4000], return_tensors="pt").input_ids[:, :256]  # (1, 256)
+    with torch.no_grad(), patched(model, method):
+        model(ids)
+    top = torch.stack(seen) == 0  # (L, T)
+    assert top.shape == (info.num_layers, 256)
+    assert top.float().mean(0).sum() == pytest.approx(0.1 * 256, abs=1)  # declared share per layer
+    assert top[:, 0].float().mean() >= 0.8  # the first token (attention sink)
+    assert top[:, -3:].float().mean(0).min() >= 0.8  # the three most recent tokens
+    assert top[:, 64:192].float().mean() <= 0.15  # the middle: chance level
