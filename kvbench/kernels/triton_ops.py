@@ -552,7 +552,7 @@ def _decode_fma_kernel(
 # ----------------------------------------------------------------------------------------------
 # Decode attention, tensor-core path for uniform codes with per-token values (value_group == D):
 # transposed products S^T = K Q^T and O^T = V^T P^T so that the dequantized tiles are the big
-# (M >= 64) operand; dequantization is the mantissa trick (``f = 1 + code * 2**-w``, exact in fp16)
+# (M >= 64) operand; dequantization is the mantissa trick (``f - 1 = code * 2**-w``, exact in fp16)
 # with the key scales folded into Q and the value scales into P; zero points go into bias terms.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -571,7 +571,7 @@ def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl
     anchor = tl.load(anchor_ptr + o3, mask=never, other=0)
     w = words.to(tl.uint32, bitcast=True)[:, :, None] + anchor.to(tl.uint32)
     rot = (w << sl) >> sr
-    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0  # code * 2**-WIDTH, exact
     return tl.reshape(f, (BT, D)).to(tl.float16)
 
 
@@ -585,7 +585,7 @@ def _fields_cols(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     sr = tl.maximum(j * WIDTH + WIDTH - 23, 0).to(tl.uint32)[None, :, None]
     w = words.to(tl.uint32, bitcast=True)[:, None, :]
     rot = (w << sl) >> sr
-    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
     return tl.reshape(f, (D, BT)).to(tl.float16)
 
 
@@ -601,7 +601,6 @@ def _decode_mma_kernel(
     S1 = n_splits + 1
     WK: tl.constexpr = (KW0 + KW1) * D // 32
     WV: tl.constexpr = (VW0 + VW1) * D // 32
-    KS: tl.constexpr = (1 << VW0) + ((1 << (VW0 + VW1)) if VW1 > 0 else 0)
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < G
     offs_d = tl.arange(0, D)
@@ -621,7 +620,7 @@ def _decode_mma_kernel(
             ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
             kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
             wq0 = qT * ksc * (1 << KW0)
-            bias = tl.sum(qT * kzp - wq0, axis=0)  # (GP,)
+            bias = tl.sum(qT * kzp, axis=0)  # (GP,)
             krow = kw_ptr + (n * T_CAP + offs_t) * WK
             NWK0: tl.constexpr = D * KW0 // 32
             kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), kw_ptr, KW0, D, BT)
@@ -629,7 +628,6 @@ def _decode_mma_kernel(
             if KW1 > 0:
                 NWK1: tl.constexpr = D * KW1 // 32
                 wq1 = qT * ksc * (1 << (KW0 + KW1))
-                bias -= tl.sum(wq1, axis=0)
                 kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), kw_ptr, KW1, D, BT)
                 sT += tl.dot(kf1, wq1.to(tl.float16))
             sT = sT + bias[None, :]
@@ -639,7 +637,7 @@ def _decode_mma_kernel(
             l_i = l_i * alpha + tl.sum(pT, axis=0)
             vsc = tl.load(vs_ptr + n * T_CAP + offs_t).to(tl.float32)  # (BT,), one group per token
             vzp = tl.load(vz_ptr + n * T_CAP + offs_t).to(tl.float32)
-            corr = corr * alpha + tl.sum(pT * (vzp - KS * vsc)[:, None], axis=0)
+            corr = corr * alpha + tl.sum(pT * vzp[:, None], axis=0)
             vcol = vw_ptr + (n * T_CAP + offs_t) * WV  # (BT,)
             NWV0: tl.constexpr = D * VW0 // 32
             vf = _fields_cols(tl.load(vcol[None, :] + tl.arange(0, NWV0)[:, None]), VW0, D, BT)  # (D, BT)
@@ -730,9 +728,8 @@ def mma_path_applies(kv, n_rep: int) -> bool:
     d = kv.k_scale.shape[-1]
     return (
         kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
-        and kv.v_scale.shape[-1] == 1 and n_rep <= 16 and _fma_slices(kv.key_bits, d) is not None
-        and _fma_slices(kv.value_bits, d) is not None
-    )
+        and kv.v_scale.shape[-1] == 1 and n_rep <= 16 and kv.key_bits == 4 and kv.value_bits == 4
+    )  # 2/3-bit codes gave NaN on an H100 (Triton 3.6) though they pass the interpreter: not enabled
 
 
 def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages=2, n_splits=None, path=None,
