@@ -89,6 +89,7 @@ class PackedLayer(DynamicLayer):
         self.spec, self.layer_idx, self.fused = spec, layer_idx, fused
         self._inv_freq = inv_freq
         self.n_sink = self.n_packed = self.n_recent = 0
+        self.mask_ok = None  # set by packed_attention_forward at the first fused decode step
 
     # ---------------------------------------------------------------- storage
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -251,6 +252,7 @@ class PackedLayer(DynamicLayer):
     def reset(self) -> None:
         self.is_initialized = False
         self.n_sink = self.n_packed = self.n_recent = 0
+        self.mask_ok = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the packed KV cache cannot be cropped")
@@ -345,7 +347,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = getattr(key, "_kvbench_packed", None)
-    if layer is not None and not _all_visible(attention_mask):
+    if layer is not None and layer.mask_ok is None:
+        # decided once per generation (one host sync): in generate() the padding pattern of the
+        # prompt is fixed and new tokens are always visible, so later steps cannot change the answer
+        layer.mask_ok = _all_visible(attention_mask)
+    if layer is not None and not layer.mask_ok:
         keys, values = reference.dequantize_all(layer.packed_kv())  # padded batch: masked slow path
         key, value, layer = keys.to(query.dtype), values.to(query.dtype), None
     if layer is None:
