@@ -236,3 +236,12 @@ def _check_commands(seen, compose, results):
             cfg = compose("config", overrides=argv[3:])
             row = pd.DataFrame([results.flatten(results.result_config(cfg))])
             assert report._matches(row, cell.selector).all(), cmd
+
+
+def test_declared_seeds_list_the_missing_ones(frame, tmp_path):
+    (tmp_path / "s.yaml").write_text((FIX / "spec.yaml").read_text() + "seeds: [0, 1, 2]\n")
+    t = report.build_table(frame, report.load_spec(tmp_path / "s.yaml"))
+    per_token3 = [m for m in t.missing if "method.key_axis=token kv.bits=3" in m and "data=wiki" in m]
+    assert per_token3 == []  # int3 per-token on wiki has seeds 0, 1, 2
+    assert any(m.endswith("kv.bits=4 seed=2 output_dir=runs logging.wandb.mode=disabled") and "data=c4" in m
+               and "key_axis=token" in m for m in t.missing)
