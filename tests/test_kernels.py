@@ -185,3 +185,25 @@ def test_cpu_without_interpreter_fails_clearly(monkeypatch):
     with pytest.raises(RuntimeError, match="kv.backend=kernel needs a CUDA GPU with Triton"):
         make_packed_cache(LlamaConfig(num_hidden_layers=1), PackedCacheSpec())
     make_packed_cache(LlamaConfig(num_hidden_layers=1), PackedCacheSpec(impl="reference"))  # reference is fine
+
+
+def test_cache_left_padding_falls_back_to_masked_attention():
+    """A left-padded batch decodes through the masked (dequantized) path and matches the non-fused cache."""
+    from kvbench.kernels.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
+
+    model = _tiny_llama()
+    ids = torch.randint(1, 97, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # row 0 is left-padded
+    spec = PackedCacheSpec(key_bits=4, value_bits=4, value_group_size=32, key_block=16, recent_window=4,
+                           impl="reference")
+    outs = []
+    for fused in (False, True):
+        if fused:
+            enable_fused_decode(model)
+        cache = make_packed_cache(model.config, spec)
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+                                       do_sample=False, pad_token_id=0))
+    assert cache.layers[0].mask_ok is False
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
