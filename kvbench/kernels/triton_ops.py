@@ -552,9 +552,8 @@ def _decode_fma_kernel(
 # ----------------------------------------------------------------------------------------------
 # Decode attention, tensor-core path for uniform codes with per-token values (value_group == D):
 # transposed products S^T = K Q^T and O^T = V^T P^T so that the dequantized tiles are the big
-# (M >= 64) operand; dequantization is the mantissa trick (``f = 1 + code * 2**-w``, exact in fp16)
-# with the key scales folded into Q and the value scales into P; the zero points and the "1 +" go into
-# bias terms computed from the same fp16-rounded weights (consistent cancellation).
+# (M >= 64) operand; dequantization is the mantissa trick (``f - 1 = code * 2**-w``, exact in fp16)
+# with the key scales folded into Q and the value scales into P; zero points go into bias terms.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
@@ -569,10 +568,10 @@ def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl
     # whole words' fields (vectorized shared-memory stores of the dequantized tile)
     o3 = (tl.arange(0, BT)[:, None, None] * NW + tl.arange(0, NW)[None, :, None]) * CPW + tl.arange(0, CPW)[None, None, :]
     never = (tl.arange(0, BT) < 0)[:, None, None]
-    anchor = tl.load(anchor_ptr.to(tl.pointer_type(tl.int8)) + o3, mask=never, other=0)
+    anchor = tl.load(anchor_ptr + o3, mask=never, other=0)
     w = words.to(tl.uint32, bitcast=True)[:, :, None] + anchor.to(tl.uint32)
     rot = (w << sl) >> sr
-    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + code * 2**-WIDTH, exact in fp16
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0  # code * 2**-WIDTH, exact
     return tl.reshape(f, (BT, D)).to(tl.float16)
 
 
@@ -586,7 +585,7 @@ def _fields_cols(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     sr = tl.maximum(j * WIDTH + WIDTH - 23, 0).to(tl.uint32)[None, :, None]
     w = words.to(tl.uint32, bitcast=True)[:, None, :]
     rot = (w << sl) >> sr
-    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    f = ((rot & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
     return tl.reshape(f, (D, BT)).to(tl.float16)
 
 
@@ -620,20 +619,17 @@ def _decode_mma_kernel(
             kb = (n * NB_CAP + t0 // KB) * D
             ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
             kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
-            # the "1 +" of every field is removed through the bias, computed from the same fp16-rounded
-            # weights the tensor cores see, so the cancellation is exact up to fp32 accumulation
-            wq0 = (qT * ksc * (1 << KW0)).to(tl.float16)
-            bias = tl.sum(qT * kzp - wq0.to(tl.float32), axis=0)  # (GP,)
+            wq0 = qT * ksc * (1 << KW0)
+            bias = tl.sum(qT * kzp, axis=0)  # (GP,)
             krow = kw_ptr + (n * T_CAP + offs_t) * WK
             NWK0: tl.constexpr = D * KW0 // 32
             kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), kw_ptr, KW0, D, BT)
-            sT = tl.dot(kf, wq0)  # (BT, GP)
+            sT = tl.dot(kf, wq0.to(tl.float16))  # (BT, GP)
             if KW1 > 0:
                 NWK1: tl.constexpr = D * KW1 // 32
-                wq1 = (qT * ksc * (1 << (KW0 + KW1))).to(tl.float16)
-                bias -= tl.sum(wq1.to(tl.float32), axis=0)
+                wq1 = qT * ksc * (1 << (KW0 + KW1))
                 kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), kw_ptr, KW1, D, BT)
-                sT += tl.dot(kf1, wq1)
+                sT += tl.dot(kf1, wq1.to(tl.float16))
             sT = sT + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(sT, axis=0))
             alpha = tl.exp2(m_i - m_new)
@@ -641,19 +637,15 @@ def _decode_mma_kernel(
             l_i = l_i * alpha + tl.sum(pT, axis=0)
             vsc = tl.load(vs_ptr + n * T_CAP + offs_t).to(tl.float32)  # (BT,), one group per token
             vzp = tl.load(vz_ptr + n * T_CAP + offs_t).to(tl.float32)
+            corr = corr * alpha + tl.sum(pT * vzp[:, None], axis=0)
             vcol = vw_ptr + (n * T_CAP + offs_t) * WV  # (BT,)
             NWV0: tl.constexpr = D * VW0 // 32
             vf = _fields_cols(tl.load(vcol[None, :] + tl.arange(0, NWV0)[:, None]), VW0, D, BT)  # (D, BT)
-            u0 = (pT * (vsc * (1 << VW0))[:, None]).to(tl.float16)  # (BT, GP)
-            cz = pT * vzp[:, None] - u0.to(tl.float32)
-            accT = accT * alpha[None, :] + tl.dot(vf, u0)
+            accT = accT * alpha[None, :] + tl.dot(vf, (pT * (vsc * (1 << VW0))[:, None]).to(tl.float16))
             if VW1 > 0:
                 NWV1: tl.constexpr = D * VW1 // 32
                 vf1 = _fields_cols(tl.load(vcol[None, :] + NWV0 + tl.arange(0, NWV1)[:, None]), VW1, D, BT)
-                u1 = (pT * (vsc * (1 << (VW0 + VW1)))[:, None]).to(tl.float16)
-                cz -= u1.to(tl.float32)
-                accT += tl.dot(vf1, u1)
-            corr = corr * alpha + tl.sum(cz, axis=0)
+                accT += tl.dot(vf1, (pT * (vsc * (1 << (VW0 + VW1)))[:, None]).to(tl.float16))
             m_i = m_new
         accT = accT + corr[None, :]
     else:
