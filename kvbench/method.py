@@ -90,6 +90,12 @@ class KVMethod:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`calibrate` returned (read back from the artifact store)."""
 
+    def packed_spec(self):
+        """The :class:`kvbench.kernels.cache.PackedCacheSpec` of this configuration (``kv.backend=kernel``)."""
+        from kvbench.errors import UserError
+
+        raise UserError(f"method {self.name} has no packed (kernel) format yet; use kv.backend=simulated")
+
     @property
     def is_identity(self) -> bool:
         """True when the method leaves K/V untouched (the patch then installs nothing)."""

@@ -24,6 +24,7 @@ import contextlib
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvbench.errors import UserError
 from kvbench.method import KVContext, KVMethod
 
 
@@ -113,26 +114,50 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def cache_factory(model, method: KVMethod, backend: str, n_layers: int):
+    """A function that builds an empty cache of the backend's kind for one forward / generation."""
+    if backend == "simulated":
+        return lambda: QuantizingCache(method, n_layers)
+    if backend != "kernel":
+        raise UserError(f"kv.backend must be simulated or kernel, got {backend!r}")
+    from kvbench.kernels.cache import enable_fused_decode, make_packed_cache
+    from kvbench.kernels.ops import triton_available
+
+    if not triton_available():
+        raise UserError("kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter")
+    spec = method.packed_spec()
+    enable_fused_decode(model)
+    return lambda: make_packed_cache(model.config, spec)
+
+
 @contextlib.contextmanager
-def patched(model, method: KVMethod):
+def patched(model, method: KVMethod, backend: str = "simulated"):
     """Route the model's KV cache through ``method`` while the context is open.
 
-    Identity methods (fp16) install nothing, so the model is bit-for-bit the unpatched one.
+    ``backend="simulated"`` quantize-dequantizes in PyTorch (:class:`QuantizingCache`);
+    ``backend="kernel"`` stores K/V packed and decodes with the Triton kernels
+    (:mod:`kvbench.kernels`). Identity methods (fp16) install nothing, so the model is bit-for-bit
+    the unpatched one. The last cache built stays in ``model._kvbench_last_cache`` so that its real
+    memory can be measured.
     """
     if method.is_identity:
         yield model
         return
     attn = attention_modules(model)
-    n_layers = len(attn)
+    prev_impl = model.config._attn_implementation
+    make = cache_factory(model, method, backend, len(attn))
     handles = []
 
     def inject_cache(module, args, kwargs):
         pkv = kwargs.get("past_key_values")
-        if isinstance(pkv, QuantizingCache):
+        if getattr(pkv, "_kvbench", False):
             return None
         if pkv is not None and pkv.get_seq_length() > 0:
             raise RuntimeError("kvbench: a non-empty cache of another type was passed to a patched model")
-        kwargs["past_key_values"] = QuantizingCache(method, n_layers)
+        cache = make()
+        cache._kvbench = True
+        model.__dict__["_kvbench_last_cache"] = cache
+        kwargs["past_key_values"] = cache
         kwargs["use_cache"] = True
         return args, kwargs
 
@@ -147,10 +172,10 @@ def patched(model, method: KVMethod):
             layer.pending_rope = kwargs.get("position_embeddings")
 
     def record_query(module, args, out):
-        layer = getattr(module._kvbench_parent, "_kvbench_layer", None)
+        parent = module._kvbench_parent
+        layer = getattr(parent, "_kvbench_layer", None)
         if layer is None:
             return
-        parent = module._kvbench_parent
         B, T = out.shape[0], out.shape[1]
         q = out.view(B, T, -1, parent.head_dim).transpose(1, 2)  # (B, H_q, T, D)
         if layer.pending_rope is not None:
@@ -167,6 +192,8 @@ def patched(model, method: KVMethod):
     try:
         yield model
     finally:
+        if model.config._attn_implementation != prev_impl:
+            model.set_attn_implementation(prev_impl)
         for h in handles:
             h.remove()
         for mod in attn:

@@ -55,8 +55,13 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
     if cfg.eval.name not in EVALS:
         raise unknown_name_error("eval", cfg.eval.name, EVALS)
     module = importlib.import_module(f"kvbench.eval.{cfg.eval.name}")
-    with patched(model, method):
-        return module.evaluate(cfg, model, tok, splits, method)
+    with patched(model, method, cfg.kv.backend):
+        metrics = module.evaluate(cfg, model, tok, splits, method)
+    cache = model.__dict__.pop("_kvbench_last_cache", None)
+    if hasattr(cache, "nbytes_per_token"):  # the packed cache measures its real tensors
+        per_layer = cache.nbytes_per_token()
+        metrics["kv_memory"] = {"bytes_per_token": sum(per_layer), "bytes_per_token_per_layer": per_layer}
+    return metrics
 
 
 def run(cfg) -> dict:
@@ -118,7 +123,8 @@ def calibrate_only(cfg) -> dict:
 
 
 def summarize(cfg, metrics: dict, out) -> None:
-    parts = [f"{cfg.method.name} {cfg.kv.bits}-bit on {cfg.model.name}/{cfg.data.name}"]
+    what = cfg.method.name if metrics.get("avg_bits", 0) >= 16 else f"{cfg.method.name} {cfg.kv.bits}-bit"
+    parts = [f"{what} on {cfg.model.name}/{cfg.data.name}"]
     if "ppl" in metrics:
         parts.append(f"ppl {metrics['ppl']:.3f} (token-level, ctx {metrics['ppl_info']['context']})")
     parts.append(f"avg bits {metrics['avg_bits']:.2f}")

@@ -69,3 +69,34 @@ def test_corrupt_model_folder(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("kvbench: error: cannot") and str(tmp_path) in last
+
+
+def _cli(tmp_path, *overrides, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "kvbench", *TINY, f"output_dir={tmp_path}", *overrides],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})},
+    )
+
+
+KERNEL = ["method=uniform", "method.key_axis=channel", "method.key_block=16", "eval.max_windows=1"]
+
+
+def test_kernel_backend_without_gpu_is_one_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "kvbench", *TINY, f"output_dir={tmp_path}", "kv.backend=kernel", *KERNEL],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "kvbench: error: kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter")
+
+
+def test_kernel_backend_matches_simulated(tmp_path):
+    """The packed cache + Triton kernels (interpreted on CPU) give the simulated perplexity, and
+    the run logs memory measured from the cache's real tensors."""
+    kernel = _cli(tmp_path, "kv.backend=kernel", *KERNEL, env={"TRITON_INTERPRET": "1"})
+    assert kernel.returncode == 0, kernel.stderr[-2000:]
+    simulated = _cli(tmp_path, *KERNEL)
+    assert simulated.returncode == 0, simulated.stderr[-2000:]
+    frame = results.load(tmp_path).set_index("kv.backend")
+    assert frame.loc["kernel", "metrics.ppl"] == pytest.approx(frame.loc["simulated", "metrics.ppl"], rel=1e-3)
+    assert frame.loc["kernel", "metrics.kv_memory.bytes_per_token"] > 0
