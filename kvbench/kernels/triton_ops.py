@@ -6,6 +6,8 @@ run only under ``TRITON_INTERPRET=1`` (slow: about 1 ms per program instance).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -739,13 +741,14 @@ def decode_attention(q, kv, sm_scale=None, *, tile=None, num_warps=4, num_stages
     Two kernels: a CUDA-core one for uniform codes (see ``_decode_fma_kernel``) and a tensor-core one
     (``tl.dot``) for the rest (NUQ codebooks, pre-RoPE keys, sparse outliers). Extra keyword
     arguments (tuning only): ``tile`` tokens per inner step (divides ``key_block``), ``num_warps``,
-    ``num_stages``, ``n_splits`` (default: about 4 programs per SM), ``path`` ("fma" | "dot").
+    ``num_stages``, ``n_splits`` (default: about 4 programs per SM), ``path`` ("mma" | "fma" | "dot";
+    default from ``$KVBENCH_KERNEL_PATH`` or automatic: "mma" where :func:`mma_path_applies`, else "dot").
     """
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
     if path is None:
-        path = "mma" if mma_path_applies(kv, G) else "dot"
+        path = os.environ.get("KVBENCH_KERNEL_PATH") or ("mma" if mma_path_applies(kv, G) else "dot")
     bt = tile or min(kv.key_block, 64)  # mma: tile 64 x 4 warps measured best on H100 (8 warps crashed)
     if kv.key_block % bt:
         raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
