@@ -19,7 +19,7 @@ dequantized cache (correct, slow, like transformers' QuantizedCache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -65,7 +65,6 @@ class PackedCacheSpec:
     key_outlier_thresholds: list | None = None
     inv_freq: torch.Tensor | None = None
     impl: str = "triton"
-    extra: dict = field(default_factory=dict)
 
 
 def _per_layer(x, i):

@@ -559,7 +559,7 @@ def _decode_fma_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """``(BT, NW)`` words -> ``(BT, D)`` fp16 ``1 + code * 2**-WIDTH`` (channel ``i * CPW + j``)."""
+    """``(BT, NW)`` words -> ``(BT, D)`` fp16 ``code * 2**-WIDTH`` (exact) (channel ``i * CPW + j``)."""
     CPW: tl.constexpr = 32 // WIDTH
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
     j = tl.arange(0, CPW)
@@ -579,7 +579,7 @@ def _fields_rows(words, anchor_ptr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl
 
 @triton.jit
 def _fields_cols(words, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """``(NW, BT)`` words -> ``(D, BT)`` fp16 ``1 + code * 2**-WIDTH``."""
+    """``(NW, BT)`` words -> ``(D, BT)`` fp16 ``code * 2**-WIDTH`` (exact)."""
     CPW: tl.constexpr = 32 // WIDTH
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << (23 - WIDTH)
     j = tl.arange(0, CPW)
