@@ -143,10 +143,20 @@ def embedded_model_path(name: str) -> Path:
     folder = cache_root() / "models" / name
     if (folder / "config.json").exists():
         return folder
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # concurrent first uses (multirun jobs): one builds, others wait
+        if not (folder / "config.json").exists():
+            _build_embedded(name, folder)
+    return folder
+
+
+def _build_embedded(name: str, folder: Path) -> None:
     if name in TINY_MODELS:
         model, tok = _build_tiny(name)
         _save_atomic(model, tok, folder)
-        return folder
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _assemble_gguf(name, EMBEDDED_MODELS[name])
@@ -157,7 +167,6 @@ def embedded_model_path(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _save_atomic(model, tok, folder)
-    return folder
 
 
 def _save_atomic(model, tok, folder: Path) -> None:
