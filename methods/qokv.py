@@ -20,15 +20,19 @@ Two components, each switchable:
    projection's input columns (values), so with quantization off the model is unchanged
    (:func:`fold_channel_scales` does the folding on the weights). Rule: ``s_j = m_j ** alpha``
    (normalised to geometric mean 1), ``m_j = max |x_j|`` over the calibration tokens, i.e. the
-   SmoothQuant family ``max|X_j|^alpha / max|W_j|^(1-alpha)`` with the other side set to 1,
-   because in kvbench the query / output path is not quantized, so nothing is gained by moving
-   difficulty there. Under a per-token min-max quantizer the error of every channel is
-   ``range / (2^b - 1)`` with ``range = max_j |x_j| / s_j``; the logit error
-   ``sum_j q_j s_j e_j`` is then smallest for ``s_j = m_j`` (alpha = 1, full equalisation) whatever
-   the query; alpha < 1 interpolates towards no scaling. Post-RoPE key scales are tied over the
-   rotary pairs ``(j, j + D/2)`` so the folding into ``q_proj`` / ``k_proj`` commutes with RoPE.
+   SmoothQuant family ``max|X_j|^alpha / max|W_j|^(1-alpha)`` with the other side set to 1: in
+   kvbench the query / output path is not quantized, so nothing is gained by moving difficulty
+   there. ``alpha = 1`` equalises the channel ranges (what a per-token min-max quantizer wants when
+   every channel matters equally); but large key channels also meet large query entries, so for
+   keys the strength is searched per layer and KV head (QoKV's Outlier-Suppression+-style range
+   search), scoring each candidate by the Fisher-weighted error of ``s * Q(x / s)``. Defaults, from
+   measurements on SmolLM2 (README, QoKV section): keys searched, values ``alpha = 1``. Post-RoPE
+   key scales are tied over the rotary pairs ``(j, j + D/2)`` so the folding into ``q_proj`` /
+   ``k_proj`` commutes with RoPE.
 
-The base quantizer is uniform asymmetric per-token (grouped by ``kv.group_size`` channels).
+The base quantizer is uniform asymmetric per-token (grouped by ``kv.group_size`` channels), or
+KVQuant's non-uniform codebooks on the same per-token ranges (``base=nuq``, a composition no paper
+has run).
 """
 
 from __future__ import annotations
@@ -41,11 +45,19 @@ import torch
 
 from kvbench.errors import UserError
 from kvbench.method import FP16_BITS, KVMethod, MethodConfig
-from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
+from kvbench.quant import (
+    SCALE_ZERO_BITS,
+    denormalize,
+    dequantize_codebook,
+    fake_quantize_affine,
+    kmeans_1d,
+    normalize,
+    quantize_codebook,
+)
 from kvbench.registry import register_method
 
 GROUPINGS = ("online", "offline", "none")
-BASES = ("uniform",)
+BASES = ("uniform", "nuq")
 
 
 @dataclass
@@ -64,26 +76,29 @@ class QoKVConfig(MethodConfig):
         top_recent: most recent tokens (at quantization time) always in the top group.
         scale_keys: per-channel key scaling (calibrated).
         scale_values: per-channel value scaling (calibrated).
-        alpha: scaling strength, ``s_j = max|x_j| ** alpha`` (0 = no scaling, 1 = equalised ranges).
-        alpha_search: pick alpha per layer and KV head from a grid instead, minimising the
+        key_alpha: key scaling strength, ``s_j = max|k_j| ** alpha`` (0 = no scaling, 1 = equalised
+            ranges); ``None``: chosen per layer and KV head from a grid, minimising the
             Fisher-weighted quantization error on the calibration split (:func:`search_alpha`).
+        value_alpha: the same for values.
         tie_rope_pairs: tie key scales over rotary pairs so they fold into the weights exactly.
         pre_rope: quantize (and scale) keys before the rotary embedding.
-        base: base quantizer of every group (``uniform`` per-token grouped).
+        base: base quantizer of every group: ``uniform`` per-token grouped, or ``nuq``: the same
+            per-token ranges with a per-layer non-uniform codebook of each width, learned by
+            (Fisher-weighted) k-means on the scaled calibration data (KVQuant's NUQ).
     """
 
     name: str = "qokv"
     grouping: str = "online"
-    group_shares: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    group_shares: list[float] = field(default_factory=lambda: [0.1, 0.9])
     group_thresholds: Optional[list[float]] = None
-    key_bit_offsets: list[int] = field(default_factory=lambda: [4, 0, -1])
-    value_bit_offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
+    key_bit_offsets: list[int] = field(default_factory=lambda: [4, 0])
+    value_bit_offsets: list[int] = field(default_factory=lambda: [0, 0])
     top_initial: int = 1
     top_recent: int = 0
     scale_keys: bool = True
     scale_values: bool = True
-    alpha: float = 1.0
-    alpha_search: bool = True
+    key_alpha: Optional[float] = None
+    value_alpha: Optional[float] = 1.0
     tie_rope_pairs: bool = True
     pre_rope: bool = False
     base: str = "uniform"
@@ -291,31 +306,60 @@ class QoKV(KVMethod):
             needs.add("values")
         if self.cfg.grouping == "offline":
             needs.add("attention")
-        if (self.cfg.scale_keys or self.cfg.scale_values) and self.cfg.alpha_search:
+        if self.cfg.base == "nuq":
+            needs |= {"keys" if self.cfg.pre_rope else "keys_post", "values", "fisher"}
+        if (self.cfg.scale_keys and self.cfg.key_alpha is None) or (self.cfg.scale_values and self.cfg.value_alpha is None):
             needs.add("fisher")  # dropped by the pipeline when calib.fisher=false (plain squared error)
         return frozenset(needs)
 
-    def _scales(self, xs: list, fisher: Optional[list], tie: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scales(self, xs: list, fisher: Optional[list], alpha: Optional[float], tie: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales ``(L, H_kv, D)`` and strengths ``(L, H_kv)`` of every layer."""
         scales, alphas = [], []
         for i, x in enumerate(xs):
-            if self.cfg.alpha_search and self.kv.bits < FP16_BITS:
-                a = search_alpha(x, None if fisher is None else fisher[i], self.kv.bits,
-                                 self.kv.group_size, tie)
+            if alpha is None:  # search (at kv.bits; any alpha is exact with quantization off)
+                bits = min(self.kv.bits, 8)
+                a = search_alpha(x, None if fisher is None else fisher[i], bits, self.kv.group_size, tie)
             else:
-                a = torch.full((x.shape[1],), float(self.cfg.alpha))
+                a = torch.full((x.shape[1],), float(alpha))
             alphas.append(a)
             scales.append(channel_scales(x, a, tie))
         return torch.stack(scales), torch.stack(alphas)
 
+    def _normalized(self, y: torch.Tensor):
+        """Per-token ranges of ``y (..., D)`` in groups of ``kv.group_size`` channels -> ``(y_n, lo, hi)``."""
+        g = self.kv.group_size or y.shape[-1]
+        yg = y.reshape(*y.shape[:-1], y.shape[-1] // g, g)
+        lo, hi = yg.amin(-1, keepdim=True), yg.amax(-1, keepdim=True)
+        return normalize(yg, lo, hi), lo, hi
+
+    def _codebooks(self, xs: list, fisher: Optional[list], scales: Optional[torch.Tensor], widths: list[int],
+                   max_samples: int = 1 << 18) -> dict[int, torch.Tensor]:
+        """Per-layer codebooks ``{bits: (L, 2**bits)}`` for the NUQ base quantizer."""
+        out = {}
+        for bits in sorted({b for b in widths if b < FP16_BITS}):
+            books = []
+            for i, x in enumerate(xs):  # (N, H_kv, T, D)
+                y = x if scales is None else x / scales[i][None, :, None, :]
+                yn = self._normalized(y)[0].flatten()
+                w = None if fisher is None else fisher[i].flatten()
+                step = max(1, yn.numel() // max_samples)
+                books.append(kmeans_1d(yn[::step], 2**bits, None if w is None else w[::step]))
+            out[bits] = torch.stack(books)
+        return out
+
     def calibrate(self, stats):
         out = {}
         tie = self.cfg.tie_rope_pairs and not self.cfg.pre_rope
+        name = "keys" if self.cfg.pre_rope else "keys_post"
         if self.cfg.scale_keys:
-            name = "keys" if self.cfg.pre_rope else "keys_post"
-            out["key_scales"], out["key_alpha"] = self._scales(stats[name], stats.get(f"fisher_{name}"), tie)
+            out["key_scales"], out["key_alpha"] = self._scales(stats[name], stats.get(f"fisher_{name}"), self.cfg.key_alpha, tie)
         if self.cfg.scale_values:
-            out["value_scales"], out["value_alpha"] = self._scales(stats["values"], stats.get("fisher_values"), False)
+            out["value_scales"], out["value_alpha"] = self._scales(stats["values"], stats.get("fisher_values"), self.cfg.value_alpha, False)
+        if self.cfg.base == "nuq":
+            for which, xs, fish, widths in (("key", stats[name], stats.get(f"fisher_{name}"), self.key_bits),
+                                            ("value", stats["values"], stats.get("fisher_values"), self.value_bits)):
+                books = self._codebooks(xs, fish, out.get(f"{which}_scales"), widths)
+                out.update({f"{which}_codebook{b}": cb for b, cb in books.items()})
         if self.cfg.grouping == "offline":
             maps = []
             for a in stats["attention"]:  # (N, H_q, T)
@@ -326,6 +370,8 @@ class QoKV(KVMethod):
         return out
 
     def load_state(self, tensors):
+        self.codebooks = {w: {int(k.rsplit("codebook", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{w}_codebook")}
+                          for w in ("key", "value")}
         self.key_scales = tensors.get("key_scales")
         self.value_scales = tensors.get("value_scales")
         self.offline_groups = tensors.get("groups")
@@ -374,7 +420,19 @@ class QoKV(KVMethod):
         return g
 
     # -- quantization ----------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales) -> torch.Tensor:
+    def _base(self, y: torch.Tensor, bits: int, which: str, layer: int) -> torch.Tensor:
+        """Per-token base quantizer of ``y (B, H_kv, n, D)`` at ``bits``."""
+        if self.cfg.base == "uniform" or bits >= FP16_BITS:
+            return fake_quantize_affine(y, bits, dim=-1, group_size=self.kv.group_size)
+        books = getattr(self, "codebooks", {}).get(which, {})
+        if bits not in books:
+            raise RuntimeError(f"qokv: base=nuq needs a {bits}-bit {which} codebook from calibration")
+        cb = books[bits][layer].to(y)
+        yn, lo, hi = self._normalized(y)
+        return denormalize(dequantize_codebook(quantize_codebook(yn, cb), cb), lo, hi).reshape(y.shape)
+
+    def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales, which: str,
+                  layer: int) -> torch.Tensor:
         """``x (B, H_kv, n, D)`` -> ``s * Q_g(x / s)`` with each token's group width; ``groups (B, n)``."""
         s = None if scales is None else scales.to(x.device, torch.float32)[None, :, None, :]  # (1, H_kv, 1, D)
         y = x.float() if s is None else x.float() / s
@@ -382,18 +440,18 @@ class QoKV(KVMethod):
         for g, bits in enumerate(widths):
             mask = (groups == g)[:, None, :, None]  # (B, 1, n, 1)
             if mask.any():
-                out = torch.where(mask, fake_quantize_affine(y, bits, dim=-1, group_size=self.kv.group_size), out)
+                out = torch.where(mask, self._base(y, bits, which, layer), out)
         return (out if s is None else out * s).to(x.dtype)
 
     def quantize_keys(self, k, layer, ctx=None):
         g = self._groups_for(k, layer, ctx, count=True)
         ks = self.key_scales[layer] if self.key_scales is not None else None
-        return self._quantize(k, g, self.key_bits, ks)
+        return self._quantize(k, g, self.key_bits, ks, "key", layer)
 
     def quantize_values(self, v, layer, ctx=None):
         g = self._groups_for(v, layer, ctx, count=False)
         vs = self.value_scales[layer] if self.value_scales is not None else None
-        return self._quantize(v, g, self.value_bits, vs)
+        return self._quantize(v, g, self.value_bits, vs, "value", layer)
 
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
@@ -414,10 +472,16 @@ class QoKV(KVMethod):
         return kb, vb
 
     def avg_bits(self, seq_len: int) -> float:
-        """Base accounting plus the channel scales (one fp16 per layer, KV head and channel of K
-        and of V, amortised over the ``seq_len`` tokens of a sequence)."""
-        n_scaled = (int(self.cfg.scale_keys) + int(self.cfg.scale_values)) * (self.kv.bits < FP16_BITS)
-        return super().avg_bits(seq_len) + n_scaled * FP16_BITS / (2 * seq_len)
+        """Base accounting plus what is stored once per layer, amortised over the ``seq_len``
+        tokens of a sequence: the channel scales (one fp16 per KV head and channel, of K and of V)
+        and, with ``base=nuq``, the fp16 codebooks."""
+        if self.kv.bits >= FP16_BITS:
+            return super().avg_bits(seq_len)
+        per_layer = 2 * self.info.num_kv_heads * self.info.head_dim * seq_len  # K and V elements of a layer
+        static = (int(self.cfg.scale_keys) + int(self.cfg.scale_values)) * self.info.num_kv_heads * self.info.head_dim
+        if self.cfg.base == "nuq":  # one fp16 codebook per layer, K/V and width
+            static += sum(2**b for b in set(self.key_bits)) + sum(2**b for b in set(self.value_bits))
+        return super().avg_bits(seq_len) + static * FP16_BITS / per_layer
 
 
 def fold_channel_scales(model, method: QoKV) -> None:
@@ -433,7 +497,9 @@ def fold_channel_scales(model, method: QoKV) -> None:
 
     for layer, mod in enumerate(attention_modules(model)):
         D = mod.head_dim
-        group = mod.config.num_attention_heads // mod.config.num_key_value_heads
+        heads = mod.config.num_attention_heads
+        group = heads // (getattr(mod.config, "num_key_value_heads", None) or heads)
+        o_proj = getattr(mod, "o_proj", None) or mod.out_proj  # OPT: out_proj
         with torch.no_grad():
             if method.key_scales is not None:
                 s = method.key_scales[layer].to(mod.k_proj.weight)  # (H_kv, D)
@@ -442,7 +508,7 @@ def fold_channel_scales(model, method: QoKV) -> None:
             if method.value_scales is not None:
                 s = method.value_scales[layer].to(mod.v_proj.weight)
                 _scale_rows(mod.v_proj, 1 / s.flatten())
-                mod.o_proj.weight.mul_(s.repeat_interleave(group, 0).flatten()[None, :])
+                o_proj.weight.mul_(s.repeat_interleave(group, 0).flatten()[None, :])
 
 
 def _scale_rows(linear: torch.nn.Linear, s: torch.Tensor) -> None:

@@ -164,15 +164,20 @@ def test_avg_bits_counts_groups_map_and_scales(tiny_model, compose, tmp_path):
 
     info = ModelInfo("smollm2-135m", 30, 9, 3, 64, 8192, "llama")
     m = _method(compose, info, ["kv.bits=4"], tmp_path)
-    # keys: 0.1*8 + 0.4*4 + 0.5*3 = 3.9, values 4; + 32/64 scale/zero, + 2-bit group id per
-    # token over 2*3*64 elements; + fp16 K and V channel scales amortised over 512 tokens
-    kb = 3.9 + 0.5 + 2 / 384
-    vb = 4.0 + 0.5 + 2 / 384
+    # keys: 0.1*8 + 0.9*4 = 4.4, values 4; + 32/64 scale/zero, + 1-bit group id per token over
+    # 2*3*64 elements; + fp16 K and V channel scales amortised over 512 tokens
+    kb = 4.4 + 0.5 + 1 / 384
+    vb = 4.0 + 0.5 + 1 / 384
     assert m.avg_bits(512) == pytest.approx((kb + vb) / 2 + 16 / 512, abs=1e-9)
+    assert 1 - m.avg_bits(512) / 16 == pytest.approx(0.7041, abs=1e-4)  # the original counts 4.2 bits (73.75 %)
+    m3 = _method(compose, info, ["kv.bits=4", "method.group_shares=[0.1,0.4,0.5]",
+                                 "method.key_bit_offsets=[4,0,-1]", "method.value_bit_offsets=[0,0,0]"], tmp_path)
+    assert m3.bits_per_element()[0] == pytest.approx(3.9 + 0.5 + 2 / 384, abs=1e-9)  # 8/4/3-bit keys
     from kvbench.run import build_method
 
-    uniform = build_method(compose(["method=uniform", "kv.bits=4"]), info)
-    assert m.avg_bits(512) <= uniform.avg_bits(512)
+    for g, bits in ((None, 4.5), (32, 5.0)):
+        uniform = build_method(compose(["method=uniform", "kv.bits=4", f"kv.group_size={g or 'null'}"]), info)
+        assert uniform.avg_bits(512) == pytest.approx(bits)
     off = _method(compose, info, ["kv.bits=16"], tmp_path)
     assert off.bits_per_element() == (16.0, 16.0)
 
@@ -182,9 +187,9 @@ def test_bad_config_is_a_one_line_error(compose, tiny_model, tmp_path):
 
     _, _, info = tiny_model
     with pytest.raises(UserError, match="sum to 1"):
-        _method(compose, info, ["method.group_shares=[0.5,0.4,0.5]"], tmp_path)
+        _method(compose, info, ["method.group_shares=[0.5,0.9]"], tmp_path)
     with pytest.raises(UserError, match="one entry per group"):
-        _method(compose, info, ["method.key_bit_offsets=[4,0]"], tmp_path)
+        _method(compose, info, ["method.key_bit_offsets=[4,0,0]"], tmp_path)
     with pytest.raises(UserError, match="grouping"):
         _method(compose, info, ["method.grouping=sometimes"], tmp_path)
 
@@ -214,3 +219,4 @@ def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embed
     assert top[:, 0].float().mean() >= 0.8  # the first token (attention sink)
     assert top[:, -3:].float().mean(0).min() >= 0.8  # the three most recent tokens
     assert top[:, 64:192].float().mean() <= 0.15  # the middle: chance level
+
