@@ -580,7 +580,12 @@ def plot_pareto(frame, spec: dict, plot: dict, out: Path) -> list[Path]:
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
     if plot["logy"]:
+        from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 20, not 2 x 10^1
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if hi / lo < 10 else NullFormatter())
     ax.set_xlabel(plot.get("xlabel") or "average bits per K/V element")
     ax.set_ylabel(plot.get("ylabel") or y.removeprefix("metrics."))
     ax.grid(alpha=0.3)
