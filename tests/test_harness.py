@@ -1,0 +1,247 @@
+"""lm-eval-harness on the patched model: offline suite, quantized scoring and decoding, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "harness.json"  # made by tests/golden/make_harness.py
+
+# Offline task -> the standard lm-eval YAML it must reproduce (prompt, target, choices, metrics).
+STANDARD = {
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "copa": "super_glue/copa/default.yaml",
+    "sciq": "sciq/sciq.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+}
+SIZES = {"piqa": 1838, "hellaswag": 10042, "arc_easy": 570, "arc_challenge": 299, "winogrande": 1267, "boolq": 3270,
+         "openbookqa": 500, "copa": 100, "sciq": 1000, "lambada_openai": 5153}
+
+
+def _method(compose, info, *overrides):
+    from kvbench.run import build_method
+
+    cfg = compose(["model=tiny-llama", *overrides])
+    return build_method(cfg, info)
+
+
+def _lls(results, task):
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return torch.tensor([[float(r[0]) for r in s["filtered_resps"]] for s in samples])  # (docs, choices)
+
+
+def test_offline_suite_reproduces_standard_definitions():
+    """Every offline task gives the same prompts, targets and choices as lm-eval's own YAML fed the same docs."""
+    import lm_eval.tasks
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from kvbench.eval.harness import task_manager
+    from kvbench.eval.tasks import OFFLINE_TASKS
+
+    assert set(OFFLINE_TASKS) == set(STANDARD)
+    ours = get_task_dict(list(OFFLINE_TASKS), task_manager(OFFLINE_TASKS))
+    std_dir = Path(lm_eval.tasks.__file__).parent
+    for name, rel in STANDARD.items():
+        task = ours[name]
+        assert len(task.eval_docs) == SIZES[name], name
+        std = load_yaml(std_dir / rel)
+        for key in ("dataset_path", "dataset_name", "tag", "training_split"):
+            std.pop(key, None)
+        std.update(custom_dataset=task.config.custom_dataset, validation_split=task.config.validation_split,
+                   test_split=task.config.test_split)
+        ref = ConfigurableTask(config=std)
+        assert ref.OUTPUT_TYPE == task.OUTPUT_TYPE, name
+        assert [m["metric"] for m in ref.config.metric_list] == [m["metric"] for m in task.config.metric_list], name
+        for i in (0, 1, len(task.eval_docs) - 1):
+            doc, ref_doc = task.eval_docs[i], ref.eval_docs[i]
+            assert task.doc_to_text(doc) == ref.doc_to_text(ref_doc), name
+            assert task.doc_to_target(doc) == ref.doc_to_target(ref_doc), name
+            if task.OUTPUT_TYPE == "multiple_choice":
+                assert task.doc_to_choice(doc) == ref.doc_to_choice(ref_doc), name
+
+
+def test_task_yamls_work_from_any_cwd(tmp_path, monkeypatch):
+    from lm_eval.tasks import get_task_dict
+
+    from kvbench.eval.harness import task_manager
+
+    monkeypatch.chdir(tmp_path)
+    task = get_task_dict(["copa"], task_manager(["copa"]))["copa"]
+    assert task.doc_to_text(task.eval_docs[0]) == "The man turned on the faucet therefore"
+
+
+@pytest.mark.slow
+def test_golden_fp16_embedded(embedded_model):
+    """fp16 accuracies and log-likelihoods of SmolLM2 on two offline tasks (limit 8) match the golden file."""
+    import sys
+
+    sys.path.insert(0, str(GOLDEN.parent))
+    from make_harness import golden
+
+    ref = json.loads(GOLDEN.read_text())["results"]
+    model, tok, _ = embedded_model
+    got = golden(model, tok)
+    for task, r in ref.items():
+        assert got[task]["n"] == r["n"]
+        assert got[task]["acc"] == pytest.approx(r["acc"], abs=1e-9), task
+        assert got[task]["acc_norm"] == pytest.approx(r["acc_norm"], abs=1e-9), task
+        diff = (torch.tensor(got[task]["loglikelihoods"]) - torch.tensor(r["loglikelihoods"])).abs()
+        assert diff.max() < 1e-3, f"{task}: max |dll| {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+def test_int2_changes_loglikelihoods(tiny_model, compose):
+    """Scoring goes through the quantizing cache: int2 moves every log-likelihood, int8 barely."""
+    from kvbench.eval.harness import run_tasks
+    from kvbench.patch import patched
+
+    model, tok, info = tiny_model
+    lls = {}
+    for name, overrides in {"fp16": ["method=fp16"], "int8": ["method=uniform", "kv.bits=8"],
+                            "int2": ["method=uniform", "kv.bits=2"]}.items():
+        with patched(model, _method(compose, info, *overrides)):
+            lls[name] = _lls(run_tasks(model, tok, ["piqa"], limit=4, log_samples=True), "piqa")
+    d2 = (lls["int2"] - lls["fp16"]).abs()
+    d8 = (lls["int8"] - lls["fp16"]).abs()
+    assert d2.min() > 1e-3, f"int2 left a log-likelihood unchanged: {d2}"
+    assert d8.max() < d2.min(), f"int8 {d8.max():.3e} vs int2 {d2.min():.3e}"
+
+
+PROBE_YAML = """
+task: kvbench_probe_gen
+custom_dataset: !function probe.load
+output_type: generate_until
+test_split: test
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 5
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+PROBE_PY = """
+import datasets
+
+def load(**kwargs):
+    rows = {"prompt": ["The capital of France is", "One, two, three, four,"], "answer": [" Paris", " five"]}
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
+"""
+
+
+def test_generation_task_decodes_through_quantizing_cache(tiny_model, compose, tmp_path):
+    """An lm-eval generate_until task: prefill and every decode step use one QuantizingCache whose K/V are int2."""
+    from kvbench.eval.harness import per_task, run_tasks
+    from kvbench.patch import QuantizingCache, patched
+
+    (tmp_path / "probe.yaml").write_text(PROBE_YAML)
+    (tmp_path / "probe.py").write_text(PROBE_PY)
+    model, tok, info = tiny_model
+    calls = []  # (new tokens, cache) of every forward
+
+    def spy(module, args, kwargs, out):
+        calls.append((kwargs["input_ids"].shape[1], out.past_key_values))
+
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        with patched(model, _method(compose, info, "method=uniform", "kv.bits=2")):
+            res = run_tasks(model, tok, ["kvbench_probe_gen"], include_path=[tmp_path], log_samples=True)
+    finally:
+        handle.remove()
+    assert per_task(res)["kvbench_probe_gen"]["n"] == 2
+    assert len(res["samples"]["kvbench_probe_gen"][0]["resps"][0][0]) > 0  # something was generated
+    caches = {id(c): c for _, c in calls}
+    assert all(isinstance(c, QuantizingCache) for c in caches.values())
+    assert len(caches) == 2  # one cache per generated document, reused by its decode steps
+    for key in caches:  # the prefill and at least one one-token decode step per document
+        steps = [n for n, c in calls if id(c) == key]
+        assert steps[0] > 1 and steps[1:] and all(n == 1 for n in steps[1:]), steps
+    for cache in caches.values():
+        for layer in cache.layers:
+            T = layer.keys.shape[-2]
+            assert layer.n_final == T and layer.n_quantized == T  # no sink / recent window: every token quantized
+            for x in (layer.keys, layer.values):  # (B, H_kv, T, D), per-token int2: <= 4 levels per token and head
+                rows = x.reshape(-1, x.shape[-1])
+                levels = torch.tensor([r.unique().numel() for r in rows])
+                assert levels.max() <= 4 and x.shape[-1] > 4
+
+
+@pytest.fixture(scope="module")
+def small_tm():
+    """The offline suite plus one hub task folder of lm-eval (indexing all of lm-eval takes tens of seconds)."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    from kvbench.eval.tasks import TASK_DIR
+
+    hub = Path(lm_eval.tasks.__file__).parent / "gsm8k"
+    return TaskManager(include_path=[str(hub), str(TASK_DIR)], include_defaults=False)
+
+
+def test_task_manager_indexes_hub_tasks_only_when_asked(monkeypatch):
+    import lm_eval.tasks
+
+    from kvbench.eval.harness import task_manager
+
+    calls = []
+
+    class Spy(lm_eval.tasks.TaskManager):
+        def __init__(self, include_path=None, include_defaults=True, **kwargs):
+            calls.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Spy)
+    tm = task_manager(["piqa", "lambada_openai"])
+    assert calls == [False] and str(tm._index["piqa"].yaml_path).endswith("kvbench/eval/tasks/piqa.yaml")
+    task_manager(["gsm8k"])
+    assert calls == [False, False, True]  # a name outside the offline suite: lm-eval's own tasks are indexed
+
+
+def test_unknown_task_names_the_offline_list(small_tm):
+    from kvbench.errors import UserError
+    from kvbench.eval.harness import check_tasks
+
+    with pytest.raises(UserError, match=r"Unknown lm-eval task 'hellaswagg'.*Did you mean 'hellaswag'.*lambada_openai"):
+        check_tasks(["piqa", "hellaswagg"], small_tm)
+    with pytest.raises(UserError, match="eval.tasks"):
+        check_tasks([], small_tm)
+
+
+def test_hub_task_while_offline_is_a_clear_error(small_tm, monkeypatch):
+    from kvbench.errors import UserError
+    from kvbench.eval.harness import check_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"'gsm8k' needs the Hugging Face hub.*Offline tasks: arc_challenge"):
+        check_tasks(["piqa", "gsm8k"], small_tm)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_tasks(["piqa", "gsm8k"], small_tm)  # hub allowed: the name passes to lm-eval unchanged
+
+
+def test_cli_run_records_per_task_metrics(compose, tmp_path):
+    """``eval=harness`` end to end: per-task metrics with stderr in metrics.json and the results frame."""
+    from kvbench import results
+    from kvbench.run import run
+
+    cfg = compose(["model=tiny-llama", "method=uniform", "kv.bits=4", "eval=harness", "eval.tasks=[copa,lambada_openai]",
+                   "eval.limit=3", f"output_dir={tmp_path}", "logging.wandb.mode=disabled", "logging.progress=false"])
+    metrics = run(cfg)
+    assert set(metrics["tasks"]) == {"copa", "lambada_openai"}
+    copa = metrics["tasks"]["copa"]
+    assert copa["n"] == 3 and copa["n_total"] == 100 and 0 <= copa["acc"] <= 1 and copa["acc_stderr"] > 0
+    assert metrics["tasks"]["lambada_openai"]["perplexity"] > 1
+    frame = results.load(tmp_path)
+    assert frame.loc[0, "metrics.tasks.copa.acc"] == copa["acc"]
+    assert frame.loc[0, "metrics.harness_info.limit"] == 3
