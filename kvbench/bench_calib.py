@@ -20,6 +20,23 @@ import torch
 
 
 def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="reports/bench/calibration.json")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1: CPU time is then the work itself, an upper bound of the wall "
+                         "time on 2 dedicated cores, robust to other jobs sharing the machine)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides (default: method=kvquant)")
+    args = ap.parse_args(argv)
+    prev_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _bench(args)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _bench(args) -> dict:
     from hydra import compose, initialize_config_dir
 
     from kvbench.__main__ import conf_dir
@@ -29,15 +46,6 @@ def main(argv=None) -> dict:
     from kvbench.models import load_model
     from kvbench.run import build_method, pick_device
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="reports/bench/calibration.json")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (1: CPU time is then the work itself, an upper bound of the wall "
-                         "time on 2 dedicated cores, robust to other jobs sharing the machine)")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides (default: method=kvquant)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["method=kvquant", *args.overrides])
