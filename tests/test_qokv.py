@@ -112,7 +112,7 @@ def test_channel_scaling_with_quantization_off_reproduces_fp16_logits(tiny_model
     from kvbench.patch import QuantizingCache, patched
 
     model, tok, info = tiny_model
-    method = _method(compose, info, ["kv.bits=16"], tmp_path, model, tok, wiki_splits)
+    method = _method(compose, info, ["kv.bits=16", "method.key_alpha=1.0"], tmp_path, model, tok, wiki_splits)
     assert method.key_scales.shape == (info.num_layers, info.num_kv_heads, info.head_dim)
     assert method.key_scales.std() > 0.05 and method.value_scales.std() > 0.05  # scales do something
     ids = tokens(tok)
@@ -220,3 +220,20 @@ def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embed
     assert top[:, -3:].float().mean(0).min() >= 0.8  # the three most recent tokens
     assert top[:, 64:192].float().mean() <= 0.15  # the middle: chance level
 
+
+
+@pytest.mark.slow
+def test_golden_perplexity_of_the_embedded_model(embedded_model, wiki_splits, tmp_path):
+    """Recompute QoKV 4-bit (calibration with the Fisher information + perplexity) against
+    tests/golden/qokv.json, made by tests/golden/make_qokv.py (same settings)."""
+    import sys
+
+    sys.path.insert(0, str(GOLDEN.parent))
+    from make_qokv import RUNS, measure
+
+    golden = json.loads(GOLDEN.read_text())["runs"]
+    model, tok, info = embedded_model
+    got = measure(model, tok, info, wiki_splits, {"qokv4": RUNS["qokv4"]}, cache_dir=str(tmp_path))["qokv4"]
+    assert got["ppl"] == pytest.approx(golden["qokv4"]["ppl"], abs=2e-3)
+    assert got["avg_bits"] == pytest.approx(golden["qokv4"]["avg_bits"], abs=1e-9)
+    assert golden["fp16"]["ppl"] < golden["qokv4"]["ppl"] < 1.1 * golden["fp16"]["ppl"]
