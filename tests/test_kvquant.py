@@ -118,6 +118,11 @@ def test_calibration_artifact_and_fisher(tiny_model, wiki_splits, compose, tmp_p
     _, plain = _method(compose, tmp_path, tiny_model, wiki_splits, ["kv.bits=3", "calib.fisher=false"])
     assert not torch.allclose(plain.state["k_cb.0"], m.state["k_cb.0"]), "Fisher weights changed nothing"
     torch.testing.assert_close(plain.state["k_lo.0"], m.state["k_lo.0"])  # thresholds do not use Fisher
+    from kvbench.errors import UserError
+
+    path.write_bytes(path.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(UserError, match="corrupt"):
+        load_artifact(path, key)
 
 
 def test_outliers_and_honest_bits(tiny_model, wiki_splits, compose, tmp_path):
