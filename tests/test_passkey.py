@@ -91,3 +91,21 @@ def test_lengths_beyond_context_are_an_error(tiny_model, compose):
         passkey.evaluate(cfg, model, tok, None, build_method(cfg, info))
     with pytest.raises(UserError, match="depths must lie in"):
         passkey.passkey_grid(model, tok, FILLER, [128], [1.5])
+
+
+@pytest.mark.slow
+def test_golden_fp16_embedded_2k(embedded_model, wiki_splits):
+    """SmolLM2 with an fp16 cache at 2048 tokens gives the golden answers (README: passkey section)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    golden_dir = Path(__file__).parent / "golden"  # made by tests/golden/make_passkey.py
+    sys.path.insert(0, str(golden_dir))
+    from make_passkey import golden
+
+    ref = json.loads((golden_dir / "passkey.json").read_text())
+    model, tok, _ = embedded_model
+    got = golden(model, tok, wiki_splits.joined("eval"))
+    assert [(a["key"], a["correct"]) for a in got["answers"]] == [(a["key"], a["correct"]) for a in ref["answers"]]
+    assert got["acc"] == ref["acc"]
