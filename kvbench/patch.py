@@ -110,7 +110,7 @@ def attention_modules(model) -> list[torch.nn.Module]:
     """The self-attention modules of a decoder (OPT, Llama, Mistral, Qwen2, Gemma3, ...), in layer order."""
     mods = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj") and hasattr(m, "layer_idx")]
     if not mods:
-        raise ValueError(f"no attention layers with k_proj/v_proj/layer_idx found in {type(model).__name__}")
+        raise UserError(f"no attention layers with k_proj/v_proj/layer_idx found in {type(model).__name__}")
     return sorted(mods, key=lambda m: m.layer_idx)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from kvbench.errors import UserError
 from kvbench.method import FP16_BITS, KVMethod, MethodConfig
 from kvbench.quant import (
     SCALE_ZERO_BITS,
@@ -82,11 +83,11 @@ class KVQuant(KVMethod):
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)
         if cfg.key_axis not in KEY_AXES:
-            raise ValueError(f"method.key_axis must be one of {KEY_AXES}, got {cfg.key_axis!r}")
+            raise UserError(f"method.key_axis must be one of {KEY_AXES}, got {cfg.key_axis!r}")
         if not 0 <= cfg.outlier_frac < 0.5:
-            raise ValueError(f"method.outlier_frac must be in [0, 0.5), got {cfg.outlier_frac}")
+            raise UserError(f"method.outlier_frac must be in [0, 0.5), got {cfg.outlier_frac}")
         if cfg.qnorm and not cfg.nuq:
-            raise ValueError("method.qnorm=true needs method.nuq=true (Q-Norm corrects the NUQ codebook)")
+            raise UserError("method.qnorm=true needs method.nuq=true (Q-Norm corrects the NUQ codebook)")
         self.pre_rope = bool(cfg.pre_rope)  # read by the cache
         self.key_block = 1  # key ranges are offline (channel) or per token: no block needed
         self.bits = kv.bits
@@ -148,7 +149,7 @@ class KVQuant(KVMethod):
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self._state_names() if n not in tensors]
         if missing:
-            raise ValueError(f"kvquant calibration artifact lacks {missing[:3]} (stale artifact?)")
+            raise UserError(f"kvquant calibration artifact lacks {missing[:3]} (stale artifact?)")
         self.state = {n: t.float() for n, t in tensors.items()}
 
     def _state_names(self) -> list[str]:

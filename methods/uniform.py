@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.errors import UserError
 from kvbench.method import FP16_BITS, KVMethod, MethodConfig
 from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
 from kvbench.registry import register_method
@@ -32,7 +33,7 @@ class Uniform(KVMethod):
         super().__init__(cfg, kv, info)
         for which in ("key_axis", "value_axis"):
             if getattr(cfg, which) not in AXES:
-                raise ValueError(f"method.{which} must be one of {AXES}, got {getattr(cfg, which)!r}")
+                raise UserError(f"method.{which} must be one of {AXES}, got {getattr(cfg, which)!r}")
         if cfg.key_axis == "token" and cfg.value_axis == "token":
             self.key_block = 1  # per-token statistics need no block of tokens
 
