@@ -290,6 +290,7 @@ class QoKV(KVMethod):
         self.value_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
         self.offline_groups: Optional[torch.Tensor] = None  # (L, T_calib)
         self.tokens_per_group = torch.zeros(self.n_groups, dtype=torch.float64)  # realised, for avg bits
+        self.codebooks: dict[str, dict[int, torch.Tensor]] = {}  # base=nuq: {"key"|"value": {bits: (L, 2**bits)}}
         self._last = (None, None)  # (ctx, groups) shared by quantize_keys and quantize_values
 
     def _width(self, offset: int) -> int:
@@ -424,7 +425,7 @@ class QoKV(KVMethod):
         """Per-token base quantizer of ``y (B, H_kv, n, D)`` at ``bits``."""
         if self.cfg.base == "uniform" or bits >= FP16_BITS:
             return fake_quantize_affine(y, bits, dim=-1, group_size=self.kv.group_size)
-        books = getattr(self, "codebooks", {}).get(which, {})
+        books = self.codebooks.get(which, {})
         if bits not in books:
             raise RuntimeError(f"qokv: base=nuq needs a {bits}-bit {which} codebook from calibration")
         cb = books[bits][layer].to(y)
@@ -451,6 +452,7 @@ class QoKV(KVMethod):
     def quantize_values(self, v, layer, ctx=None):
         g = self._groups_for(v, layer, ctx, count=False)
         vs = self.value_scales[layer] if self.value_scales is not None else None
+        self._last = (None, None)  # the chunk is done: do not keep its context (all keys) alive
         return self._quantize(v, g, self.value_bits, vs, "value", layer)
 
     # -- accounting ------------------------------------------------------------------------------
