@@ -7,7 +7,10 @@ Per layer (``PackedLayer``) the cache keeps, for each batch row and KV head:
   :mod:`kvbench.kernels`), optional NUQ codebooks and CSR key outliers; with ``pre_rope`` the keys
   are un-rotated before quantization and rotated back inside the decode kernel;
 * a recent window in the model dtype: new tokens land there; whenever it holds
-  ``recent_window + key_block`` tokens, the oldest ``key_block`` are quantized and packed.
+  ``recent_window + key_block`` tokens, the oldest ``key_block`` are quantized and packed. With
+  calibrated ``key_scales`` no block statistics are needed: every token leaving the window is packed
+  at once (the packed store may then end inside a key block, which the kernels mask), so the cache
+  quantizes exactly the tokens the simulated backend does.
 
 ``update()`` returns the dequantized K/V of the whole cache for prefill (the simulated path does the
 same). For one-token decode steps, when the model's attention implementation is
@@ -37,7 +40,9 @@ class PackedCacheSpec:
         key_bits, value_bits: code widths (1..8; 2/3/4 are the tested ones).
         value_group_size: channels sharing one value (scale, zero); divides head_dim. ``head_dim``
             (one scale per token and head) enables the fastest decode kernel.
-        key_block: tokens sharing one key (scale, zero) per channel; also the flush unit.
+        key_block: tokens sharing one key (scale, zero) per channel; also the flush unit, unless
+            ``key_scales`` are given (then tokens are packed one by one and each block stores a
+            copy of the calibrated scales).
         sink_tokens: first tokens kept in the model dtype.
         recent_window: newest tokens kept in the model dtype (the window holds between
             ``recent_window`` and ``recent_window + key_block - 1`` tokens once flushing starts).
@@ -89,6 +94,7 @@ class PackedLayer(DynamicLayer):
         self._inv_freq = inv_freq
         self.n_sink = self.n_packed = self.n_recent = 0
         self.mask_ok = None  # set by packed_attention_forward at the first fused decode step
+        self.unit = 1 if spec.key_scales is not None else spec.key_block  # tokens packed at a time
 
     # ---------------------------------------------------------------- storage
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -98,7 +104,7 @@ class PackedLayer(DynamicLayer):
         dev = self.device
         new = lambda t, w, dt: torch.zeros(B, H, t, w, dtype=dt, device=dev)  # noqa: E731
         self.sink_k, self.sink_v = new(s.sink_tokens, D, self.dtype), new(s.sink_tokens, D, self.dtype)
-        cap_r = s.recent_window + s.key_block
+        cap_r = s.recent_window + self.unit
         self.recent_k, self.recent_v = new(cap_r, D, self.dtype), new(cap_r, D, self.dtype)
         wk, wv = reference.words_per_token(s.key_bits, D), reference.words_per_token(s.value_bits, D)
         ng = D // s.value_group_size
@@ -153,7 +159,7 @@ class PackedLayer(DynamicLayer):
             self.ol_ptr = ptr
 
     def _flush(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize and append whole key blocks ``k, v (B, H, n * key_block, D)``."""
+        """Quantize and append ``k, v (B, H, n, D)``: ``n`` a multiple of ``self.unit`` tokens."""
         s, n = self.spec, k.shape[2]
         start = self.n_packed
         self._grow(start + n)
@@ -163,23 +169,29 @@ class PackedLayer(DynamicLayer):
             kq = reference.apply_rope(k.float(), pos, -self._inv_freq)  # back to pre-RoPE
         lo, hi = self.k_clamp if self.k_clamp is not None else (None, None)
         gs, gz = self.k_given if self.k_given is not None else (None, None)
-        kw, ks, kz = ops.quantize_pack_keys(kq, s.key_bits, s.key_block, self.k_lut, lo, hi, gs, gz, impl=s.impl)
+        # given scales: any block gives the same codes; the largest power of two dividing n (<= key_block)
+        qb = min(n & -n, s.key_block) if self.k_given is not None else s.key_block
+        kw, ks, kz = ops.quantize_pack_keys(kq, s.key_bits, qb, self.k_lut, lo, hi, gs, gz, impl=s.impl)
         vw, vs, vz = ops.quantize_pack_values(v, s.value_bits, s.value_group_size, self.v_lut, impl=s.impl)
-        b0, b1 = start // s.key_block, (start + n) // s.key_block
+        b0, b1 = start // s.key_block, -(-(start + n) // s.key_block)  # key blocks touched
         self.k_words[:, :, start : start + n], self.v_words[:, :, start : start + n] = kw, vw
         self.v_scale[:, :, start : start + n], self.v_zero[:, :, start : start + n] = vs, vz
-        self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks, kz
+        if self.k_given is not None:  # one copy of the calibrated scales per block
+            self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks[:, :, :1], kz[:, :, :1]
+        else:
+            self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks, kz
         if self.k_clamp is not None:
-            self._append_outliers(kq, kw, ks, kz, start, b0, b1)
+            k_hat = reference.dequantize_keys(kw, ks, kz, s.key_bits, qb, self.k_lut)
+            self._append_outliers(kq, k_hat, start, b0, b1)
         self.n_packed = start + n
 
-    def _append_outliers(self, kq, kw, ks, kz, start, b0, b1) -> None:
-        s = self.spec
-        k_hat = reference.dequantize_keys(kw, ks, kz, s.key_bits, s.key_block, self.k_lut)
+    def _append_outliers(self, kq, k_hat, start, b0, b1) -> None:
+        """Append the sparse part of packed tokens ``start ..`` and set the CSR offsets of blocks ``b0 .. b1 - 1``."""
+        s, n = self.spec, kq.shape[2]
         mask, res = ops.split_outliers(kq.float(), k_hat, *self.k_clamp)
-        counts, tok, ch, val, cnt = ops.outlier_csr(mask, res, s.key_block, tok_offset=start)
+        counts, tok, ch, val, cnt = ops.outlier_csr(mask, res, 1, tok_offset=start)  # counts per token
         need = int((self.ol_len + cnt).max())
-        if need > self.ol_tok.shape[2]:
+        if need >= self.ol_tok.shape[2]:  # keep the last slot free: padding entries are parked there
             cap = need + need // 4 + 16
             for name in ("ol_tok", "ol_ch", "ol_val"):
                 old = getattr(self, name)
@@ -193,7 +205,10 @@ class PackedLayer(DynamicLayer):
             dst = getattr(self, name)
             cur = torch.gather(dst, 2, idx)
             dst.scatter_(2, idx, torch.where(valid, src, cur))
-        self.ol_ptr[:, :, b0 + 1 : b1 + 1] = self.ol_ptr[:, :, b0 : b0 + 1] + torch.cumsum(counts, -1).to(torch.int32)
+        # ol_ptr[j]: outliers of the tokens before min(j * key_block, start + n)
+        before = torch.cat([counts.new_zeros(*counts.shape[:2], 1), counts.cumsum(-1)], -1)  # (B, H, n + 1)
+        ends = (torch.arange(b0 + 1, b1 + 1, device=self.device) * s.key_block).clamp_max(start + n) - start
+        self.ol_ptr[:, :, b0 + 1 : b1 + 1] = (self.ol_len[:, :, None] + before[:, :, ends]).to(torch.int32)
         self.ol_len += cnt
 
     # ---------------------------------------------------------------- transformers API
@@ -210,14 +225,14 @@ class PackedLayer(DynamicLayer):
             self.n_sink += take
             k, v = k[:, :, take:], v[:, :, take:]
         n_new, cap = k.shape[2], self.recent_k.shape[2]
-        if self.n_recent + n_new <= cap and self.n_recent + n_new < s.recent_window + s.key_block:
+        if self.n_recent + n_new <= cap and self.n_recent + n_new < s.recent_window + self.unit:
             self.recent_k[:, :, self.n_recent : self.n_recent + n_new] = k
             self.recent_v[:, :, self.n_recent : self.n_recent + n_new] = v
             self.n_recent += n_new
         else:
             ck = torch.cat([self.recent_k[:, :, : self.n_recent], k], 2)
             cv = torch.cat([self.recent_v[:, :, : self.n_recent], v], 2)
-            n_flush = (ck.shape[2] - s.recent_window) // s.key_block * s.key_block
+            n_flush = (ck.shape[2] - s.recent_window) // self.unit * self.unit
             if n_flush > 0:
                 self._flush(ck[:, :, :n_flush], cv[:, :, :n_flush])
             rest = ck.shape[2] - n_flush

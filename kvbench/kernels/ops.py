@@ -50,6 +50,8 @@ class PackedKV:
     """One layer's packed K/V, as the decode-attention kernels read it (all ``(B, H_kv, ...)``).
 
     Buffers have a capacity along the token axis; only the first ``n_*`` entries are valid.
+    ``n_packed`` need not be a multiple of ``key_block`` (calibrated key scales pack token by token):
+    the last block, and the last tile, may be partial.
     Token order: ``sink`` (positions ``0..n_sink-1``), ``packed`` (``n_sink..``), ``recent``.
 
     Attributes:

@@ -143,8 +143,8 @@ def quantize_pack_keys(
     if scale is None:
         s, z = _scale_zero(xb.amin(3), xb.amax(3), bits)  # (B, H, NB, D)
     else:
-        s = torch.clamp(scale.float(), min=SCALE_FLOOR).half().float().expand(B, H, T // block, D)
-        z = zero.half().float().expand(B, H, T // block, D)
+        s = torch.clamp(scale.float(), min=SCALE_FLOOR).half().float()[:, None].expand(B, H, T // block, D)
+        z = zero.half().float()[:, None].expand(B, H, T // block, D)
     xn = (xb - z[:, :, :, None]) / s[:, :, :, None]
     lut_b = None if lut is None else lut.float()[None, :, None, None]  # (1, H, 1, 1, D, NC)
     codes = _codes(xn, bits, lut_b).reshape(B, H, T, D)
@@ -190,7 +190,8 @@ def dequantize_keys(words, scale, zero, bits: int, block: int, lut=None) -> torc
     """Inverse of :func:`quantize_pack_keys` (outliers not included).
 
     Args:
-        words: ``(B, H, T, W)`` int32; scale, zero: ``(B, H, >= T // block, D)``.
+        words: ``(B, H, T, W)`` int32; scale, zero: ``(B, H, >= ceil(T / block), D)`` (the last
+            block may be partial).
 
     Returns:
         ``(B, H, T, D)`` fp32.
@@ -198,8 +199,9 @@ def dequantize_keys(words, scale, zero, bits: int, block: int, lut=None) -> torc
     B, H, T, _ = words.shape
     D = scale.shape[-1]
     lv = _levels(unpack_codes(words, bits, D), lut)  # (B, H, T, D)
-    s = scale[:, :, : T // block].float().repeat_interleave(block, 2)
-    z = zero[:, :, : T // block].float().repeat_interleave(block, 2)
+    nb = -(-T // block)
+    s = scale[:, :, :nb].float().repeat_interleave(block, 2)[:, :, :T]
+    z = zero[:, :, :nb].float().repeat_interleave(block, 2)[:, :, :T]
     return lv * s + z
 
 
@@ -241,7 +243,7 @@ def dequantize_all(kv) -> tuple[torch.Tensor, torch.Tensor]:
     v = dequantize_values(kv.v_words[:, :, :n], kv.v_scale, kv.v_zero, kv.value_bits, kv.v_lut)
     if kv.ol_ptr is not None and n > 0:
         B, H = k.shape[:2]
-        cnt = kv.ol_ptr[:, :, n // kv.key_block].long()  # (B, H) entries so far
+        cnt = kv.ol_ptr[:, :, -(-n // kv.key_block)].long()  # (B, H) entries so far (last block may be partial)
         for b in range(B):
             for h in range(H):
                 c = int(cnt[b, h])
