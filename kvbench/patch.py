@@ -20,12 +20,16 @@ blocks of ``method.key_block`` tokens (1 for per-token methods).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvbench.errors import UserError
 from kvbench.method import KVContext, KVMethod
+
+KERNEL_IMPL_ENV = "KVBENCH_KERNEL_IMPL"  # kv.backend=kernel: triton (default) | reference (PyTorch twins)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +125,14 @@ def cache_factory(model, method: KVMethod, backend: str, n_layers: int):
     if backend != "kernel":
         raise UserError(f"kv.backend must be simulated or kernel, got {backend!r}")
     from kvbench.kernels.cache import enable_fused_decode, make_packed_cache
-    from kvbench.kernels.ops import triton_available
+    from kvbench.kernels.ops import IMPLS, triton_available
 
-    if not triton_available():
+    impl = os.environ.get(KERNEL_IMPL_ENV, "triton")
+    if impl not in IMPLS:
+        raise UserError(f"{KERNEL_IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not triton_available():
         raise UserError("kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter")
-    spec = method.packed_spec()
+    spec = dataclasses.replace(method.packed_spec(), impl=impl)
     enable_fused_decode(model)
     return lambda: make_packed_cache(model.config, spec)
 

@@ -15,6 +15,7 @@ Fisher weighting            ``calib.fisher=true``                 k-means weight
 dense-and-sparse            ``method.outlier_frac=0.01``          top 0.5 % + bottom 0.5 % kept in fp16
                                                                   (keys: per-channel thresholds,
                                                                   offline; values: per token, online)
+keys-only outliers          ``method.value_outliers=false``       dense-and-sparse for keys only
 Q-Norm                      ``method.qnorm=true``                 codebook moment-matched to the
                                                                   calibration data (free at run time)
 attention sink              ``method.sink_tokens=1``              first token kept in fp16 (shared)
@@ -24,6 +25,11 @@ Values are always quantized per token (a range per token, head and ``kv.group_si
 the dense part, computed online; outliers chosen per token over all heads). Everything is
 simulated: quantize, then dequantize in fp32. A uniform ``b``-bit quantizer is the codebook
 ``linspace(-1, 1, 2**b)`` in the same normalized space, so turning NUQ off changes nothing else.
+
+``kv.backend=kernel`` stores the same numbers packed (:meth:`KVQuant.packed_spec`): codes, the
+calibrated per-channel key ranges, the codebooks (Q-Norm is folded into them), CSR key outliers,
+pre-RoPE keys and the sink tokens. It has no sparse value outliers (``method.value_outliers=false``)
+and no per-token keys.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from kvbench.quant import (
 from kvbench.registry import register_method
 
 OUTLIER_BITS = 32  # one fp16 value + one 16-bit index per sparse outlier (as the paper counts)
+PACKED_KEY_BLOCK = 128  # kv.backend=kernel: tokens per stored copy of the calibrated key scales
 KEY_AXES = ("channel", "token")
 
 
@@ -64,6 +71,7 @@ class KVQuantConfig(MethodConfig):
         nuq: non-uniform codebooks learned by k-means (Fisher-weighted when ``calib.fisher``).
         outlier_frac: total fraction of each slice kept in fp16 (0.01 = top 0.5 % + bottom 0.5 %).
         qnorm: moment-match the codebooks to the calibration data (Q-Norm; used at 2 bits).
+        value_outliers: apply ``outlier_frac`` to values too (``false``: keys only).
     """
 
     name: str = "kvquant"
@@ -73,6 +81,7 @@ class KVQuantConfig(MethodConfig):
     nuq: bool = True
     outlier_frac: float = 0.01
     qnorm: bool = False
+    value_outliers: bool = True
 
 
 @register_method("kvquant")
@@ -88,6 +97,8 @@ class KVQuant(KVMethod):
             raise UserError(f"method.outlier_frac must be in [0, 0.5), got {cfg.outlier_frac}")
         if cfg.qnorm and not cfg.nuq:
             raise UserError("method.qnorm=true needs method.nuq=true (Q-Norm corrects the NUQ codebook)")
+        if getattr(kv, "backend", "simulated") == "kernel":
+            self._check_packable()  # before calibration, which may take minutes
         self.pre_rope = bool(cfg.pre_rope)  # read by the cache
         self.key_block = 1  # key ranges are offline (channel) or per token: no block needed
         self.bits = kv.bits
@@ -176,12 +187,15 @@ class KVQuant(KVMethod):
             mask = (x < lo) | (x > hi) if self.cfg.outlier_frac > 0 else torch.zeros_like(x, dtype=torch.bool)
             return lo.unsqueeze(-1), hi.unsqueeze(-1), mask  # broadcast over the group axis as (..., D, 1)
         per_token = x.transpose(1, 2).reshape(B, T, H * D)  # outliers chosen per token over all heads
-        mask = outlier_mask(per_token, self.cfg.outlier_frac).view(B, T, H, D).transpose(1, 2)
+        mask = outlier_mask(per_token, self._outlier_frac(which)).view(B, T, H, D).transpose(1, 2)
         xg = x.view(B, H, T, D // self.group, self.group)
         mg = mask.view_as(xg)
         lo = xg.masked_fill(mg, float("inf")).amin(-1, keepdim=True)  # (B, H_kv, T, D/g, 1)
         hi = xg.masked_fill(mg, float("-inf")).amax(-1, keepdim=True)
         return lo, hi, mask
+
+    def _outlier_frac(self, which: str) -> float:
+        return self.cfg.outlier_frac if which == "k" or self.cfg.value_outliers else 0.0
 
     def _grouped(self, x: torch.Tensor, which: str) -> torch.Tensor:
         """``(B, H, T, D)`` -> ``(B, H, T, D/g, g)`` for per-token ranges, ``(B, H, T, D, 1)`` per channel."""
@@ -221,6 +235,44 @@ class KVQuant(KVMethod):
         """Values ``(B, H_kv, T, D)`` -> same shape (per-token ranges)."""
         return self._quantize(v, "v", layer)
 
+    def packed_spec(self):
+        """The packed format of ``kv.backend=kernel``: the simulated numbers, stored.
+
+        Keys: codes of the calibrated per-channel ranges (``scale = (hi - lo) / (2**bits - 1)``,
+        ``zero = lo``, one copy per :data:`PACKED_KEY_BLOCK` tokens), pre-RoPE if ``pre_rope``, with
+        CSR outliers outside ``[lo, hi]``; values: per-token ranges per ``kv.group_size`` channels.
+        Both index the layer's codebook (uniform, NUQ or Q-Normed), mapped to the code domain.
+
+        Raises:
+            UserError: for what the format cannot hold (sparse value outliers, per-token keys).
+        """
+        from kvbench.kernels.cache import PackedCacheSpec
+        from kvbench.kernels.ops import codebook_from_unit
+
+        self._check_packable()
+        if "k_lo.0" not in self.state:
+            raise RuntimeError("kvquant: the packed cache needs calibration (kvbench.calibrate.prepare)")
+        layers = range(self.info.num_layers)
+        ranges = [(self.state[f"k_lo.{i}"], self.state[f"k_hi.{i}"]) for i in layers]  # (H_kv, D) each
+        like = torch.zeros(0)  # fp32, CPU: the cache moves the codebooks to its device
+        return PackedCacheSpec(
+            key_bits=self.bits, value_bits=self.bits, value_group_size=self.group, key_block=PACKED_KEY_BLOCK,
+            sink_tokens=self.cfg.sink_tokens, recent_window=self.cfg.recent_window, pre_rope=self.pre_rope,
+            key_codebooks=[codebook_from_unit(self._codebook("k", i, like), self.bits) for i in layers],
+            value_codebooks=[codebook_from_unit(self._codebook("v", i, like), self.bits) for i in layers],
+            key_scales=[((hi - lo) / (2**self.bits - 1), lo) for lo, hi in ranges],
+            key_outlier_thresholds=ranges if self.cfg.outlier_frac > 0 else None,
+        )
+
+    def _check_packable(self) -> None:
+        if self.kv.bits not in (2, 3, 4):
+            raise UserError(f"kv.backend=kernel packs 2/3/4-bit codes, got kv.bits={self.kv.bits}")
+        if self.cfg.key_axis != "channel":
+            raise UserError("kv.backend=kernel stores keys with per-channel ranges: set method.key_axis=channel")
+        if self.cfg.outlier_frac > 0 and self.cfg.value_outliers:
+            raise UserError("kv.backend=kernel has no sparse value outliers: set method.value_outliers=false "
+                            "(dense-and-sparse keys only) or method.outlier_frac=0")
+
     # -- bits ----------------------------------------------------------------------------------
     def outlier_rate(self, which: str) -> float:
         """Measured fraction of outliers so far, or the expected one before any quantization."""
@@ -229,7 +281,7 @@ class KVQuant(KVMethod):
         if which == "k" and self.cfg.key_axis == "channel":
             return self.cfg.outlier_frac
         n = self.info.num_kv_heads * self.info.head_dim  # per-token slices span all heads
-        return 2 * outliers_per_side(n, self.cfg.outlier_frac) / n
+        return 2 * outliers_per_side(n, self._outlier_frac(which)) / n
 
     def _bits(self, which: str) -> float:
         per_layer_elems = self.seq_len * self.info.num_kv_heads * self.info.head_dim
