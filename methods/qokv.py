@@ -14,21 +14,23 @@ Two components, each switchable:
    attention (the original code's ``Get_group`` step); ``grouping=none`` turns the component off.
    ``top_initial`` / ``top_recent`` force the first / most recent tokens into the top group.
 
-2. **Channel scaling.** Per layer, KV head and channel, an offline scale ``s`` from the calibration
-   split (the original's ``Scale_get`` step). Keys and values are stored as ``Q(x / s)`` and read as
-   ``s * Q(x / s)``: equivalent to folding ``s`` into the query (keys) or into the output
-   projection's input columns (values), so with quantization off the model is unchanged
-   (:func:`fold_channel_scales` does the folding on the weights). Rule: ``s_j = m_j ** alpha``
-   (normalised to geometric mean 1), ``m_j = max |x_j|`` over the calibration tokens, i.e. the
-   SmoothQuant family ``max|X_j|^alpha / max|W_j|^(1-alpha)`` with the other side set to 1: in
-   kvbench the query / output path is not quantized, so nothing is gained by moving difficulty
-   there. ``alpha = 1`` equalises the channel ranges (what a per-token min-max quantizer wants when
-   every channel matters equally); but large key channels also meet large query entries, so for
-   keys the strength is searched per layer and KV head (QoKV's Outlier-Suppression+-style range
-   search), scoring each candidate by the Fisher-weighted error of ``s * Q(x / s)``. Defaults, from
-   measurements on SmolLM2 (README, QoKV section): keys searched, values ``alpha = 1``. Post-RoPE
-   key scales are tied over the rotary pairs ``(j, j + D/2)`` so the folding into ``q_proj`` /
-   ``k_proj`` commutes with RoPE.
+2. **Channel balancing** (QoKV's per-channel scaling, with Outlier-Suppression+'s shift). Per
+   layer, KV head and channel, offline from the calibration split (the original's ``Scale_get``
+   step): a shift ``z`` (``shift_keys`` / ``shift_values``: ``mid`` = midpoint of the calibration
+   range) and a scale ``s``. The cache stores ``Q((x - z) / s)`` and reads ``z + s * Q(...)``, so with
+   quantization off the model is unchanged. ``s`` is equivalent to folding it into the query (keys)
+   or into the output projection's input columns (values) (:func:`fold_channel_scales` does the
+   folding on the weights, for post-RoPE keys); ``z`` is a per-channel zero point stored once per
+   layer. Scale rule: ``s_j = m_j ** alpha`` (normalised to geometric mean 1), ``m_j = max |x_j - z_j|``
+   over the calibration tokens, i.e. the SmoothQuant family ``max|X_j|^alpha / max|W_j|^(1-alpha)``
+   with the other side set to 1: in kvbench the query / output path is not quantized, so nothing is
+   gained by moving difficulty there. For keys the strength is searched per layer and KV head
+   (QoKV's Outlier-Suppression+-style range search), scoring each candidate by the Fisher-weighted
+   error of ``s * Q(x / s)``; values use ``alpha = 1``. Keys are balanced and quantized *before* RoPE
+   by default (``pre_rope``): the large key channels have a fixed sign and offset only there (RoPE
+   rotates them into their pair channel), which is what makes the shift work. Post-RoPE key scales
+   are tied over the rotary pairs ``(j, j + D/2)`` so the folding commutes with RoPE.
+   Defaults, from measurements on SmolLM2 (README, QoKV section).
 
 The base quantizer is uniform asymmetric per-token (grouped by ``kv.group_size`` channels), or
 KVQuant's non-uniform codebooks on the same per-token ranges (``base=nuq``, a composition no paper
@@ -57,6 +59,7 @@ from kvbench.quant import (
 from kvbench.registry import register_method
 
 GROUPINGS = ("online", "offline", "none")
+SHIFTS = ("none", "mid", "mean")
 BASES = ("uniform", "nuq")
 
 
@@ -76,6 +79,9 @@ class QoKVConfig(MethodConfig):
         top_recent: most recent tokens (at quantization time) always in the top group.
         scale_keys: per-channel key scaling (calibrated).
         scale_values: per-channel value scaling (calibrated).
+        shift_keys: per-channel key shift before scaling and quantization: ``none``, ``mid``
+            (midpoint of the calibration range) or ``mean``.
+        shift_values: the same for values.
         key_alpha: key scaling strength, ``s_j = max|k_j| ** alpha`` (0 = no scaling, 1 = equalised
             ranges); ``None``: chosen per layer and KV head from a grid, minimising the
             Fisher-weighted quantization error on the calibration split (:func:`search_alpha`).
@@ -89,18 +95,20 @@ class QoKVConfig(MethodConfig):
 
     name: str = "qokv"
     grouping: str = "online"
-    group_shares: list[float] = field(default_factory=lambda: [0.1, 0.9])
+    group_shares: list[float] = field(default_factory=lambda: [0.3, 0.7])
     group_thresholds: Optional[list[float]] = None
-    key_bit_offsets: list[int] = field(default_factory=lambda: [4, 0])
-    value_bit_offsets: list[int] = field(default_factory=lambda: [0, 0])
+    key_bit_offsets: list[int] = field(default_factory=lambda: [0, 0])
+    value_bit_offsets: list[int] = field(default_factory=lambda: [1, -1])
     top_initial: int = 1
     top_recent: int = 0
     scale_keys: bool = True
     scale_values: bool = True
+    shift_keys: str = "mid"
+    shift_values: str = "none"
     key_alpha: Optional[float] = None
     value_alpha: Optional[float] = 1.0
     tie_rope_pairs: bool = True
-    pre_rope: bool = False
+    pre_rope: bool = True
     base: str = "uniform"
 
 
@@ -224,6 +232,16 @@ def channel_scales(x: torch.Tensor, alpha, tie_pairs: bool = False) -> torch.Ten
     return (log_s - log_s.mean(-1, keepdim=True)).exp()
 
 
+def channel_shift(x: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-channel shift ``(H_kv, D)`` of calibration activations ``x (N, H_kv, T, D)``: ``mid`` =
+    midpoint of the range, ``mean`` = mean."""
+    if rule == "mid":
+        return (x.amax(dim=(0, 2)) + x.amin(dim=(0, 2))) / 2
+    if rule == "mean":
+        return x.mean(dim=(0, 2))
+    raise ValueError(f"shift rule must be one of {SHIFTS[1:]}, got {rule!r}")
+
+
 ALPHA_GRID = tuple(i / 8 for i in range(9))
 
 
@@ -269,6 +287,9 @@ class QoKV(KVMethod):
         super().__init__(cfg, kv, info)
         if cfg.grouping not in GROUPINGS:
             raise UserError(f"method.grouping must be one of {GROUPINGS}, got {cfg.grouping!r}")
+        for key in ("shift_keys", "shift_values"):
+            if getattr(cfg, key) not in SHIFTS:
+                raise UserError(f"method.{key} must be one of {SHIFTS}, got {getattr(cfg, key)!r}")
         if cfg.base not in BASES:
             raise UserError(f"method.base must be one of {BASES}, got {cfg.base!r}")
         G = len(cfg.group_shares)
@@ -288,6 +309,8 @@ class QoKV(KVMethod):
         self.value_bits = [self._width(o) for o in offs_v]
         self.key_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
         self.value_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
+        self.key_shifts: Optional[torch.Tensor] = None  # (L, H_kv, D)
+        self.value_shifts: Optional[torch.Tensor] = None  # (L, H_kv, D)
         self.offline_groups: Optional[torch.Tensor] = None  # (L, T_calib)
         self.tokens_per_group = torch.zeros(self.n_groups, dtype=torch.float64)  # realised, for avg bits
         self.codebooks: dict[str, dict[int, torch.Tensor]] = {}  # base=nuq: {"key"|"value": {bits: (L, 2**bits)}}
@@ -304,6 +327,10 @@ class QoKV(KVMethod):
         if self.cfg.scale_keys:
             needs.add("keys" if self.cfg.pre_rope else "keys_post")
         if self.cfg.scale_values:
+            needs.add("values")
+        if self.cfg.shift_keys != "none":
+            needs.add("keys" if self.cfg.pre_rope else "keys_post")
+        if self.cfg.shift_values != "none":
             needs.add("values")
         if self.cfg.grouping == "offline":
             needs.add("attention")
@@ -352,13 +379,20 @@ class QoKV(KVMethod):
         out = {}
         tie = self.cfg.tie_rope_pairs and not self.cfg.pre_rope
         name = "keys" if self.cfg.pre_rope else "keys_post"
+        keys, values = stats.get(name), stats.get("values")
+        if self.cfg.shift_keys != "none":
+            out["key_shifts"] = torch.stack([channel_shift(x, self.cfg.shift_keys) for x in keys])
+            keys = [x - z[None, :, None, :] for x, z in zip(keys, out["key_shifts"])]
+        if self.cfg.shift_values != "none":
+            out["value_shifts"] = torch.stack([channel_shift(x, self.cfg.shift_values) for x in values])
+            values = [x - z[None, :, None, :] for x, z in zip(values, out["value_shifts"])]
         if self.cfg.scale_keys:
-            out["key_scales"], out["key_alpha"] = self._scales(stats[name], stats.get(f"fisher_{name}"), self.cfg.key_alpha, tie)
+            out["key_scales"], out["key_alpha"] = self._scales(keys, stats.get(f"fisher_{name}"), self.cfg.key_alpha, tie)
         if self.cfg.scale_values:
-            out["value_scales"], out["value_alpha"] = self._scales(stats["values"], stats.get("fisher_values"), self.cfg.value_alpha, False)
+            out["value_scales"], out["value_alpha"] = self._scales(values, stats.get("fisher_values"), self.cfg.value_alpha, False)
         if self.cfg.base == "nuq":
-            for which, xs, fish, widths in (("key", stats[name], stats.get(f"fisher_{name}"), self.key_bits),
-                                            ("value", stats["values"], stats.get("fisher_values"), self.value_bits)):
+            for which, xs, fish, widths in (("key", keys, stats.get(f"fisher_{name}"), self.key_bits),
+                                            ("value", values, stats.get("fisher_values"), self.value_bits)):
                 books = self._codebooks(xs, fish, out.get(f"{which}_scales"), widths)
                 out.update({f"{which}_codebook{b}": cb for b, cb in books.items()})
         if self.cfg.grouping == "offline":
@@ -375,6 +409,8 @@ class QoKV(KVMethod):
                           for w in ("key", "value")}
         self.key_scales = tensors.get("key_scales")
         self.value_scales = tensors.get("value_scales")
+        self.key_shifts = tensors.get("key_shifts")
+        self.value_shifts = tensors.get("value_shifts")
         self.offline_groups = tensors.get("groups")
 
     # -- grouping --------------------------------------------------------------------------------
@@ -432,28 +468,33 @@ class QoKV(KVMethod):
         yn, lo, hi = self._normalized(y)
         return denormalize(dequantize_codebook(quantize_codebook(yn, cb), cb), lo, hi).reshape(y.shape)
 
-    def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales, which: str,
+    def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales, shifts, which: str,
                   layer: int) -> torch.Tensor:
-        """``x (B, H_kv, n, D)`` -> ``s * Q_g(x / s)`` with each token's group width; ``groups (B, n)``."""
+        """``x (B, H_kv, n, D)`` -> ``z + s * Q_g((x - z) / s)`` with each token's group width; ``groups (B, n)``."""
         s = None if scales is None else scales.to(x.device, torch.float32)[None, :, None, :]  # (1, H_kv, 1, D)
-        y = x.float() if s is None else x.float() / s
+        z = None if shifts is None else shifts.to(x.device, torch.float32)[None, :, None, :]
+        y = x.float() if z is None else x.float() - z
+        y = y if s is None else y / s
         out = torch.empty_like(y)
         for g, bits in enumerate(widths):
             mask = (groups == g)[:, None, :, None]  # (B, 1, n, 1)
             if mask.any():
                 out = torch.where(mask, self._base(y, bits, which, layer), out)
-        return (out if s is None else out * s).to(x.dtype)
+        out = out if s is None else out * s
+        return (out if z is None else out + z).to(x.dtype)
 
     def quantize_keys(self, k, layer, ctx=None):
         g = self._groups_for(k, layer, ctx, count=True)
         ks = self.key_scales[layer] if self.key_scales is not None else None
-        return self._quantize(k, g, self.key_bits, ks, "key", layer)
+        kz = self.key_shifts[layer] if self.key_shifts is not None else None
+        return self._quantize(k, g, self.key_bits, ks, kz, "key", layer)
 
     def quantize_values(self, v, layer, ctx=None):
         g = self._groups_for(v, layer, ctx, count=False)
         vs = self.value_scales[layer] if self.value_scales is not None else None
         self._last = (None, None)  # the chunk is done: do not keep its context (all keys) alive
-        return self._quantize(v, g, self.value_bits, vs, "value", layer)
+        vz = self.value_shifts[layer] if self.value_shifts is not None else None
+        return self._quantize(v, g, self.value_bits, vs, vz, "value", layer)
 
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
@@ -475,12 +516,14 @@ class QoKV(KVMethod):
 
     def avg_bits(self, seq_len: int) -> float:
         """Base accounting plus what is stored once per layer, amortised over the ``seq_len``
-        tokens of a sequence: the channel scales (one fp16 per KV head and channel, of K and of V)
-        and, with ``base=nuq``, the fp16 codebooks."""
+        tokens of a sequence: the channel scales and shifts (one fp16 each per KV head and channel,
+        of K and of V) and, with ``base=nuq``, the fp16 codebooks."""
         if self.kv.bits >= FP16_BITS:
             return super().avg_bits(seq_len)
         per_layer = 2 * self.info.num_kv_heads * self.info.head_dim * seq_len  # K and V elements of a layer
-        static = (int(self.cfg.scale_keys) + int(self.cfg.scale_values)) * self.info.num_kv_heads * self.info.head_dim
+        vectors = sum(map(int, (self.cfg.scale_keys, self.cfg.scale_values,
+                                self.cfg.shift_keys != "none", self.cfg.shift_values != "none")))
+        static = vectors * self.info.num_kv_heads * self.info.head_dim
         if self.cfg.base == "nuq":  # one fp16 codebook per layer, K/V and width
             static += sum(2**b for b in set(self.key_bits)) + sum(2**b for b in set(self.value_bits))
         return super().avg_bits(seq_len) + static * FP16_BITS / per_layer

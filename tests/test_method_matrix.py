@@ -24,13 +24,14 @@ MATRIX = [
     ("kvquant", ["kv.bits=3", "method.key_axis=token", "method.outlier_frac=0.1"]),
     ("kvquant", ["kv.bits=3", "method.nuq=false", "method.outlier_frac=0"]),
     ("kvquant", ["kv.bits=2", "method.qnorm=true", "method.sink_tokens=0", "method.recent_window=8"]),
-    ("qokv", []),  # 3 online attention-score groups (8/4/3-bit keys), Fisher-searched channel scales
+    ("qokv", []),  # 2 online attention-score groups (values at b+1/b-1), pre-RoPE key shift + searched scales
     ("qokv", ["kv.bits=3", "method.grouping=offline", "calib.fisher=false", "method.key_alpha=0.5"]),
     ("qokv", ["kv.bits=2", "method.group_shares=[0.1,0.4,0.5]", "method.key_bit_offsets=[2,1,0]",
               "method.value_bit_offsets=[2,1,0]", "method.group_thresholds=[2.0,0.5]", "method.top_recent=4",
               "method.pre_rope=true"]),
     ("qokv", ["kv.bits=4", "method.sink_tokens=2", "method.recent_window=8", "method.scale_values=false"]),
     ("qokv", ["kv.bits=3", "method.base=nuq", "method.grouping=none", "calib.fisher=false"]),  # + KVQuant codebooks
+    ("qokv", ["kv.bits=4", "method.pre_rope=false", "method.shift_keys=mean", "method.shift_values=mid"]),
 ]
 
 
