@@ -36,12 +36,43 @@ def test_fma_matches_reference(bits, rep, sink, recent, n_packed, tile):
     k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
     q = torch.randn(B, H * rep, D) * 2
     kv = ops.build_packed_kv(k, v, bits, bits, 32, D, sink, recent, impl="reference")
-    assert triton_ops.fma_path_applies(kv, 1) and triton_ops._auto_path(kv, rep) == ("fma" if rep == 1 else
-                                                                                     ("mma" if bits == 4 else "dot"))
+    auto = ("fmag" if bits != 3 else "fma") if rep == 1 else ("mma" if bits == 4 else "dot")
+    assert triton_ops.fma_path_applies(kv, 1) and triton_ops._auto_path(kv, rep) == auto
     ref = ops.decode_attention(q, kv, impl="reference")
     out = triton_ops.decode_attention(q, kv, path="fma", n_splits=2, tile=tile)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert _rel(out, ref) < REL_TOL, _rel(out, ref)
+
+
+@pytest.mark.parametrize(
+    "bits,rep,gb,pref,sink,recent,n_packed,tile",
+    [
+        (4, 1, 1, 1, 0, 3, 64, 16),  # MHA, prefetch of the next tile
+        (2, 1, 1, 2, 2, 0, 96, 16),  # two tiles in flight, 3 tiles per split
+        (4, 4, 4, 1, 2, 5, 64, 16),  # GQA: 4 query heads share each word tile
+        (2, 4, 2, 0, 0, 1, 64, 16),  # two heads per program, no prefetch
+        (4, 8, 4, 2, 1, 2, 32, 8),  # G = 8: two programs per kv head
+    ],
+)
+def test_fmag_matches_reference(bits, rep, gb, pref, sink, recent, n_packed, tile):
+    torch.manual_seed(bits * 10 + rep)
+    B, H, D = 2, 2, 64
+    T = sink + n_packed + recent
+    k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    q = torch.randn(B, H * rep, D) * 2
+    kv = ops.build_packed_kv(k, v, bits, bits, 32, D, sink, recent, impl="reference")
+    assert triton_ops.fmag_path_applies(kv, rep)
+    ref = ops.decode_attention(q, kv, impl="reference")
+    out = triton_ops.decode_attention(q, kv, path="fmag", n_splits=2, tile=tile, gb=gb, pref=pref)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert _rel(out, ref) < REL_TOL, _rel(out, ref)
+
+
+def test_fmag_not_for_two_slice_codes():
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 32, 64), torch.randn(1, 1, 32, 64)
+    kv = ops.build_packed_kv(k, v, 3, 3, 32, 64, impl="reference")
+    assert not triton_ops.fmag_path_applies(kv, 1) and triton_ops._auto_path(kv, 1) == "fma"
 
 
 def test_fma_head_dim_128_lowp_and_splits():

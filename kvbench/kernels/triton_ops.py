@@ -629,6 +629,196 @@ def _decode_fma_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Decode attention, grouped CUDA-core path "fmag": the "fma" scheme for single-slice codes (2/4/8 bits)
+# with GB (1..4) query heads per program that share each word tile (GQA: the words are read and the
+# fields extracted once for GB heads; the heads are unrolled into separate register tiles, so no layout
+# conversion), and an optional register prefetch (PREF) of the next tile's words, issued before the
+# current tile is computed (one more tile in flight per warp).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gfold(qs, ksb, kzb, NW: tl.constexpr, CPW: tl.constexpr):
+    """Fold one key block's scales (``ksb`` premultiplied by ``_fac``) into a query ``qs (NW, CPW)``."""
+    qf = qs * ksb
+    bias = tl.sum(tl.sum(qs * kzb - qf, axis=1), axis=0)
+    return _bitrev(qf, NW, CPW), bias
+
+
+@triton.jit
+def _gstep(s, tm, bias, m_i, l_t, ps_t, pz_t, acc, vsc, vzp, fv):
+    """One tile of one query head: masked scores -> lazy-rescaled softmax -> value accumulators."""
+    s = tl.where(tm, s + bias, float("-inf"))
+    m_t = tl.max(s, axis=0)
+    if m_t - m_i > 8.0:  # lazy rescale
+        alpha = tl.exp2(m_i - m_t)
+        l_t = l_t * alpha
+        ps_t = ps_t * alpha
+        pz_t = pz_t * alpha
+        acc = acc * alpha
+        m_i = m_t
+    p = tl.exp2(s - m_i)
+    pv = p * vsc
+    l_t += p
+    ps_t += pv
+    pz_t += p * vzp
+    acc += pv[:, None, None] * fv
+    return m_i, l_t, ps_t, pz_t, acc
+
+
+@triton.jit
+def _gfinal(m_i, l_t, ps_t, pz_t, acc, fac, o_row, lse_at, D: tl.constexpr):
+    l_i = tl.sum(l_t, axis=0)
+    sp_i = tl.sum(ps_t, axis=0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = tl.reshape((tl.sum(acc, axis=0) - sp_i) * fac, (D,))
+    o = (o + tl.sum(pz_t, axis=0)) / l_safe
+    tl.store(o_row + tl.arange(0, D), o)
+    tl.store(lse_at, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
+
+
+@triton.jit
+def _decode_fmag_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KB: tl.constexpr,
+    BT: tl.constexpr, BTF: tl.constexpr, VEC: tl.constexpr, LOWP: tl.constexpr, LOWPV: tl.constexpr,
+    PREF: tl.constexpr,
+):
+    row0 = tl.program_id(0).to(tl.int64) * GB  # first (b, q head) row of this program's GB heads
+    n = row0 // G  # b * H + h: the kv head they share
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    qscale = sm_scale * _LOG2E
+    offs_d = tl.arange(0, D)
+    if sp < n_splits:
+        NK: tl.constexpr = KW * D // 32
+        CK: tl.constexpr = 32 // KW
+        NV: tl.constexpr = VW * D // 32
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        offs_t = t_begin + tl.arange(0, BT)
+        tm = offs_t < t_end
+        wk = _word_tile(kw_ptr + (n * T_CAP + offs_t) * NK, tm, 0, NK, VEC)
+        wv = _word_tile(vw_ptr + (n * T_CAP + offs_t) * NV, tm, 0, NV, VEC)
+        vsc = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+        vzp = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+        if PREF > 1:  # a second tile in flight
+            offs_2 = offs_t + BT
+            t2 = offs_2 < t_end
+            wk2 = _word_tile(kw_ptr + (n * T_CAP + offs_2) * NK, t2, 0, NK, VEC)
+            wv2 = _word_tile(vw_ptr + (n * T_CAP + offs_2) * NV, t2, 0, NV, VEC)
+            vsc2 = tl.load(vs_ptr + n * T_CAP + offs_2, mask=t2, other=0.0).to(tl.float32)
+            vzp2 = tl.load(vz_ptr + n * T_CAP + offs_2, mask=t2, other=0.0).to(tl.float32)
+        # loop-carried tiles start as zeros in the layout of the field tiles (no layout conversions)
+        zq = tl.sum(_fields_joined(wk.to(tl.uint32, bitcast=True), 0, 1, CK, KW, LOWP) * 0.0, axis=0)
+        za = _fields_tile(wv, VW, LOWPV, BT, NV) * 0.0
+        z_t = _kscore(wk, zq, KW, LOWP)
+        zs = tl.sum(z_t, axis=0)
+        ck = _chan(NK, CK)
+        fk = _fac(KW, LOWP, NK)
+        qs0 = tl.load(q_ptr + row0 * D + ck).to(tl.float32) * qscale
+        qf0, b0, m0, l0, ps0, pz0, a0 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+        if GB > 1:
+            qs1 = tl.load(q_ptr + (row0 + 1) * D + ck).to(tl.float32) * qscale
+            qf1, b1, m1, l1, ps1, pz1, a1 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+        if GB > 2:
+            qs2 = tl.load(q_ptr + (row0 + 2) * D + ck).to(tl.float32) * qscale
+            qf2, b2, m2, l2, ps2, pz2, a2 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+        if GB > 3:
+            qs3 = tl.load(q_ptr + (row0 + 3) * D + ck).to(tl.float32) * qscale
+            qf3, b3, m3, l3, ps3, pz3, a3 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            tm = offs_t < t_end
+            if PREF > 1:  # issue the loads of the tile after next first; this tile's were issued 2 steps ago
+                offs_n = offs_t + 2 * BT
+                tn = offs_n < t_end
+                wk_c, wv_c, vsc_c, vzp_c = wk, wv, vsc, vzp
+                wk, wv, vsc, vzp = wk2, wv2, vsc2, vzp2
+                wk2 = _word_tile(kw_ptr + (n * T_CAP + offs_n) * NK, tn, 0, NK, VEC)
+                wv2 = _word_tile(vw_ptr + (n * T_CAP + offs_n) * NV, tn, 0, NV, VEC)
+                vsc2 = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+                vzp2 = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+            elif PREF == 1:  # issue the next tile's loads first; this tile's words were loaded one step ago
+                offs_n = offs_t + BT
+                tn = offs_n < t_end
+                wk_c, wv_c, vsc_c, vzp_c = wk, wv, vsc, vzp
+                wk = _word_tile(kw_ptr + (n * T_CAP + offs_n) * NK, tn, 0, NK, VEC)
+                wv = _word_tile(vw_ptr + (n * T_CAP + offs_n) * NV, tn, 0, NV, VEC)
+                vsc = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+                vzp = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+            else:
+                wk_c = _word_tile(kw_ptr + (n * T_CAP + offs_t) * NK, tm, 0, NK, VEC)
+                wv_c = _word_tile(vw_ptr + (n * T_CAP + offs_t) * NV, tm, 0, NV, VEC)
+                vsc_c = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+                vzp_c = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+            if t0 % KB == 0:  # new key block: fold its scales into the queries, its zeros into biases
+                kb = (n * NB_CAP + t0 // KB) * D
+                ksb = tl.load(ks_ptr + kb + ck).to(tl.float32) * fk
+                kzb = tl.load(kz_ptr + kb + ck).to(tl.float32)
+                qf0, b0 = _gfold(qs0, ksb, kzb, NK, CK)
+                if GB > 1:
+                    qf1, b1 = _gfold(qs1, ksb, kzb, NK, CK)
+                if GB > 2:
+                    qf2, b2 = _gfold(qs2, ksb, kzb, NK, CK)
+                if GB > 3:
+                    qf3, b3 = _gfold(qs3, ksb, kzb, NK, CK)
+            fv = _fields_tile(wv_c, VW, LOWPV, BT, NV)
+            s = _kscore(wk_c, qf0, KW, LOWP)
+            m0, l0, ps0, pz0, a0 = _gstep(s, tm, b0, m0, l0, ps0, pz0, a0, vsc_c, vzp_c, fv)
+            if GB > 1:
+                s = _kscore(wk_c, qf1, KW, LOWP)
+                m1, l1, ps1, pz1, a1 = _gstep(s, tm, b1, m1, l1, ps1, pz1, a1, vsc_c, vzp_c, fv)
+            if GB > 2:
+                s = _kscore(wk_c, qf2, KW, LOWP)
+                m2, l2, ps2, pz2, a2 = _gstep(s, tm, b2, m2, l2, ps2, pz2, a2, vsc_c, vzp_c, fv)
+            if GB > 3:
+                s = _kscore(wk_c, qf3, KW, LOWP)
+                m3, l3, ps3, pz3, a3 = _gstep(s, tm, b3, m3, l3, ps3, pz3, a3, vsc_c, vzp_c, fv)
+        fac = _fac(VW, LOWPV, NV)
+        _gfinal(m0, l0, ps0, pz0, a0, fac, o_ptr + (row0 * S1 + sp) * D, lse_ptr + row0 * S1 + sp, D)
+        if GB > 1:
+            _gfinal(m1, l1, ps1, pz1, a1, fac, o_ptr + ((row0 + 1) * S1 + sp) * D, lse_ptr + (row0 + 1) * S1 + sp, D)
+        if GB > 2:
+            _gfinal(m2, l2, ps2, pz2, a2, fac, o_ptr + ((row0 + 2) * S1 + sp) * D, lse_ptr + (row0 + 2) * S1 + sp, D)
+        if GB > 3:
+            _gfinal(m3, l3, ps3, pz3, a3, fac, o_ptr + ((row0 + 3) * S1 + sp) * D, lse_ptr + (row0 + 3) * S1 + sp, D)
+    else:
+        for g in tl.static_range(GB):
+            row = row0 + g
+            q = tl.load(q_ptr + row * D + offs_d).to(tl.float32) * qscale  # (D,)
+            l_i = tl.sum(q * 0.0, axis=0)
+            m_i = l_i - float("inf")
+            acc = q * 0.0
+            for part in tl.static_range(2):
+                if part == 0:
+                    base_k = sk_ptr + n * S_CAP * D
+                    base_v = sv_ptr + n * S_CAP * D
+                    n_tok = n_sink
+                else:
+                    base_k = rk_ptr + n * R_CAP * D
+                    base_v = rv_ptr + n * R_CAP * D
+                    n_tok = n_recent
+                for t0 in range(0, n_tok, BTF):
+                    offs_t = t0 + tl.arange(0, BTF)
+                    tm = offs_t < n_tok
+                    ptr = offs_t[:, None] * D + offs_d[None, :]
+                    k = tl.load(base_k + ptr, mask=tm[:, None], other=0.0).to(tl.float32)
+                    v = tl.load(base_v + ptr, mask=tm[:, None], other=0.0).to(tl.float32)
+                    qd = tl.load(q_ptr + row * D + offs_d).to(tl.float32) * qscale  # see _decode_fma_kernel
+                    s = tl.sum(qd[None, :] * k, axis=1)
+                    s = tl.where(tm, s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                    alpha = tl.exp2(m_i - m_new)
+                    pf = tl.exp2(s - m_new)
+                    l_i = l_i * alpha + tl.sum(pf, axis=0)
+                    acc = acc * alpha + tl.sum(pf[:, None] * v, axis=0)
+                    m_i = m_new
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            tl.store(o_ptr + (row * S1 + sp) * D + offs_d, acc / l_safe)
+            tl.store(lse_ptr + row * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
+
+
+# ----------------------------------------------------------------------------------------------
 # Decode attention, tensor-core path for uniform codes with per-token values (value_group == D):
 # transposed products S^T = K Q^T and O^T = V^T P^T so that the dequantized tiles are the big
 # (M >= 64) operand; dequantization is the mantissa trick (``f - 1 = code * 2**-w``, exact in fp16)
@@ -774,6 +964,7 @@ def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexp
 
 
 _SM_COUNT: dict = {}
+_LAST_FMAG = None  # last compiled fmag kernel (registers / spills for the probes)
 
 
 def _num_sms(device) -> int:
@@ -823,7 +1014,71 @@ def _fma_defaults(kv, G: int) -> dict:
     return dict(tile=16, num_warps=1, num_stages=3, vec=4, lowp=11, lowp_v=19, waves=16)
 
 
+def fmag_path_applies(kv, n_rep: int) -> bool:
+    """True where the grouped CUDA-core path runs: as "fma" (any ``n_rep``), with single-slice key and value
+    codes (2, 4 or 8 bits; 3-bit codes are two slices and stay on "fma")."""
+    d = kv.k_scale.shape[-1]
+    return (
+        kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
+        and kv.v_scale.shape[-1] == 1
+        and _fma_slices(kv.key_bits, d) == (kv.key_bits, 0) and _fma_slices(kv.value_bits, d) == (kv.value_bits, 0)
+    )
+
+
+def _fmag_defaults(kv, G: int) -> dict:
+    """Launch parameters of the grouped CUDA-core path (see reports/bench/README.md).
+
+    H100, T=64k (reports/bench/probe_fmag_round2{a,b}.log), MHA Llama-2-7B shape: tile 16 x 1 warp with one
+    tile prefetched 2.26-2.29x fp16 at 4 bits, 2.65-2.68x at 2 bits (no prefetch 1.65-1.84x, two tiles in
+    flight 2.18-2.21x, tile 32 x 2 warps 2.10-2.35x, tile 8 x 1 warp 1.9-2.2x). GQA (G=4): every grouped
+    variant measured 0.40-0.99x (gb 4 with 32 channels per thread spills; 16 channels per thread is
+    slower), not faster than "mma"/"dot", so the automatic choice uses "fmag" for G == 1 only."""
+    gb = 4 if G % 4 == 0 else (2 if G % 2 == 0 else 1)
+    vec = 4 if kv.value_bits >= 4 else 2
+    if gb == 1:
+        return dict(tile=16, num_warps=1, vec=4, gb=1, pref=1, lowp=11, lowp_v=19, waves=16)
+    return dict(tile=16, num_warps=2, vec=vec, gb=gb, pref=1, lowp=11, lowp_v=19, waves=16)
+
+
+def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_splits=None, vec=None, lowp=None,
+                 lowp_v=None, waves=None, gb=None, pref=None):
+    B, Hq, D = q.shape
+    H = kv.k_words.shape[1]
+    G = Hq // H
+    cfg = _fmag_defaults(kv, G)
+    bt = tile or cfg["tile"]
+    gb = gb or cfg["gb"]
+    if G % gb or gb > 4:
+        raise ValueError(f"gb={gb} must divide the group size {G} and be at most 4")
+    kb = kv.key_block
+    if kb % bt:
+        raise ValueError(f"tile {bt} must divide key_block {kb}")
+    n_blocks = triton.cdiv(kv.n_packed, kb)
+    n_prog = B * Hq // gb
+    if n_splits is None:
+        n_splits = max(1, min(n_blocks, triton.cdiv((waves or cfg["waves"]) * _num_sms(q.device), n_prog)))
+    bps = max(1, triton.cdiv(n_blocks, max(n_splits, 1)))  # key blocks per split: splits start on a block
+    n_splits = triton.cdiv(n_blocks, bps) if n_blocks else 0
+    S1 = n_splits + 1
+    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
+    global _LAST_FMAG
+    _LAST_FMAG = _decode_fmag_kernel[(n_prog, S1)](
+        q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+        kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
+        scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+        kv.n_packed, kv.n_sink, kv.n_recent, bps * (kb // bt), n_splits,
+        G=G, GB=gb, D=D, KW=kv.key_bits, VW=kv.value_bits, KB=kb, BT=bt, BTF=16,
+        VEC=vec or cfg["vec"], LOWP=lowp or cfg["lowp"], LOWPV=lowp_v or cfg["lowp_v"],
+        PREF=cfg["pref"] if pref is None else pref,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
+    )
+    return o_part, lse, S1
+
+
 def _auto_path(kv, G: int) -> str:
+    if G == 1 and fmag_path_applies(kv, G):
+        return "fmag"
     if fma_path_applies(kv, G):
         return "fma"
     return "mma" if mma_path_applies(kv, G) else "dot"
@@ -883,8 +1138,9 @@ def decode_attention(q, kv, sm_scale=None, *, path=None, tile=None, num_warps=No
         path = os.environ.get("KVBENCH_KERNEL_PATH") or _auto_path(kv, G)
     q = q.contiguous()
     scale = D**-0.5 if sm_scale is None else sm_scale
-    if path == "fma":
-        o_part, lse, S1 = _decode_fma(q, kv, scale, tile, num_warps, num_stages, n_splits, **fma_tuning)
+    if path in ("fma", "fmag"):
+        run = _decode_fma if path == "fma" else _decode_fmag
+        o_part, lse, S1 = run(q, kv, scale, tile, num_warps, num_stages, n_splits, **fma_tuning)
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
         _reduce_kernel[(B * Hq,)](o_part, lse, out, S1, SP=triton.next_power_of_2(S1), D=D, NSLOT=1)
         return out
