@@ -397,62 +397,110 @@ def _decode_kernel(
 # Softmax rescaling is lazy (only when a tile's max exceeds the running max by more than 8 in log2).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _field(words, J: tl.constexpr, WIDTH: tl.constexpr, LOWP: tl.constexpr):
-    """fp32 ``1 + code_j * 2**(POS - 23)`` of field ``J`` of uint32 ``words`` (POS: see ``_fac``)."""
-    L: tl.constexpr = (23 - LOWP) // WIDTH * WIDTH
-    O: tl.constexpr = J * WIDTH
-    SH: tl.constexpr = LOWP - (O // L) * L
-    POS: tl.constexpr = O + SH
-    MASK: tl.constexpr = ((1 << WIDTH) - 1) << POS
-    if SH > 0:
-        x = words << SH
-    elif SH < 0:
-        x = words >> (-SH)
+def _prmt_byte(x, K: tl.constexpr, ASM: tl.constexpr):
+    """fp32 whose bits are ``0x3F000000 | byte_K(x) << 16`` (one PRMT with ``ASM``, else shift + mask + or)."""
+    if ASM:
+        if K == 0:
+            r = tl.inline_asm_elementwise("{ .reg .b32 e; mov.b32 e, 0x3F000000; prmt.b32 $0, $1, e, 0x7044; }",
+                                          "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+        elif K == 1:
+            r = tl.inline_asm_elementwise("{ .reg .b32 e; mov.b32 e, 0x3F000000; prmt.b32 $0, $1, e, 0x7144; }",
+                                          "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+        elif K == 2:
+            r = tl.inline_asm_elementwise("{ .reg .b32 e; mov.b32 e, 0x3F000000; prmt.b32 $0, $1, e, 0x7244; }",
+                                          "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("{ .reg .b32 e; mov.b32 e, 0x3F000000; prmt.b32 $0, $1, e, 0x7344; }",
+                                          "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
     else:
-        x = words
-    return ((x & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+        SH: tl.constexpr = 8 * K - 16
+        if SH > 0:
+            y = x >> SH
+        elif SH < 0:
+            y = x << (-SH)
+        else:
+            y = x
+        r = (y & 0xFF0000) | 0x3F000000
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _field(words, J: tl.constexpr, WIDTH: tl.constexpr, LOWP: tl.constexpr, MODE: tl.constexpr = 0):
+    """fp32 ``OFF + code_j * 2**-FAC`` of field ``J`` of uint32 ``words`` (``OFF``, ``FAC``: see ``_fac``).
+
+    ``MODE`` 0: a (shared) shift moves the field to bits ``POS..POS+WIDTH-1``, one LOP3 masks it and ORs the
+    exponent of 1.0 (``OFF`` 1). ``MODE`` 1/2 (``WIDTH`` <= 4): a shift + mask shared by the 4 fields at the
+    same offset ``R`` of every byte moves them to bits ``7-WIDTH..6`` of their byte, then one byte permute
+    (PRMT, inline PTX with ``MODE`` 2, emulated with ``MODE`` 1) places byte ``K`` into mantissa bits 16..23
+    under exponent byte 0x3F: ``f = 0.5 + code * 2**-(WIDTH+1)`` (``OFF`` 0.5), two constants in all."""
+    if MODE == 0:
+        L: tl.constexpr = (23 - LOWP) // WIDTH * WIDTH
+        O: tl.constexpr = J * WIDTH
+        SH: tl.constexpr = LOWP - (O // L) * L
+        POS: tl.constexpr = O + SH
+        MASK: tl.constexpr = ((1 << WIDTH) - 1) << POS
+        if SH > 0:
+            x = words << SH
+        elif SH < 0:
+            x = words >> (-SH)
+        else:
+            x = words
+        return ((x & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:
+        O2: tl.constexpr = J * WIDTH
+        K: tl.constexpr = O2 // 8
+        SB: tl.constexpr = (7 - WIDTH) - O2 % 8
+        BMASK: tl.constexpr = (((1 << WIDTH) - 1) << (7 - WIDTH)) * 0x01010101
+        if SB > 0:
+            x2 = words << SB
+        elif SB < 0:
+            x2 = words >> (-SB)
+        else:
+            x2 = words
+        return _prmt_byte(x2 & BMASK, K, MODE == 2)
 
 
 @triton.jit
 def _fields_joined(words, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, WIDTH: tl.constexpr,
-                   LOWP: tl.constexpr):
+                   LOWP: tl.constexpr, MODE: tl.constexpr = 0):
     """Fields ``J0, J0 + STEP, ...`` (CNT of them) joined along new trailing axes (bit-reversed)."""
     if CNT == 1:
-        return _field(words, J0, WIDTH, LOWP)
+        return _field(words, J0, WIDTH, LOWP, MODE)
     else:
-        return tl.join(_fields_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, LOWP),
-                       _fields_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP))
+        return tl.join(_fields_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE),
+                       _fields_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE))
 
 
 @triton.jit
-def _fields_tile(words, WIDTH: tl.constexpr, LOWP: tl.constexpr, BT: tl.constexpr, NW: tl.constexpr):
+def _fields_tile(words, WIDTH: tl.constexpr, LOWP: tl.constexpr, BT: tl.constexpr, NW: tl.constexpr,
+                 MODE: tl.constexpr = 0):
     """``(BT, NW)`` int32 words -> ``(BT, NW, CPW)`` fp32 fields (channel ``w * CPW + j``)."""
     CPW: tl.constexpr = 32 // WIDTH
-    f = _fields_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, LOWP)
+    f = _fields_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, LOWP, MODE)
     return tl.reshape(f, (BT, NW, CPW))
 
 
 @triton.jit
 def _kdot(words, qf, s2, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, WIDTH: tl.constexpr,
-          LOWP: tl.constexpr):
+          LOWP: tl.constexpr, MODE: tl.constexpr = 0):
     """``s2 (BT, NW) += sum_j f_j * qf_j``: a chain of FMAs over the fields of uint32 ``words``.
 
     ``qf (NW, 2, ..., 2)`` holds the folded query in the bit-reversed order of ``_fields_joined``
     (split back in registers with ``tl.split``)."""
     if CNT == 1:
-        return s2 + _field(words, J0, WIDTH, LOWP) * qf[None, :]
+        return s2 + _field(words, J0, WIDTH, LOWP, MODE) * qf[None, :]
     else:
         qa, qb = tl.split(qf)
-        s2 = _kdot(words, qa, s2, J0, 2 * STEP, CNT // 2, WIDTH, LOWP)
-        return _kdot(words, qb, s2, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP)
+        s2 = _kdot(words, qa, s2, J0, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE)
+        return _kdot(words, qb, s2, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE)
 
 
 @triton.jit
-def _kscore(words, qf, WIDTH: tl.constexpr, LOWP: tl.constexpr):
+def _kscore(words, qf, WIDTH: tl.constexpr, LOWP: tl.constexpr, MODE: tl.constexpr = 0):
     """Scores ``(BT,)`` of ``(BT, NW)`` int32 key words against a ``_kdot``-ordered folded query."""
     CPW: tl.constexpr = 32 // WIDTH
     wu = words.to(tl.uint32, bitcast=True)
-    s2 = _kdot(wu, qf, (words * 0).to(tl.float32), 0, 1, CPW, WIDTH, LOWP)
+    s2 = _kdot(wu, qf, (words * 0).to(tl.float32), 0, 1, CPW, WIDTH, LOWP, MODE)
     return tl.sum(s2, axis=1)
 
 
@@ -470,12 +518,15 @@ def _bitrev(x, NW: tl.constexpr, CPW: tl.constexpr):
 
 
 @triton.jit
-def _fac(WIDTH: tl.constexpr, LOWP: tl.constexpr, NW: tl.constexpr):
-    """``(NW, CPW)`` fp32 ``2**(23 - POS_j)``: the factor that turns ``f - 1`` back into the code."""
+def _fac(WIDTH: tl.constexpr, LOWP: tl.constexpr, NW: tl.constexpr, MODE: tl.constexpr = 0):
+    """``(NW, CPW)`` fp32 ``2**FAC_j``: the factor that turns ``f - OFF`` back into the code
+    (``MODE`` 0: ``2**(23 - POS_j)``, ``OFF`` 1; ``MODE`` 1/2: ``2**(WIDTH + 1)``, ``OFF`` 0.5)."""
     CPW: tl.constexpr = 32 // WIDTH
     L: tl.constexpr = (23 - LOWP) // WIDTH * WIDTH
     o = tl.arange(0, CPW) * WIDTH
     pos = o - (o // L) * L + LOWP
+    if MODE != 0:
+        pos = pos * 0 + (22 - WIDTH)
     fac = tl.exp2((23 - pos).to(tl.float32))
     return tl.broadcast_to(fac[None, :], (NW, CPW))
 
@@ -636,16 +687,20 @@ def _decode_fma_kernel(
 # current tile is computed (one more tile in flight per warp).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _gfold(qs, ksb, kzb, NW: tl.constexpr, CPW: tl.constexpr):
+def _gfold(qs, ksb, kzb, NW: tl.constexpr, CPW: tl.constexpr, MODE: tl.constexpr):
     """Fold one key block's scales (``ksb`` premultiplied by ``_fac``) into a query ``qs (NW, CPW)``."""
     qf = qs * ksb
-    bias = tl.sum(tl.sum(qs * kzb - qf, axis=1), axis=0)
+    if MODE == 0:
+        bias = tl.sum(tl.sum(qs * kzb - qf, axis=1), axis=0)
+    else:
+        bias = tl.sum(tl.sum(qs * kzb - 0.5 * qf, axis=1), axis=0)
     return _bitrev(qf, NW, CPW), bias
 
 
 @triton.jit
-def _gstep(s, tm, bias, m_i, l_t, ps_t, pz_t, acc, vsc, vzp, fv):
-    """One tile of one query head: masked scores -> lazy-rescaled softmax -> value accumulators."""
+def _gstep(s, tm, bias, m_i, l_t, ps_t, pz_t, acc, vsc, vzp, fv, acc1, fv1, TWO: tl.constexpr):
+    """One tile of one query head: masked scores -> lazy-rescaled softmax -> value accumulators
+    (``acc1``/``fv1``: the second value bit slice where ``TWO``)."""
     s = tl.where(tm, s + bias, float("-inf"))
     m_t = tl.max(s, axis=0)
     if m_t - m_i > 8.0:  # lazy rescale
@@ -654,6 +709,8 @@ def _gstep(s, tm, bias, m_i, l_t, ps_t, pz_t, acc, vsc, vzp, fv):
         ps_t = ps_t * alpha
         pz_t = pz_t * alpha
         acc = acc * alpha
+        if TWO:
+            acc1 = acc1 * alpha
         m_i = m_t
     p = tl.exp2(s - m_i)
     pv = p * vsc
@@ -661,27 +718,58 @@ def _gstep(s, tm, bias, m_i, l_t, ps_t, pz_t, acc, vsc, vzp, fv):
     ps_t += pv
     pz_t += p * vzp
     acc += pv[:, None, None] * fv
-    return m_i, l_t, ps_t, pz_t, acc
+    if TWO:
+        acc1 += pv[:, None, None] * fv1
+    return m_i, l_t, ps_t, pz_t, acc, acc1
 
 
 @triton.jit
-def _gfinal(m_i, l_t, ps_t, pz_t, acc, fac, o_row, lse_at, D: tl.constexpr):
+def _gfinal(m_i, l_t, ps_t, pz_t, acc, fac, acc1, fac1, o_row, lse_at, D: tl.constexpr, MODE: tl.constexpr,
+            TWO: tl.constexpr):
     l_i = tl.sum(l_t, axis=0)
     sp_i = tl.sum(ps_t, axis=0)
+    if MODE != 0:
+        sp_i = sp_i * 0.5
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.reshape((tl.sum(acc, axis=0) - sp_i) * fac, (D,))
+    if TWO:
+        o += tl.reshape((tl.sum(acc1, axis=0) - sp_i) * fac1, (D,))
     o = (o + tl.sum(pz_t, axis=0)) / l_safe
     tl.store(o_row + tl.arange(0, D), o)
     tl.store(lse_at, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
 
 
 @triton.jit
+def _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end, NK: tl.constexpr, NK1: tl.constexpr,
+           NV: tl.constexpr, NV1: tl.constexpr, VEC: tl.constexpr, VEC1: tl.constexpr):
+    """Words (both bit slices; the first slice again as a placeholder where there is one) and value
+    scale / zero of the token rows ``offs_t``, masked at ``t_end``."""
+    tm = offs_t < t_end
+    krow = kw_ptr + (n * T_CAP + offs_t) * (NK + NK1)
+    vrow = vw_ptr + (n * T_CAP + offs_t) * (NV + NV1)
+    wk = _word_tile(krow, tm, 0, NK, VEC)
+    wv = _word_tile(vrow, tm, 0, NV, VEC)
+    if NK1 > 0:
+        wk1 = _word_tile(krow, tm, NK, NK1, VEC1)
+    else:
+        wk1 = wk
+    if NV1 > 0:
+        wv1 = _word_tile(vrow, tm, NV, NV1, VEC1)
+    else:
+        wv1 = wv
+    vsc = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+    vzp = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+    return wk, wk1, wv, wv1, vsc, vzp
+
+
+@triton.jit
 def _decode_fmag_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
-    G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KB: tl.constexpr,
-    BT: tl.constexpr, BTF: tl.constexpr, VEC: tl.constexpr, LOWP: tl.constexpr, LOWPV: tl.constexpr,
-    PREF: tl.constexpr,
+    G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr,
+    KW1: tl.constexpr, VW1: tl.constexpr, KB: tl.constexpr,
+    BT: tl.constexpr, BTF: tl.constexpr, VEC: tl.constexpr, VEC1: tl.constexpr, LOWP: tl.constexpr,
+    LOWPV: tl.constexpr, PREF: tl.constexpr, MODE: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * GB  # first (b, q head) row of this program's GB heads
     n = row0 // G  # b * H + h: the kv head they share
@@ -690,98 +778,113 @@ def _decode_fmag_kernel(
     qscale = sm_scale * _LOG2E
     offs_d = tl.arange(0, D)
     if sp < n_splits:
+        # slice 0: KW-bit fields (the low bits of the code), slice 1 (KW1 > 0, GB == 1 only): the next KW1 bits
         NK: tl.constexpr = KW * D // 32
         CK: tl.constexpr = 32 // KW
         NV: tl.constexpr = VW * D // 32
+        NK1: tl.constexpr = KW1 * D // 32
+        NV1: tl.constexpr = VW1 * D // 32
+        TWO: tl.constexpr = VW1 > 0
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
         offs_t = t_begin + tl.arange(0, BT)
         tm = offs_t < t_end
-        wk = _word_tile(kw_ptr + (n * T_CAP + offs_t) * NK, tm, 0, NK, VEC)
-        wv = _word_tile(vw_ptr + (n * T_CAP + offs_t) * NV, tm, 0, NV, VEC)
-        vsc = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
-        vzp = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+        wk, wk1, wv, wv1, vsc, vzp = _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end,
+                                            NK, NK1, NV, NV1, VEC, VEC1)
         if PREF > 1:  # a second tile in flight
-            offs_2 = offs_t + BT
-            t2 = offs_2 < t_end
-            wk2 = _word_tile(kw_ptr + (n * T_CAP + offs_2) * NK, t2, 0, NK, VEC)
-            wv2 = _word_tile(vw_ptr + (n * T_CAP + offs_2) * NV, t2, 0, NV, VEC)
-            vsc2 = tl.load(vs_ptr + n * T_CAP + offs_2, mask=t2, other=0.0).to(tl.float32)
-            vzp2 = tl.load(vz_ptr + n * T_CAP + offs_2, mask=t2, other=0.0).to(tl.float32)
+            wk2, wk12, wv2, wv12, vsc2, vzp2 = _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t + BT, t_end,
+                                                      NK, NK1, NV, NV1, VEC, VEC1)
         # loop-carried tiles start as zeros in the layout of the field tiles (no layout conversions)
-        zq = tl.sum(_fields_joined(wk.to(tl.uint32, bitcast=True), 0, 1, CK, KW, LOWP) * 0.0, axis=0)
-        za = _fields_tile(wv, VW, LOWPV, BT, NV) * 0.0
-        z_t = _kscore(wk, zq, KW, LOWP)
+        zq = tl.sum(_fields_joined(wk.to(tl.uint32, bitcast=True), 0, 1, CK, KW, LOWP, MODE) * 0.0, axis=0)
+        za = _fields_tile(wv, VW, LOWPV, BT, NV, MODE) * 0.0
+        z_t = _kscore(wk, zq, KW, LOWP, MODE)
         zs = tl.sum(z_t, axis=0)
         ck = _chan(NK, CK)
-        fk = _fac(KW, LOWP, NK)
+        fk = _fac(KW, LOWP, NK, MODE)
         qs0 = tl.load(q_ptr + row0 * D + ck).to(tl.float32) * qscale
         qf0, b0, m0, l0, ps0, pz0, a0 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+        a1 = za
+        if KW1 > 0:
+            CK1: tl.constexpr = 32 // KW1
+            zq1 = tl.sum(_fields_joined(wk1.to(tl.uint32, bitcast=True), 0, 1, CK1, KW1, LOWP, MODE) * 0.0, axis=0)
+            qf01 = zq1
+            ck1 = _chan(NK1, CK1)
+            fk1 = _fac(KW1, LOWP, NK1, MODE) * (1 << KW)
+            qs01 = tl.load(q_ptr + row0 * D + ck1).to(tl.float32) * qscale
+        if TWO:
+            a1 = _fields_tile(wv1, VW1, LOWPV, BT, NV1, MODE) * 0.0
         if GB > 1:
             qs1 = tl.load(q_ptr + (row0 + 1) * D + ck).to(tl.float32) * qscale
-            qf1, b1, m1, l1, ps1, pz1, a1 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+            qf1, b1, m1, l1, ps1, pz1, a_1 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
         if GB > 2:
             qs2 = tl.load(q_ptr + (row0 + 2) * D + ck).to(tl.float32) * qscale
-            qf2, b2, m2, l2, ps2, pz2, a2 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+            qf2, b2, m2, l2, ps2, pz2, a_2 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
         if GB > 3:
             qs3 = tl.load(q_ptr + (row0 + 3) * D + ck).to(tl.float32) * qscale
-            qf3, b3, m3, l3, ps3, pz3, a3 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
+            qf3, b3, m3, l3, ps3, pz3, a_3 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + tl.arange(0, BT)
             tm = offs_t < t_end
             if PREF > 1:  # issue the loads of the tile after next first; this tile's were issued 2 steps ago
-                offs_n = offs_t + 2 * BT
-                tn = offs_n < t_end
-                wk_c, wv_c, vsc_c, vzp_c = wk, wv, vsc, vzp
-                wk, wv, vsc, vzp = wk2, wv2, vsc2, vzp2
-                wk2 = _word_tile(kw_ptr + (n * T_CAP + offs_n) * NK, tn, 0, NK, VEC)
-                wv2 = _word_tile(vw_ptr + (n * T_CAP + offs_n) * NV, tn, 0, NV, VEC)
-                vsc2 = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
-                vzp2 = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+                wk_c, wk1_c, wv_c, wv1_c, vsc_c, vzp_c = wk, wk1, wv, wv1, vsc, vzp
+                wk, wk1, wv, wv1, vsc, vzp = wk2, wk12, wv2, wv12, vsc2, vzp2
+                wk2, wk12, wv2, wv12, vsc2, vzp2 = _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t + 2 * BT,
+                                                          t_end, NK, NK1, NV, NV1, VEC, VEC1)
             elif PREF == 1:  # issue the next tile's loads first; this tile's words were loaded one step ago
-                offs_n = offs_t + BT
-                tn = offs_n < t_end
-                wk_c, wv_c, vsc_c, vzp_c = wk, wv, vsc, vzp
-                wk = _word_tile(kw_ptr + (n * T_CAP + offs_n) * NK, tn, 0, NK, VEC)
-                wv = _word_tile(vw_ptr + (n * T_CAP + offs_n) * NV, tn, 0, NV, VEC)
-                vsc = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
-                vzp = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tn, other=0.0).to(tl.float32)
+                wk_c, wk1_c, wv_c, wv1_c, vsc_c, vzp_c = wk, wk1, wv, wv1, vsc, vzp
+                wk, wk1, wv, wv1, vsc, vzp = _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t + BT, t_end,
+                                                    NK, NK1, NV, NV1, VEC, VEC1)
             else:
-                wk_c = _word_tile(kw_ptr + (n * T_CAP + offs_t) * NK, tm, 0, NK, VEC)
-                wv_c = _word_tile(vw_ptr + (n * T_CAP + offs_t) * NV, tm, 0, NV, VEC)
-                vsc_c = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
-                vzp_c = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+                wk_c, wk1_c, wv_c, wv1_c, vsc_c, vzp_c = _gload(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t,
+                                                                t_end, NK, NK1, NV, NV1, VEC, VEC1)
             if t0 % KB == 0:  # new key block: fold its scales into the queries, its zeros into biases
                 kb = (n * NB_CAP + t0 // KB) * D
                 ksb = tl.load(ks_ptr + kb + ck).to(tl.float32) * fk
                 kzb = tl.load(kz_ptr + kb + ck).to(tl.float32)
-                qf0, b0 = _gfold(qs0, ksb, kzb, NK, CK)
+                qf0, b0 = _gfold(qs0, ksb, kzb, NK, CK, MODE)
+                if KW1 > 0:
+                    qf01, bb = _gfold(qs01, tl.load(ks_ptr + kb + ck1).to(tl.float32) * fk1, 0.0, NK1, CK1, MODE)
+                    b0 += bb
                 if GB > 1:
-                    qf1, b1 = _gfold(qs1, ksb, kzb, NK, CK)
+                    qf1, b1 = _gfold(qs1, ksb, kzb, NK, CK, MODE)
                 if GB > 2:
-                    qf2, b2 = _gfold(qs2, ksb, kzb, NK, CK)
+                    qf2, b2 = _gfold(qs2, ksb, kzb, NK, CK, MODE)
                 if GB > 3:
-                    qf3, b3 = _gfold(qs3, ksb, kzb, NK, CK)
-            fv = _fields_tile(wv_c, VW, LOWPV, BT, NV)
-            s = _kscore(wk_c, qf0, KW, LOWP)
-            m0, l0, ps0, pz0, a0 = _gstep(s, tm, b0, m0, l0, ps0, pz0, a0, vsc_c, vzp_c, fv)
+                    qf3, b3 = _gfold(qs3, ksb, kzb, NK, CK, MODE)
+            fv = _fields_tile(wv_c, VW, LOWPV, BT, NV, MODE)
+            if TWO:
+                fv1 = _fields_tile(wv1_c, VW1, LOWPV, BT, NV1, MODE)
+            else:
+                fv1 = fv
+            s = _kscore(wk_c, qf0, KW, LOWP, MODE)
+            if KW1 > 0:
+                s += _kscore(wk1_c, qf01, KW1, LOWP, MODE)
+            m0, l0, ps0, pz0, a0, a1 = _gstep(s, tm, b0, m0, l0, ps0, pz0, a0, vsc_c, vzp_c, fv, a1, fv1, TWO)
             if GB > 1:
-                s = _kscore(wk_c, qf1, KW, LOWP)
-                m1, l1, ps1, pz1, a1 = _gstep(s, tm, b1, m1, l1, ps1, pz1, a1, vsc_c, vzp_c, fv)
+                s = _kscore(wk_c, qf1, KW, LOWP, MODE)
+                m1, l1, ps1, pz1, a_1, _u = _gstep(s, tm, b1, m1, l1, ps1, pz1, a_1, vsc_c, vzp_c, fv, a_1, fv, False)
             if GB > 2:
-                s = _kscore(wk_c, qf2, KW, LOWP)
-                m2, l2, ps2, pz2, a2 = _gstep(s, tm, b2, m2, l2, ps2, pz2, a2, vsc_c, vzp_c, fv)
+                s = _kscore(wk_c, qf2, KW, LOWP, MODE)
+                m2, l2, ps2, pz2, a_2, _u = _gstep(s, tm, b2, m2, l2, ps2, pz2, a_2, vsc_c, vzp_c, fv, a_2, fv, False)
             if GB > 3:
-                s = _kscore(wk_c, qf3, KW, LOWP)
-                m3, l3, ps3, pz3, a3 = _gstep(s, tm, b3, m3, l3, ps3, pz3, a3, vsc_c, vzp_c, fv)
-        fac = _fac(VW, LOWPV, NV)
-        _gfinal(m0, l0, ps0, pz0, a0, fac, o_ptr + (row0 * S1 + sp) * D, lse_ptr + row0 * S1 + sp, D)
+                s = _kscore(wk_c, qf3, KW, LOWP, MODE)
+                m3, l3, ps3, pz3, a_3, _u = _gstep(s, tm, b3, m3, l3, ps3, pz3, a_3, vsc_c, vzp_c, fv, a_3, fv, False)
+        fac = _fac(VW, LOWPV, NV, MODE)
+        if TWO:
+            fac1 = _fac(VW1, LOWPV, NV1, MODE) * (1 << VW)
+        else:
+            fac1 = fac
+        _gfinal(m0, l0, ps0, pz0, a0, fac, a1, fac1, o_ptr + (row0 * S1 + sp) * D, lse_ptr + row0 * S1 + sp, D,
+                MODE, TWO)
         if GB > 1:
-            _gfinal(m1, l1, ps1, pz1, a1, fac, o_ptr + ((row0 + 1) * S1 + sp) * D, lse_ptr + (row0 + 1) * S1 + sp, D)
+            _gfinal(m1, l1, ps1, pz1, a_1, fac, a_1, fac, o_ptr + ((row0 + 1) * S1 + sp) * D,
+                    lse_ptr + (row0 + 1) * S1 + sp, D, MODE, False)
         if GB > 2:
-            _gfinal(m2, l2, ps2, pz2, a2, fac, o_ptr + ((row0 + 2) * S1 + sp) * D, lse_ptr + (row0 + 2) * S1 + sp, D)
+            _gfinal(m2, l2, ps2, pz2, a_2, fac, a_2, fac, o_ptr + ((row0 + 2) * S1 + sp) * D,
+                    lse_ptr + (row0 + 2) * S1 + sp, D, MODE, False)
         if GB > 3:
-            _gfinal(m3, l3, ps3, pz3, a3, fac, o_ptr + ((row0 + 3) * S1 + sp) * D, lse_ptr + (row0 + 3) * S1 + sp, D)
+            _gfinal(m3, l3, ps3, pz3, a_3, fac, a_3, fac, o_ptr + ((row0 + 3) * S1 + sp) * D,
+                    lse_ptr + (row0 + 3) * S1 + sp, D, MODE, False)
     else:
         for g in tl.static_range(GB):
             row = row0 + g
@@ -885,6 +988,7 @@ def _decode_mma_kernel(
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + tl.arange(0, BT)
+            tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
             kb = (n * NB_CAP + t0 // KB) * D
             ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
             kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
@@ -892,28 +996,32 @@ def _decode_mma_kernel(
             bias = tl.sum(qT * kzp, axis=0)  # (GP,)
             krow = kw_ptr + (n * T_CAP + offs_t) * WK
             NWK0: tl.constexpr = D * KW0 // 32
-            kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :]), kw_ptr, KW0, D, BT)
+            kf = _fields_rows(tl.load(krow[:, None] + tl.arange(0, NWK0)[None, :], mask=tm[:, None], other=0),
+                              kw_ptr, KW0, D, BT)
             sT = tl.dot(kf, wq0.to(tl.float16))  # (BT, GP)
             if KW1 > 0:
                 NWK1: tl.constexpr = D * KW1 // 32
                 wq1 = qT * ksc * (1 << (KW0 + KW1))
-                kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :]), kw_ptr, KW1, D, BT)
+                kf1 = _fields_rows(tl.load(krow[:, None] + NWK0 + tl.arange(0, NWK1)[None, :], mask=tm[:, None],
+                                           other=0), kw_ptr, KW1, D, BT)
                 sT += tl.dot(kf1, wq1.to(tl.float16))
-            sT = sT + bias[None, :]
+            sT = tl.where(tm[:, None], sT + bias[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sT, axis=0))
             alpha = tl.exp2(m_i - m_new)
             pT = tl.exp2(sT - m_new[None, :])  # (BT, GP)
             l_i = l_i * alpha + tl.sum(pT, axis=0)
-            vsc = tl.load(vs_ptr + n * T_CAP + offs_t).to(tl.float32)  # (BT,), one group per token
-            vzp = tl.load(vz_ptr + n * T_CAP + offs_t).to(tl.float32)
+            vsc = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)  # (BT,), one group/token
+            vzp = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
             corr = corr * alpha + tl.sum(pT * vzp[:, None], axis=0)
             vcol = vw_ptr + (n * T_CAP + offs_t) * WV  # (BT,)
             NWV0: tl.constexpr = D * VW0 // 32
-            vf = _fields_cols(tl.load(vcol[None, :] + tl.arange(0, NWV0)[:, None]), VW0, D, BT)  # (D, BT)
+            vf = _fields_cols(tl.load(vcol[None, :] + tl.arange(0, NWV0)[:, None], mask=tm[None, :], other=0),
+                              VW0, D, BT)  # (D, BT)
             accT = accT * alpha[None, :] + tl.dot(vf, (pT * (vsc * (1 << VW0))[:, None]).to(tl.float16))
             if VW1 > 0:
                 NWV1: tl.constexpr = D * VW1 // 32
-                vf1 = _fields_cols(tl.load(vcol[None, :] + NWV0 + tl.arange(0, NWV1)[:, None]), VW1, D, BT)
+                vf1 = _fields_cols(tl.load(vcol[None, :] + NWV0 + tl.arange(0, NWV1)[:, None], mask=tm[None, :],
+                                           other=0), VW1, D, BT)
                 accT += tl.dot(vf1, (pT * (vsc * (1 << (VW0 + VW1)))[:, None]).to(tl.float16))
             m_i = m_new
         accT = accT + corr[None, :]
@@ -1015,14 +1123,34 @@ def _fma_defaults(kv, G: int) -> dict:
 
 
 def fmag_path_applies(kv, n_rep: int) -> bool:
-    """True where the grouped CUDA-core path runs: as "fma" (any ``n_rep``), with single-slice key and value
-    codes (2, 4 or 8 bits; 3-bit codes are two slices and stay on "fma")."""
+    """True where the grouped CUDA-core path runs: as "fma" (any ``n_rep``); codes of two bit slices
+    (3 bits: 2 + 1) only with one query head per program (``gb`` 1)."""
     d = kv.k_scale.shape[-1]
     return (
         kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
         and kv.v_scale.shape[-1] == 1
-        and _fma_slices(kv.key_bits, d) == (kv.key_bits, 0) and _fma_slices(kv.value_bits, d) == (kv.value_bits, 0)
+        and _fma_slices(kv.key_bits, d) is not None and _fma_slices(kv.value_bits, d) is not None
     )
+
+
+# Field extraction of the "fmag" path (see ``_field``): 0 shift + LOP3 per field; 1 byte fields + PRMT
+# emulated in Triton; 2 byte fields + PRMT as inline PTX (GPU only; the interpreter runs 1 instead).
+# Default (None): 2 where every slice is at most 2 bits wide (2-bit, 3-bit = 2 + 1), else 0. H100, T = 64k
+# (reports/bench/probe_round3.log): 2-bit MHA 2.70x -> 3.00x fp16 (b1), 2.67x -> 3.02x (b8); 3-bit (fmag,
+# tile 8) 1.51x / 1.39x with 0, 1.75x / 1.61x with 2; 4-bit 2.29x / 2.28x with 0, 2.23x / 2.19x with 2.
+_MODE_ENV = os.environ.get("KVBENCH_FMAG_MODE")
+FMAG_MODE = None if _MODE_ENV in (None, "") else int(_MODE_ENV)
+
+
+def _fmag_mode(kv) -> int:
+    if FMAG_MODE is not None:
+        return FMAG_MODE
+    d = kv.k_scale.shape[-1]
+    return 2 if max(_fma_slices(kv.key_bits, d) + _fma_slices(kv.value_bits, d)) <= 2 else 0
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _fmag_defaults(kv, G: int) -> dict:
@@ -1032,16 +1160,25 @@ def _fmag_defaults(kv, G: int) -> dict:
     tile prefetched 2.26-2.29x fp16 at 4 bits, 2.65-2.68x at 2 bits (no prefetch 1.65-1.84x, two tiles in
     flight 2.18-2.21x, tile 32 x 2 warps 2.10-2.35x, tile 8 x 1 warp 1.9-2.2x). GQA (G=4): every grouped
     variant measured 0.40-0.99x (gb 4 with 32 channels per thread spills; 16 channels per thread is
-    slower), not faster than "mma"/"dot", so the automatic choice uses "fmag" for G == 1 only."""
-    gb = 4 if G % 4 == 0 else (2 if G % 2 == 0 else 1)
+    slower), not faster than "mma"/"dot", so the automatic choice uses "fmag" for G == 1 only.
+    Two bit slices (3 bits): tile 8, 2 words of the 2-bit slice and 1 of the 1-bit slice per thread
+    (32 channels of each), one head per program."""
+    d = kv.k_scale.shape[-1]
+    mode = _fmag_mode(kv)
+    two = _fma_slices(kv.key_bits, d)[1] > 0 or _fma_slices(kv.value_bits, d)[1] > 0
+    if two:
+        return dict(tile=8, num_warps=1, vec=2, gb=1, pref=1, lowp=11, lowp_v=19, waves=16, mode=mode)
+    # G > 1: one program per query head (gb 1) measured best with byte fields (2-bit: 0.96x / 0.80x fp16 at
+    # b1 / b8 vs 0.41x / 0.57x with gb 4, which spills); gb 4 stays the default only for mode 0
+    gb = 1 if mode else (4 if G % 4 == 0 else (2 if G % 2 == 0 else 1))
     vec = 4 if kv.value_bits >= 4 else 2
     if gb == 1:
-        return dict(tile=16, num_warps=1, vec=4, gb=1, pref=1, lowp=11, lowp_v=19, waves=16)
-    return dict(tile=16, num_warps=2, vec=vec, gb=gb, pref=1, lowp=11, lowp_v=19, waves=16)
+        return dict(tile=16, num_warps=1, vec=4, gb=1, pref=1, lowp=11, lowp_v=19, waves=16, mode=mode)
+    return dict(tile=16, num_warps=2, vec=vec, gb=gb, pref=1, lowp=11, lowp_v=19, waves=16, mode=mode)
 
 
 def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_splits=None, vec=None, lowp=None,
-                 lowp_v=None, waves=None, gb=None, pref=None):
+                 lowp_v=None, waves=None, gb=None, pref=None, mode=None):
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -1050,6 +1187,17 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
     gb = gb or cfg["gb"]
     if G % gb or gb > 4:
         raise ValueError(f"gb={gb} must divide the group size {G} and be at most 4")
+    kw0, kw1 = _fma_slices(kv.key_bits, D)
+    vw0, vw1 = _fma_slices(kv.value_bits, D)
+    if (kw1 or vw1) and gb != 1:
+        raise ValueError("codes of two bit slices need gb=1")
+    mode = cfg["mode"] if mode is None else mode
+    if max(kw0, kw1, vw0, vw1) > 4:
+        mode = 0  # byte fields need WIDTH <= 4
+    if mode == 2 and (_interpreting() or q.device.type != "cuda"):
+        mode = 1  # the interpreter cannot run inline PTX: same arithmetic in plain Triton
+    vec = vec or cfg["vec"]
+    vec1 = max(1, vec * kw1 // kw0) if kw1 else vec
     kb = kv.key_block
     if kb % bt:
         raise ValueError(f"tile {bt} must divide key_block {kb}")
@@ -1068,17 +1216,22 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
         scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
         kv.n_packed, kv.n_sink, kv.n_recent, bps * (kb // bt), n_splits,
-        G=G, GB=gb, D=D, KW=kv.key_bits, VW=kv.value_bits, KB=kb, BT=bt, BTF=16,
-        VEC=vec or cfg["vec"], LOWP=lowp or cfg["lowp"], LOWPV=lowp_v or cfg["lowp_v"],
-        PREF=cfg["pref"] if pref is None else pref,
+        G=G, GB=gb, D=D, KW=kw0, VW=vw0, KW1=kw1, VW1=vw1, KB=kb, BT=bt, BTF=16,
+        VEC=vec, VEC1=vec1, LOWP=lowp or cfg["lowp"], LOWPV=lowp_v or cfg["lowp_v"],
+        PREF=cfg["pref"] if pref is None else pref, MODE=mode,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
     )
     return o_part, lse, S1
 
 
 def _auto_path(kv, G: int) -> str:
-    if G == 1 and fmag_path_applies(kv, G):
-        return "fmag"
+    d = kv.k_scale.shape[-1]
+    if fmag_path_applies(kv, G):
+        # MHA: always (H100, round 3: 2/3/4-bit 3.00x / 1.75x / 2.29x fp16 at b1, 64k, vs "fma" at 3 bits 1.17x).
+        # GQA: only with 2-bit codes, one program per query head (0.96x / 0.80x vs "dot" 0.96x / 0.76x at
+        # b1 / b8); 4-bit GQA stays on "mma" (0.56-0.80x vs 0.39-0.72x), 3-bit on "dot" (0.69x vs 0.53x).
+        if G == 1 or (kv.key_bits == 2 and kv.value_bits == 2):
+            return "fmag"
     if fma_path_applies(kv, G):
         return "fma"
     return "mma" if mma_path_applies(kv, G) else "dot"
