@@ -75,6 +75,7 @@ class QoKVConfig(MethodConfig):
             score divided by its mean over the tokens quantized together.
         key_bit_offsets: key bit width of each group relative to ``kv.bits``.
         value_bit_offsets: value bit width of each group relative to ``kv.bits``.
+        min_bits: no group goes below this width (1-bit per-token codes keep only a sign).
         top_initial: first tokens of the sequence always in the top group.
         top_recent: most recent tokens (at quantization time) always in the top group.
         scale_keys: per-channel key scaling (calibrated).
@@ -91,14 +92,16 @@ class QoKVConfig(MethodConfig):
         base: base quantizer of every group: ``uniform`` per-token grouped, or ``nuq``: the same
             per-token ranges with a per-layer non-uniform codebook of each width, learned by
             (Fisher-weighted) k-means on the scaled calibration data (KVQuant's NUQ).
+        sink_tokens: the shared attention-sink component (first tokens kept in fp16), on by default.
     """
 
     name: str = "qokv"
     grouping: str = "online"
-    group_shares: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    group_shares: list[float] = field(default_factory=lambda: [0.1, 0.6, 0.3])
     group_thresholds: Optional[list[float]] = None
-    key_bit_offsets: list[int] = field(default_factory=lambda: [0, 0])
-    value_bit_offsets: list[int] = field(default_factory=lambda: [1, -1])
+    key_bit_offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
+    value_bit_offsets: list[int] = field(default_factory=lambda: [1, 0, -1])
+    min_bits: int = 2
     top_initial: int = 1
     top_recent: int = 0
     scale_keys: bool = True
@@ -110,6 +113,7 @@ class QoKVConfig(MethodConfig):
     tie_rope_pairs: bool = True
     pre_rope: bool = True
     base: str = "uniform"
+    sink_tokens: int = 1
 
 
 def group_counts(shares: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -319,7 +323,7 @@ class QoKV(KVMethod):
     def _width(self, offset: int) -> int:
         if self.kv.bits >= FP16_BITS:
             return FP16_BITS
-        return int(min(8, max(1, self.kv.bits + offset)))
+        return int(min(8, max(self.cfg.min_bits, self.kv.bits + offset)))
 
     # -- calibration -----------------------------------------------------------------------------
     def calibration_needs(self):

@@ -83,7 +83,8 @@ def test_online_scores_equal_eager_attention_received(tiny_model, wiki_splits, c
     from kvbench.patch import patched
 
     model, tok, info = tiny_model
-    method = _method(compose, info, ["kv.bits=4", "method.scale_keys=false", "method.scale_values=false"], tmp_path)
+    method = _method(compose, info, ["kv.bits=4", "method.scale_keys=false", "method.scale_values=false",
+                                     "method.sink_tokens=0"], tmp_path)
     seen = {}
     orig = qokv.received_attention
 
@@ -181,12 +182,14 @@ def test_avg_bits_counts_groups_map_and_scales(tiny_model, compose, tmp_path):
 
     info = ModelInfo("smollm2-135m", 30, 9, 3, 64, 8192, "llama")
     m = _method(compose, info, ["kv.bits=4"], tmp_path)
-    # keys 4; values 0.3*5 + 0.7*3 = 3.6; + 32/64 scale/zero, + 1-bit group id per token over
-    # 2*3*64 elements; + fp16 K scales, V scales and K shifts (3 vectors) amortised over 512 tokens
-    kb = 4.0 + 0.5 + 1 / 384
-    vb = 3.6 + 0.5 + 1 / 384
-    assert m.avg_bits(512) == pytest.approx((kb + vb) / 2 + 3 * 16 / (2 * 512), abs=1e-9)
-    assert 1 - m.avg_bits(512) / 16 == pytest.approx(0.7282, abs=1e-4)  # the original counts 4.2 bits (73.75 %)
+    # keys 4; values 0.1*5 + 0.6*4 + 0.3*3 = 3.8; + 32/64 scale/zero, + 2-bit group id per token over
+    # 2*3*64 elements; the fp16 sink token (1 of 512); + fp16 K scales, V scales and K shifts
+    # (3 vectors) amortised over 512 tokens
+    kb = 4.0 + 0.5 + 2 / 384
+    vb = 3.8 + 0.5 + 2 / 384
+    expected = ((kb + vb) / 2 * 511 + 16) / 512 + 3 * 16 / (2 * 512)
+    assert m.avg_bits(512) == pytest.approx(expected, abs=1e-9)
+    assert 1 - m.avg_bits(512) / 16 == pytest.approx(0.7203, abs=1e-4)  # the original counts 4.2 bits (73.75 %)
     m3 = _method(compose, info, ["kv.bits=4", "method.group_shares=[0.1,0.4,0.5]",
                                  "method.key_bit_offsets=[4,0,-1]", "method.value_bit_offsets=[0,0,0]"], tmp_path)
     assert m3.bits_per_element()[0] == pytest.approx(3.9 + 0.5 + 2 / 384, abs=1e-9)  # 8/4/3-bit keys
@@ -204,9 +207,9 @@ def test_bad_config_is_a_one_line_error(compose, tiny_model, tmp_path):
 
     _, _, info = tiny_model
     with pytest.raises(UserError, match="sum to 1"):
-        _method(compose, info, ["method.group_shares=[0.5,0.9]"], tmp_path)
+        _method(compose, info, ["method.group_shares=[0.5,0.9,0.1]"], tmp_path)
     with pytest.raises(UserError, match="one entry per group"):
-        _method(compose, info, ["method.key_bit_offsets=[4,0,0]"], tmp_path)
+        _method(compose, info, ["method.key_bit_offsets=[4,0]"], tmp_path)
     with pytest.raises(UserError, match="grouping"):
         _method(compose, info, ["method.grouping=sometimes"], tmp_path)
     with pytest.raises(UserError, match="shift_keys must be one of"):
@@ -224,7 +227,7 @@ def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embed
     model, tok, info = embedded_model
     cfg = compose(["method=qokv", "kv.bits=16", "method.scale_keys=false", "method.scale_values=false",
                    "method.top_initial=0", "method.top_recent=0", "method.group_shares=[0.1,0.9]",
-                   "method.key_bit_offsets=[4,0]", "method.value_bit_offsets=[0,0]"])
+                   "method.key_bit_offsets=[4,0]", "method.value_bit_offsets=[0,0]", "method.sink_tokens=0"])
     method = build_method(cfg, info)
     seen = []
     groups = method.groups
