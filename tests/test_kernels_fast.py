@@ -106,6 +106,10 @@ def test_fma_not_chosen_where_it_does_not_apply():
         (3, 3, 0, 8, 2, 64),  # two bit slices (2 + 1) on fmag
         (3, 3, 1, 8, 2, 96),
         (3, 4, 1, 16, 2, 64),  # slices on keys only
+        (4, 4, 3, 16, 4, 64),  # fp16x2 magic-number pairs (emulated here as mode 5; inline PTX on a GPU)
+        (2, 2, 4, 16, 2, 96),  # the same with exact key codes (mode 6 here)
+        (3, 3, 3, 8, 2, 64),
+        (4, 2, 3, 16, 4, 64),
     ],
 )
 def test_fmag_modes_and_two_slices(kbits, vbits, mode, tile, vec, n_packed):
@@ -133,6 +137,8 @@ def test_fmag_modes_and_two_slices(kbits, vbits, mode, tile, vec, n_packed):
         (4, 4, "mma", {}),
         (2, 4, "dot", {}),
         (4, 4, "fmag", {"gb": 4}),
+        (4, 4, "fmag", {"gb": 4, "mode": 3, "num_warps": 4, "tile": 32}),
+        (4, 1, "fmag", {"mode": 3}),
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):

@@ -425,6 +425,38 @@ def _prmt_byte(x, K: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _pair(words, J: tl.constexpr, WIDTH: tl.constexpr, SUB: tl.constexpr, ASM: tl.constexpr):
+    """fp32 fields ``J`` and ``J + 16 // WIDTH`` of uint32 ``words`` by the fp16x2 magic number: one shift and
+    one LOP3 ``(w >> J*WIDTH) & M | 0x64006400`` give two fp16 ``1024 + code`` (exact); with ``SUB`` one
+    ``sub.f16x2`` of 0x64006400 leaves the exact codes; ``cvt.f32.f16`` per half (``ASM``: inline PTX; else
+    the same values in plain Triton for the interpreter). Returns ``(lo, hi)``: ``OFF + code``, ``OFF`` 0 or 1024."""
+    SH: tl.constexpr = J * WIDTH
+    M: tl.constexpr = ((1 << WIDTH) - 1) * 0x00010001
+    if SH > 0:
+        x = words >> SH
+    else:
+        x = words
+    if ASM:
+        t = (x & M) | 0x64006400
+        if SUB:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 c, t; .reg .b16 l, h; .reg .f32 a, b; mov.b32 c, 0x64006400; sub.f16x2 t, $2, c; "
+                "mov.b32 {l, h}, t; cvt.f32.f16 a, l; cvt.f32.f16 b, h; mov.b32 $0, a; mov.b32 $1, b; }",
+                "=r,=r,r", [t], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .f32 a, b; "
+                "mov.b32 {l, h}, $2; cvt.f32.f16 a, l; cvt.f32.f16 b, h; mov.b32 $0, a; mov.b32 $1, b; }",
+                "=r,=r,r", [t], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+    else:
+        OFF: tl.constexpr = 0.0 if SUB else 1024.0
+        lo = (x & ((1 << WIDTH) - 1)).to(tl.float32) + OFF
+        hi = ((x >> 16) & ((1 << WIDTH) - 1)).to(tl.float32) + OFF
+        return lo, hi
+
+
+@triton.jit
 def _field(words, J: tl.constexpr, WIDTH: tl.constexpr, LOWP: tl.constexpr, MODE: tl.constexpr = 0):
     """fp32 ``OFF + code_j * 2**-FAC`` of field ``J`` of uint32 ``words`` (``OFF``, ``FAC``: see ``_fac``).
 
@@ -462,21 +494,25 @@ def _field(words, J: tl.constexpr, WIDTH: tl.constexpr, LOWP: tl.constexpr, MODE
 
 @triton.jit
 def _fields_joined(words, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, WIDTH: tl.constexpr,
-                   LOWP: tl.constexpr, MODE: tl.constexpr = 0):
+                   LOWP: tl.constexpr, MODE: tl.constexpr = 0, VAL: tl.constexpr = False):
     """Fields ``J0, J0 + STEP, ...`` (CNT of them) joined along new trailing axes (bit-reversed)."""
     if CNT == 1:
         return _field(words, J0, WIDTH, LOWP, MODE)
+    elif MODE >= 3 and CNT == 2:  # fields J0 and J0 + 16 // WIDTH (= STEP here): one fp16x2 magic pair
+        lo, hi = _pair(words, J0, WIDTH, VAL or MODE == 4 or MODE == 6, MODE <= 4)
+        return tl.join(lo, hi)
     else:
-        return tl.join(_fields_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE),
-                       _fields_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE))
+        return tl.join(_fields_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE, VAL),
+                       _fields_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE, VAL))
 
 
 @triton.jit
 def _fields_tile(words, WIDTH: tl.constexpr, LOWP: tl.constexpr, BT: tl.constexpr, NW: tl.constexpr,
-                 MODE: tl.constexpr = 0):
-    """``(BT, NW)`` int32 words -> ``(BT, NW, CPW)`` fp32 fields (channel ``w * CPW + j``)."""
+                 MODE: tl.constexpr = 0, VAL: tl.constexpr = False):
+    """``(BT, NW)`` int32 words -> ``(BT, NW, CPW)`` fp32 fields (channel ``w * CPW + j``); ``VAL``: value
+    fields (``MODE`` >= 3: exact codes, ``OFF`` 0)."""
     CPW: tl.constexpr = 32 // WIDTH
-    f = _fields_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, LOWP, MODE)
+    f = _fields_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, LOWP, MODE, VAL)
     return tl.reshape(f, (BT, NW, CPW))
 
 
@@ -489,6 +525,10 @@ def _kdot(words, qf, s2, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr
     (split back in registers with ``tl.split``)."""
     if CNT == 1:
         return s2 + _field(words, J0, WIDTH, LOWP, MODE) * qf[None, :]
+    elif MODE >= 3 and CNT == 2:
+        qa, qb = tl.split(qf)
+        lo, hi = _pair(words, J0, WIDTH, MODE == 4 or MODE == 6, MODE <= 4)
+        return s2 + lo * qa[None, :] + hi * qb[None, :]
     else:
         qa, qb = tl.split(qf)
         s2 = _kdot(words, qa, s2, J0, 2 * STEP, CNT // 2, WIDTH, LOWP, MODE)
@@ -525,7 +565,9 @@ def _fac(WIDTH: tl.constexpr, LOWP: tl.constexpr, NW: tl.constexpr, MODE: tl.con
     L: tl.constexpr = (23 - LOWP) // WIDTH * WIDTH
     o = tl.arange(0, CPW) * WIDTH
     pos = o - (o // L) * L + LOWP
-    if MODE != 0:
+    if MODE >= 3:
+        pos = pos * 0 + 23  # fp16x2 magic: the fields are OFF + code
+    elif MODE != 0:
         pos = pos * 0 + (22 - WIDTH)
     fac = tl.exp2((23 - pos).to(tl.float32))
     return tl.broadcast_to(fac[None, :], (NW, CPW))
@@ -692,6 +734,10 @@ def _gfold(qs, ksb, kzb, NW: tl.constexpr, CPW: tl.constexpr, MODE: tl.constexpr
     qf = qs * ksb
     if MODE == 0:
         bias = tl.sum(tl.sum(qs * kzb - qf, axis=1), axis=0)
+    elif MODE == 3 or MODE == 5:  # key fields 1024 + code
+        bias = tl.sum(tl.sum(qs * kzb - 1024.0 * qf, axis=1), axis=0)
+    elif MODE == 4 or MODE == 6:  # key fields = code
+        bias = tl.sum(tl.sum(qs * kzb + 0.0 * qf, axis=1), axis=0)
     else:
         bias = tl.sum(tl.sum(qs * kzb - 0.5 * qf, axis=1), axis=0)
     return _bitrev(qf, NW, CPW), bias
@@ -728,7 +774,9 @@ def _gfinal(m_i, l_t, ps_t, pz_t, acc, fac, acc1, fac1, o_row, lse_at, D: tl.con
             TWO: tl.constexpr):
     l_i = tl.sum(l_t, axis=0)
     sp_i = tl.sum(ps_t, axis=0)
-    if MODE != 0:
+    if MODE >= 3:
+        sp_i = sp_i * 0.0  # value fields are the exact codes
+    elif MODE != 0:
         sp_i = sp_i * 0.5
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.reshape((tl.sum(acc, axis=0) - sp_i) * fac, (D,))
@@ -796,7 +844,7 @@ def _decode_fmag_kernel(
                                                       NK, NK1, NV, NV1, VEC, VEC1)
         # loop-carried tiles start as zeros in the layout of the field tiles (no layout conversions)
         zq = tl.sum(_fields_joined(wk.to(tl.uint32, bitcast=True), 0, 1, CK, KW, LOWP, MODE) * 0.0, axis=0)
-        za = _fields_tile(wv, VW, LOWPV, BT, NV, MODE) * 0.0
+        za = _fields_tile(wv, VW, LOWPV, BT, NV, MODE, True) * 0.0
         z_t = _kscore(wk, zq, KW, LOWP, MODE)
         zs = tl.sum(z_t, axis=0)
         ck = _chan(NK, CK)
@@ -812,7 +860,7 @@ def _decode_fmag_kernel(
             fk1 = _fac(KW1, LOWP, NK1, MODE) * (1 << KW)
             qs01 = tl.load(q_ptr + row0 * D + ck1).to(tl.float32) * qscale
         if TWO:
-            a1 = _fields_tile(wv1, VW1, LOWPV, BT, NV1, MODE) * 0.0
+            a1 = _fields_tile(wv1, VW1, LOWPV, BT, NV1, MODE, True) * 0.0
         if GB > 1:
             qs1 = tl.load(q_ptr + (row0 + 1) * D + ck).to(tl.float32) * qscale
             qf1, b1, m1, l1, ps1, pz1, a_1 = zq, zs, zs - float("inf"), z_t, z_t, z_t, za
@@ -851,9 +899,9 @@ def _decode_fmag_kernel(
                     qf2, b2 = _gfold(qs2, ksb, kzb, NK, CK, MODE)
                 if GB > 3:
                     qf3, b3 = _gfold(qs3, ksb, kzb, NK, CK, MODE)
-            fv = _fields_tile(wv_c, VW, LOWPV, BT, NV, MODE)
+            fv = _fields_tile(wv_c, VW, LOWPV, BT, NV, MODE, True)
             if TWO:
-                fv1 = _fields_tile(wv1_c, VW1, LOWPV, BT, NV1, MODE)
+                fv1 = _fields_tile(wv1_c, VW1, LOWPV, BT, NV1, MODE, True)
             else:
                 fv1 = fv
             s = _kscore(wk_c, qf0, KW, LOWP, MODE)
@@ -1135,7 +1183,12 @@ def fmag_path_applies(kv, n_rep: int) -> bool:
 
 # Field extraction of the "fmag" path (see ``_field``): 0 shift + LOP3 per field; 1 byte fields + PRMT
 # emulated in Triton; 2 byte fields + PRMT as inline PTX (GPU only; the interpreter runs 1 instead).
-# Default (None): 2 where every slice is at most 2 bits wide (2-bit, 3-bit = 2 + 1), else 0. H100, T = 64k
+# 3 fp16x2 magic-number pairs (``_pair``: one shift + one LOP3 per two fields, cvt.f32.f16 on the FP pipe;
+# value fields exact codes via sub.f16x2); 4 the same with exact key codes; 5 / 6: 3 / 4 in plain Triton.
+# Default (None): 2 where every slice is at most 2 bits wide (2-bit, 3-bit = 2 + 1), 3 where the widest slice
+# is 4 bits, else 0. Round 4 (reports/bench/probe_round4.log, H100, T = 64k, MHA): 4-bit mode 0 2.28x / 2.28x
+# fp16 (b1 / b8), mode 3 2.54x / 2.47x, mode 4 2.48x / 2.44x; 2-bit mode 2 2.98x / 3.02x, mode 3 1.01x (one
+# outlier run) / 2.84x, mode 4 2.82x / 2.81x; 3-bit mode 2 1.74x / 1.61x, mode 3 1.68x / 1.52x. Round 3: H100, T = 64k
 # (reports/bench/probe_round3.log): 2-bit MHA 2.70x -> 3.00x fp16 (b1), 2.67x -> 3.02x (b8); 3-bit (fmag,
 # tile 8) 1.51x / 1.39x with 0, 1.75x / 1.61x with 2; 4-bit 2.29x / 2.28x with 0, 2.23x / 2.19x with 2.
 _MODE_ENV = os.environ.get("KVBENCH_FMAG_MODE")
@@ -1146,7 +1199,8 @@ def _fmag_mode(kv) -> int:
     if FMAG_MODE is not None:
         return FMAG_MODE
     d = kv.k_scale.shape[-1]
-    return 2 if max(_fma_slices(kv.key_bits, d) + _fma_slices(kv.value_bits, d)) <= 2 else 0
+    w = max(_fma_slices(kv.key_bits, d) + _fma_slices(kv.value_bits, d))
+    return 2 if w <= 2 else (3 if w == 4 else 0)
 
 
 def _interpreting() -> bool:
@@ -1178,7 +1232,7 @@ def _fmag_defaults(kv, G: int) -> dict:
 
 
 def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_splits=None, vec=None, lowp=None,
-                 lowp_v=None, waves=None, gb=None, pref=None, mode=None):
+                 lowp_v=None, waves=None, gb=None, pref=None, mode=None, maxnreg=None):
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -1192,10 +1246,10 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
     if (kw1 or vw1) and gb != 1:
         raise ValueError("codes of two bit slices need gb=1")
     mode = cfg["mode"] if mode is None else mode
-    if max(kw0, kw1, vw0, vw1) > 4:
+    if max(kw0, kw1, vw0, vw1) > 4 and mode in (1, 2):
         mode = 0  # byte fields need WIDTH <= 4
-    if mode == 2 and (_interpreting() or q.device.type != "cuda"):
-        mode = 1  # the interpreter cannot run inline PTX: same arithmetic in plain Triton
+    if mode in (2, 3, 4) and (_interpreting() or q.device.type != "cuda"):
+        mode = {2: 1, 3: 5, 4: 6}[mode]  # the interpreter cannot run inline PTX: same arithmetic in plain Triton
     vec = vec or cfg["vec"]
     vec1 = max(1, vec * kw1 // kw0) if kw1 else vec
     kb = kv.key_block
@@ -1220,6 +1274,7 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
         VEC=vec, VEC1=vec1, LOWP=lowp or cfg["lowp"], LOWPV=lowp_v or cfg["lowp_v"],
         PREF=cfg["pref"] if pref is None else pref, MODE=mode,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
+        **({} if maxnreg is None or _interpreting() else dict(maxnreg=maxnreg)),
     )
     return o_part, lse, S1
 
