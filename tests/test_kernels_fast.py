@@ -36,7 +36,7 @@ def test_fma_matches_reference(bits, rep, sink, recent, n_packed, tile):
     k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
     q = torch.randn(B, H * rep, D) * 2
     kv = ops.build_packed_kv(k, v, bits, bits, 32, D, sink, recent, impl="reference")
-    auto = "fmag" if rep == 1 or bits == 2 else ("mma" if bits == 4 else "dot")
+    auto = "fmag" if rep == 1 else ("gmma" if bits in (2, 4) else "dot")
     assert triton_ops.fma_path_applies(kv, 1) and triton_ops._auto_path(kv, rep) == auto
     ref = ops.decode_attention(q, kv, impl="reference")
     out = triton_ops.decode_attention(q, kv, path="fma", n_splits=2, tile=tile)
@@ -139,6 +139,9 @@ def test_fmag_modes_and_two_slices(kbits, vbits, mode, tile, vec, n_packed):
         (4, 4, "fmag", {"gb": 4}),
         (4, 4, "fmag", {"gb": 4, "mode": 3, "num_warps": 4, "tile": 32}),
         (4, 1, "fmag", {"mode": 3}),
+        (4, 4, "gmma", {}),  # tile 64: the second (only partial) tile of the second key block
+        (2, 4, "gmma", {"tile": 16, "vt": 0, "n_splits": 2}),
+        (4, 4, "gmma", {"tile": 32, "pref": 0}),
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):
@@ -160,3 +163,27 @@ def test_partial_last_tile(bits, rep, path, kw):
         kw = {"n_splits": 2, **kw}
     out = triton_ops.decode_attention(q, kv, path=path, **kw)
     assert torch.isfinite(out).all() and _rel(out, ref) < REL_TOL, (path, _rel(out, ref))
+
+
+@pytest.mark.parametrize(
+    "bits,rep,sink,recent,n_packed,tile,vt,pref",
+    [
+        (4, 4, 0, 3, 64, 16, 1, 1),
+        (2, 4, 2, 5, 96, 16, 0, 1),
+        (4, 2, 1, 0, 64, 32, 1, 0),
+        (2, 8, 0, 2, 64, 16, 1, 1),
+    ],
+)
+def test_gmma_matches_reference(bits, rep, sink, recent, n_packed, tile, vt, pref):
+    """GQA tensor-core path on fp16 magic-number codes (interpreter: plain-Triton twin of the inline PTX)."""
+    torch.manual_seed(bits * 10 + rep)
+    B, H, D = 2, 2, 64
+    T = sink + n_packed + recent
+    k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    q = torch.randn(B, H * rep, D) * 2
+    kv = ops.build_packed_kv(k, v, bits, bits, 32, D, sink, recent, impl="reference")
+    assert triton_ops.gmma_path_applies(kv, rep) and not triton_ops.gmma_path_applies(kv, 1)
+    ref = ops.decode_attention(q, kv, impl="reference")
+    out = triton_ops.decode_attention(q, kv, path="gmma", n_splits=2, tile=tile, vt=vt, pref=pref)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert _rel(out, ref) < REL_TOL, _rel(out, ref)

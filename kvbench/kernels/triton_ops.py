@@ -1103,6 +1103,185 @@ def _decode_mma_kernel(
     tl.store(lse_ptr + rows * S1 + sp, lse, mask=g_mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# "gmma" (round 5, GQA): one program per KV head and split; the G query heads (padded to GP = 16 columns,
+# q rows beyond G zero) share every word tile through tl.dot. Fields come out as fp16 exact codes by the
+# fp16x2 magic number (``_codes16``: one shift + one LOP3 + one sub.f16x2 per two fields, no cvt), the key
+# scales are folded into q (fp16), the value scales into p; zero points into bias terms. The next tile's
+# words (and value scales) are loaded at the top of the loop body (register prefetch, ``PREF``).
+# ``VT`` 1: values as the transposed product accT (D, GP) += V^T (D, BT) P (BT, GP); 0: acc (GP, D) +=
+# P^T (GP, BT) V (BT, D). One bit slice only (2/4/8-bit codes).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _codes16(words, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
+    """fp16 exact codes of fields ``J`` and ``J + 16 // WIDTH`` of uint32 ``words`` (``(lo, hi)``)."""
+    SH: tl.constexpr = J * WIDTH
+    M: tl.constexpr = ((1 << WIDTH) - 1) * 0x00010001
+    if SH > 0:
+        x = words >> SH
+    else:
+        x = words
+    if ASM == 1:
+        t = (x & M) | 0x64006400
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $2, c; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r", [t], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return lo, hi
+    elif ASM == 2:
+        t = (x & M) | 0x64006400
+        u = tl.inline_asm_elementwise(
+            "{ .reg .b32 c; mov.b32 c, 0x64006400; sub.f16x2 $0, $1, c; }",
+            "=r,r", [t], dtype=tl.uint32, is_pure=True, pack=1)
+        lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        return lo, hi
+    else:
+        lo = (x & ((1 << WIDTH) - 1)).to(tl.float16)
+        hi = ((x >> 16) & ((1 << WIDTH) - 1)).to(tl.float16)
+        return lo, hi
+
+
+@triton.jit
+def _codes16_joined(words, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, WIDTH: tl.constexpr,
+                    ASM: tl.constexpr):
+    if CNT == 2:  # STEP == 16 // WIDTH here: one magic pair
+        lo, hi = _codes16(words, J0, WIDTH, ASM)
+        return tl.join(lo, hi)
+    else:
+        return tl.join(_codes16_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, ASM),
+                       _codes16_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, ASM))
+
+
+@triton.jit
+def _codes16_tile(words, WIDTH: tl.constexpr, R: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr):
+    """``(R, NW)`` int32 words -> ``(R, NW * CPW)`` fp16 exact codes (channel ``w * CPW + j``)."""
+    CPW: tl.constexpr = 32 // WIDTH
+    f = _codes16_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, ASM)
+    return tl.reshape(f, (R, NW * CPW))
+
+
+@triton.jit
+def _decode_gmma_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KB: tl.constexpr,
+    BT: tl.constexpr, BTF: tl.constexpr, PREF: tl.constexpr, ASM: tl.constexpr, VT: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    NWK: tl.constexpr = D * KW // 32
+    NWV: tl.constexpr = D * VW // 32
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < G
+    offs_d = tl.arange(0, D)
+    rows = n * G + offs_g
+    qT = tl.load(q_ptr + rows[None, :] * D + offs_d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+    qT = qT * (sm_scale * _LOG2E)  # (D, GP)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    corr = tl.zeros((GP,), tl.float32)
+    if VT:
+        acc = tl.zeros((D, GP), tl.float32)
+    else:
+        acc = tl.zeros((GP, D), tl.float32)
+    if sp < n_splits:
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        ar = tl.arange(0, BT)
+        if PREF:
+            offs_n = t_begin + ar
+            tmn = offs_n < t_end
+            kwn = tl.load(kw_ptr + (n * T_CAP + offs_n)[:, None] * NWK + tl.arange(0, NWK)[None, :],
+                          mask=tmn[:, None], other=0)
+            vwn = tl.load(vw_ptr + (n * T_CAP + offs_n)[:, None] * NWV + tl.arange(0, NWV)[None, :],
+                          mask=tmn[:, None], other=0)
+            vsn = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tmn, other=0.0)
+            vzn = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tmn, other=0.0)
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + ar
+            tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
+            if PREF:
+                kwc = kwn
+                vwc = vwn
+                vsc = vsn.to(tl.float32)
+                vzp = vzn.to(tl.float32)
+                offs_n = offs_t + BT
+                tmn = offs_n < t_end
+                kwn = tl.load(kw_ptr + (n * T_CAP + offs_n)[:, None] * NWK + tl.arange(0, NWK)[None, :],
+                              mask=tmn[:, None], other=0)
+                vwn = tl.load(vw_ptr + (n * T_CAP + offs_n)[:, None] * NWV + tl.arange(0, NWV)[None, :],
+                              mask=tmn[:, None], other=0)
+                vsn = tl.load(vs_ptr + n * T_CAP + offs_n, mask=tmn, other=0.0)
+                vzn = tl.load(vz_ptr + n * T_CAP + offs_n, mask=tmn, other=0.0)
+            else:
+                kwc = tl.load(kw_ptr + (n * T_CAP + offs_t)[:, None] * NWK + tl.arange(0, NWK)[None, :],
+                              mask=tm[:, None], other=0)
+                vwc = tl.load(vw_ptr + (n * T_CAP + offs_t)[:, None] * NWV + tl.arange(0, NWV)[None, :],
+                              mask=tm[:, None], other=0)
+                vsc = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+                vzp = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+            kb = (n * NB_CAP + t0 // KB) * D
+            ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
+            kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
+            wq = (qT * ksc).to(tl.float16)
+            bias = tl.sum(qT * kzp, axis=0)  # (GP,)
+            kf = _codes16_tile(kwc, KW, BT, NWK, ASM)  # (BT, D) fp16 exact codes
+            sT = tl.dot(kf, wq)  # (BT, GP)
+            sT = tl.where(tm[:, None], sT + bias[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            pT = tl.exp2(sT - m_new[None, :])  # (BT, GP)
+            l_i = l_i * alpha + tl.sum(pT, axis=0)
+            corr = corr * alpha + tl.sum(pT * vzp[:, None], axis=0)
+            pv = (pT * vsc[:, None]).to(tl.float16)
+            vf = _codes16_tile(vwc, VW, BT, NWV, ASM)  # (BT, D)
+            if VT:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(vf), pv)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(tl.trans(pv), vf)
+            m_i = m_new
+        if VT:
+            acc = acc + corr[None, :]
+        else:
+            acc = acc + corr[:, None]
+    else:
+        for part in tl.static_range(2):
+            if part == 0:
+                base_k = sk_ptr + n * S_CAP * D
+                base_v = sv_ptr + n * S_CAP * D
+                n_tok = n_sink
+            else:
+                base_k = rk_ptr + n * R_CAP * D
+                base_v = rv_ptr + n * R_CAP * D
+                n_tok = n_recent
+            for t0 in range(0, n_tok, BTF):
+                offs_t = t0 + tl.arange(0, BTF)
+                tm = offs_t < n_tok
+                k = tl.load(base_k + offs_t[:, None] * D + offs_d[None, :], mask=tm[:, None], other=0.0)
+                v = tl.load(base_v + offs_t[:, None] * D + offs_d[None, :], mask=tm[:, None], other=0.0)
+                sT = tl.dot(k.to(tl.float16), qT.to(tl.float16))  # (BTF, GP)
+                sT = tl.where(tm[:, None], sT, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                pT = tl.exp2(sT - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(pT, axis=0)
+                if VT:
+                    acc = acc * alpha[None, :] + tl.dot(tl.trans(v.to(tl.float16)), pT.to(tl.float16))
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(tl.trans(pT.to(tl.float16)), v.to(tl.float16))
+                m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    if VT:
+        out = acc / l_safe[None, :]
+        tl.store(o_ptr + (rows[None, :] * S1 + sp) * D + offs_d[:, None], out, mask=g_mask[None, :])
+    else:
+        out = acc / l_safe[:, None]
+        tl.store(o_ptr + (rows[:, None] * S1 + sp) * D + offs_d[None, :], out, mask=g_mask[:, None])
+    tl.store(lse_ptr + rows * S1 + sp, lse, mask=g_mask)
+
+
 @triton.jit
 def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, NSLOT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -1279,8 +1458,59 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
     return o_part, lse, S1
 
 
+def gmma_path_applies(kv, n_rep: int) -> bool:
+    """True where the GQA tensor-core path on fp16 magic-number codes runs ("gmma", round 5): uniform 2/4/8-bit
+    codes (one bit slice), post-RoPE keys, no outliers, one value group per token, 2 <= ``n_rep`` <= 16."""
+    d = kv.k_scale.shape[-1]
+    return (
+        kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
+        and kv.v_scale.shape[-1] == 1 and 2 <= n_rep <= 16
+        and kv.key_bits in (2, 4, 8) and kv.value_bits in (2, 4, 8) and d % 32 == 0
+    )
+
+
+def _decode_gmma(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_splits=None, pref=1, asm=None,
+                 vt=0, waves=4):
+    # H100, Llama-3-8B shape (G = 4), T = 64k (reports/bench/probe_round5.log), x fp16 SDPA at b1 / b8:
+    # vt 0, tile 64 x 4 warps: 4-bit 0.91x / 0.83x (mma 0.78x / 0.80x), 2-bit 0.98x / 1.02x (fmag gb 1
+    # 0.95x / 0.81x); tile 32: 4-bit 0.82x / 0.82x, 2-bit 1.14x / 0.81x; tile 32 vt 0 0.76-0.77x; asm 0
+    # (plain-Triton fields) 0.68-0.70x. vt 1 at tile >= 64 (wgmma with the register codes as A operand)
+    # and pref 0 with num_stages 2 fault (illegal address, Triton 3.6): do not use them.
+    B, Hq, D = q.shape
+    H = kv.k_words.shape[1]
+    G = Hq // H
+    bt = tile or 64
+    if kv.key_block % bt:
+        raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
+    if asm is None:
+        asm = 1
+    if _interpreting() or q.device.type != "cuda":
+        asm = 0  # the interpreter cannot run inline PTX: same values in plain Triton
+    n_tiles = triton.cdiv(kv.n_packed, bt)
+    if n_splits is None:
+        n_splits = max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), B * H)))
+    tps = max(1, triton.cdiv(n_tiles, max(n_splits, 1)))
+    n_splits = triton.cdiv(n_tiles, tps) if n_tiles else 0
+    S1 = n_splits + 1
+    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
+    _decode_gmma_kernel[(B * H, S1)](
+        q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+        kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
+        scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+        kv.n_packed, kv.n_sink, kv.n_recent, tps, n_splits,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, KW=kv.key_bits, VW=kv.value_bits, KB=kv.key_block,
+        BT=bt, BTF=32, PREF=pref, ASM=asm, VT=vt, num_warps=num_warps or 4, num_stages=num_stages or 1,
+    )
+    return o_part, lse, S1
+
+
 def _auto_path(kv, G: int) -> str:
     d = kv.k_scale.shape[-1]
+    if G > 1 and gmma_path_applies(kv, G):
+        # round 5 (H100, 64k, reports/bench/probe_round5.log): 4-bit 0.91x / 0.83x fp16 (b1 / b8; mma 0.78x /
+        # 0.80x), 2-bit 0.98x / 1.02x (fmag gb 1 0.95x / 0.81x)
+        return "gmma"
     if fmag_path_applies(kv, G):
         # MHA: always (H100, round 3: 2/3/4-bit 3.00x / 1.75x / 2.29x fp16 at b1, 64k, vs "fma" at 3 bits 1.17x).
         # GQA: only with 2-bit codes, one program per query head (0.96x / 0.80x vs "dot" 0.96x / 0.76x at
@@ -1346,8 +1576,8 @@ def decode_attention(q, kv, sm_scale=None, *, path=None, tile=None, num_warps=No
         path = os.environ.get("KVBENCH_KERNEL_PATH") or _auto_path(kv, G)
     q = q.contiguous()
     scale = D**-0.5 if sm_scale is None else sm_scale
-    if path in ("fma", "fmag"):
-        run = _decode_fma if path == "fma" else _decode_fmag
+    if path in ("fma", "fmag", "gmma"):
+        run = {"fma": _decode_fma, "fmag": _decode_fmag, "gmma": _decode_gmma}[path]
         o_part, lse, S1 = run(q, kv, scale, tile, num_warps, num_stages, n_splits, **fma_tuning)
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
         _reduce_kernel[(B * Hq,)](o_part, lse, out, S1, SP=triton.next_power_of_2(S1), D=D, NSLOT=1)
