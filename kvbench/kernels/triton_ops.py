@@ -1386,6 +1386,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _split_plan(q, n_units: int, n_prog: int, waves: int, n_splits):
+    """Flash-decoding split of ``n_units`` (tiles or key blocks) over the sequence.
+
+    Returns ``(units_per_split, n_splits, o_part, lse)``: by default about ``waves`` programs per SM over
+    the ``n_prog`` programs of one split; the partial outputs ``(B*Hq, n_splits + 1, 1, D)`` fp32 and their
+    log-sum-exps ``(B*Hq, n_splits + 1)`` have one more slot for the fp16 sink/recent part.
+    """
+    if n_splits is None:
+        n_splits = max(1, min(n_units, triton.cdiv(waves * _num_sms(q.device), n_prog)))
+    per = max(1, triton.cdiv(n_units, max(n_splits, 1)))
+    n_splits = triton.cdiv(n_units, per) if n_units else 0
+    B, Hq, D = q.shape
+    o_part = torch.empty(B * Hq, n_splits + 1, 1, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq, n_splits + 1, dtype=torch.float32, device=q.device)
+    return per, n_splits, o_part, lse
+
+
 def _fmag_defaults(kv, G: int) -> dict:
     """Launch parameters of the grouped CUDA-core path (see reports/bench/README.md).
 
@@ -1434,15 +1451,9 @@ def _decode_fmag(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
     kb = kv.key_block
     if kb % bt:
         raise ValueError(f"tile {bt} must divide key_block {kb}")
-    n_blocks = triton.cdiv(kv.n_packed, kb)
-    n_prog = B * Hq // gb
-    if n_splits is None:
-        n_splits = max(1, min(n_blocks, triton.cdiv((waves or cfg["waves"]) * _num_sms(q.device), n_prog)))
-    bps = max(1, triton.cdiv(n_blocks, max(n_splits, 1)))  # key blocks per split: splits start on a block
-    n_splits = triton.cdiv(n_blocks, bps) if n_blocks else 0
+    n_prog = B * Hq // gb  # splits start on a key block
+    bps, n_splits, o_part, lse = _split_plan(q, triton.cdiv(kv.n_packed, kb), n_prog, waves or cfg["waves"], n_splits)
     S1 = n_splits + 1
-    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
     global _LAST_FMAG
     _LAST_FMAG = _decode_fmag_kernel[(n_prog, S1)](
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
@@ -1486,14 +1497,8 @@ def _decode_gmma(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spl
         asm = 1
     if _interpreting() or q.device.type != "cuda":
         asm = 0  # the interpreter cannot run inline PTX: same values in plain Triton
-    n_tiles = triton.cdiv(kv.n_packed, bt)
-    if n_splits is None:
-        n_splits = max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), B * H)))
-    tps = max(1, triton.cdiv(n_tiles, max(n_splits, 1)))
-    n_splits = triton.cdiv(n_tiles, tps) if n_tiles else 0
+    tps, n_splits, o_part, lse = _split_plan(q, triton.cdiv(kv.n_packed, bt), B * H, waves, n_splits)
     S1 = n_splits + 1
-    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
     _decode_gmma_kernel[(B * H, S1)](
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
@@ -1517,8 +1522,6 @@ def _auto_path(kv, G: int) -> str:
         # b1 / b8); 4-bit GQA stays on "mma" (0.56-0.80x vs 0.39-0.72x), 3-bit on "dot" (0.69x vs 0.53x).
         if G == 1 or (kv.key_bits == 2 and kv.value_bits == 2):
             return "fmag"
-    if fma_path_applies(kv, G):
-        return "fma"
     return "mma" if mma_path_applies(kv, G) else "dot"
 
 
@@ -1532,16 +1535,11 @@ def _decode_fma(q, kv, scale, tile=None, num_warps=None, num_stages=None, n_spli
     kb = kv.key_block
     if kb % bt:
         raise ValueError(f"tile {bt} must divide key_block {kb}")
-    n_blocks = triton.cdiv(kv.n_packed, kb)
-    if n_splits is None:
-        n_splits = max(1, min(n_blocks, triton.cdiv((waves or cfg["waves"]) * _num_sms(q.device), B * Hq)))
-    bps = max(1, triton.cdiv(n_blocks, max(n_splits, 1)))  # key blocks per split: splits start on a block
-    n_splits = triton.cdiv(n_blocks, bps) if n_blocks else 0
+    # splits start on a key block
+    bps, n_splits, o_part, lse = _split_plan(q, triton.cdiv(kv.n_packed, kb), B * Hq, waves or cfg["waves"], n_splits)
     S1 = n_splits + 1
     kw0, kw1 = _fma_slices(kv.key_bits, D)
     vw0, vw1 = _fma_slices(kv.value_bits, D)
-    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
     _decode_fma_kernel[(B * Hq, S1)](
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, o_part, lse,
@@ -1558,16 +1556,22 @@ def decode_attention(q, kv, sm_scale=None, *, path=None, tile=None, num_warps=No
                      n_splits=None, **fma_tuning):
     """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K + reduction).
 
-    Three kernels, chosen by ``path`` (default ``$KVBENCH_KERNEL_PATH`` or automatic):
+    Kernels, chosen by ``path`` (default ``$KVBENCH_KERNEL_PATH`` or automatic, ``_auto_path``; measurements
+    in reports/bench/README.md):
 
-    * ``"fma"`` (automatic where :func:`fma_path_applies`: uniform codes, post-RoPE keys, no outliers,
-      one value group per token): CUDA-core kernel on packed words, see ``_decode_fma_kernel``;
-    * ``"mma"`` (4-bit only, forced): tensor-core kernel on dequantized tiles, kept for comparison;
+    * ``"gmma"`` (automatic for GQA, ``n_rep > 1``, where :func:`gmma_path_applies`: uniform 2/4/8-bit codes,
+      post-RoPE keys, no outliers, one value group per token): the query heads of a KV head share each word
+      tile through ``tl.dot`` on fp16 magic-number codes;
+    * ``"fmag"`` (automatic for MHA where :func:`fmag_path_applies`, and for 2-bit GQA where "gmma" does not
+      apply): CUDA-core kernel on packed words, fields extracted with compile-time shifts or inline PTX;
+    * ``"mma"`` (4-bit uniform, automatic only where neither of the above applies): tensor-core kernel on
+      dequantized tiles;
+    * ``"fma"`` (forced only): the first CUDA-core kernel, dominated by "fmag", kept as a baseline;
     * ``"dot"`` (everything else: NUQ codebooks, pre-RoPE keys, sparse outliers, grouped values).
 
     Tuning keywords: ``tile`` tokens per step (divides ``key_block``), ``num_warps``, ``num_stages``,
-    ``n_splits`` (sequence splits), and for "fma" ``vec``, ``lowp``, ``lowp_v``, ``waves`` (see
-    ``_fma_defaults``).
+    ``n_splits`` (sequence splits), and the per-path keywords of ``_decode_fmag`` / ``_decode_gmma`` /
+    ``_decode_fma`` (``vec``, ``lowp``, ``lowp_v``, ``waves``, ``gb``, ``pref``, ``mode``, ...).
     """
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
@@ -1587,14 +1591,8 @@ def decode_attention(q, kv, sm_scale=None, *, path=None, tile=None, num_warps=No
     bt = tile or min(kv.key_block, 64)  # mma: tile 64 x 4 warps measured best on H100 (8 warps crashed)
     if kv.key_block % bt:
         raise ValueError(f"tile {bt} must divide key_block {kv.key_block}")
-    n_tiles = triton.cdiv(kv.n_packed, bt)
-    if n_splits is None:
-        n_splits = max(1, min(n_tiles, triton.cdiv(4 * _num_sms(q.device), B * H)))
-    tps = max(1, triton.cdiv(n_tiles, max(n_splits, 1)))
-    n_splits = triton.cdiv(n_tiles, tps) if n_tiles else 0
+    tps, n_splits, o_part, lse = _split_plan(q, triton.cdiv(kv.n_packed, bt), B * H, 4, n_splits)
     S1 = n_splits + 1
-    o_part = torch.empty(B * Hq, S1, 1, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B * Hq, S1, dtype=torch.float32, device=q.device)
     if path == "mma":
         kw0, kw1 = _fma_slices(kv.key_bits, D)
         vw0, vw1 = _fma_slices(kv.value_bits, D)
