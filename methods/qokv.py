@@ -7,7 +7,7 @@ Two components, each switchable:
    how many queries do, and averaged over the query heads. Tokens are ranked by that score and
    split into groups (``group_shares``, most important first, or ``group_thresholds`` on the score
    relative to its mean); group ``g`` stores keys at ``kv.bits + key_bit_offsets[g]`` and values at
-   ``kv.bits + value_bit_offsets[g]`` bits (clamped to 1..8). ``grouping=online`` (the default)
+   ``kv.bits + value_bit_offsets[g]`` bits (clamped to ``min_bits``..8). ``grouping=online`` (the default)
    computes the scores per sequence from the real attention probabilities of the current forward
    (post-RoPE queries and unquantized keys, causal mask, scaling ``1/sqrt(head_dim)``);
    ``grouping=offline`` uses a per-layer position -> group map computed once from calibration
@@ -83,7 +83,7 @@ class QoKVConfig(MethodConfig):
         shift_keys: per-channel key shift before scaling and quantization: ``none``, ``mid``
             (midpoint of the calibration range) or ``mean``.
         shift_values: the same for values.
-        key_alpha: key scaling strength, ``s_j = max|k_j| ** alpha`` (0 = no scaling, 1 = equalised
+        key_alpha: key scaling strength, ``s_j = max|k_j - z_j| ** alpha`` (0 = no scaling, 1 = equalised
             ranges); ``None``: chosen per layer and KV head from a grid, minimising the
             Fisher-weighted quantization error on the calibration split (:func:`search_alpha`).
         value_alpha: the same for values.
