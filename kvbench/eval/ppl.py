@@ -7,14 +7,32 @@ The evaluation text is tokenized once and cut into non-overlapping windows of ``
 
 i.e. the token-weighted mean NLL over all windows (each window predicts ``seqlen - 1`` tokens).
 This is *token* perplexity at context ``seqlen``, not lm-eval's word perplexity.
+
+Error bars: the token NLLs are summed per block of ``BLOCK`` contiguous predicted tokens (a window's
+last block is shorter; blocks never cross windows), and ``ppl_ci95`` is a block bootstrap over them
+(:mod:`kvbench.stats`). The per-block sums are kept in the results so that two runs on the same
+tokens can be compared pairwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 from tqdm.auto import tqdm
+
+from kvbench import stats
+
+BLOCK = 128  # predicted tokens per bootstrap block: long enough that neighbouring blocks are nearly independent
+
+
+def check_window_args(seqlen: int, max_windows: int | None) -> None:
+    """Raise ``ValueError`` unless ``seqlen >= 2`` (a window predicts ``seqlen - 1`` tokens) and ``max_windows >= 1``."""
+    if seqlen < 2:
+        raise ValueError(f"eval.seqlen must be >= 2 (a window of seqlen tokens predicts seqlen - 1), got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"eval.max_windows must be >= 1 or null (all windows), got {max_windows}")
 
 
 def tokenize_prefix(tok, docs: list[str], n_tokens: int | None) -> torch.Tensor:
@@ -22,7 +40,12 @@ def tokenize_prefix(tok, docs: list[str], n_tokens: int | None) -> torch.Tensor:
 
     The text is cut at a document boundary with a margin, so the first ``n_tokens`` ids equal those
     of tokenizing the whole text (tokenizing ~1M tokens to use 16k would dominate a quick run).
+
+    Raises:
+        ValueError: ``n_tokens < 1``.
     """
+    if n_tokens is not None and n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1 or None, got {n_tokens}")
     n_docs = len(docs)
     if n_tokens is not None:
         chars, n_docs = 0, 0
@@ -31,13 +54,18 @@ def tokenize_prefix(tok, docs: list[str], n_tokens: int | None) -> torch.Tensor:
             n_docs += 1
     while True:
         ids = tok("\n\n".join(docs[:n_docs]), return_tensors="pt").input_ids[0]
-        if n_tokens is None or ids.numel() > n_tokens or n_docs == len(docs):
+        if n_tokens is None or ids.numel() > n_tokens or n_docs >= len(docs):
             return ids
-        n_docs = min(len(docs), 2 * n_docs)
+        n_docs = min(len(docs), max(n_docs + 1, 2 * n_docs))
 
 
 def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    """``ids (N,)`` -> ``(n_windows, seqlen)`` non-overlapping windows."""
+    """``ids (N,)`` -> ``(n_windows, seqlen)`` non-overlapping windows.
+
+    Raises:
+        ValueError: ``seqlen < 2``, ``max_windows < 1``, or fewer than ``seqlen`` tokens.
+    """
+    check_window_args(seqlen, max_windows)
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -47,24 +75,46 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Te
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on token ids ``(N,)``; returns ``{"ppl", "nll", "tokens", "windows", "seqlen"}``."""
+def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True,
+               block: int = BLOCK) -> dict:
+    """Perplexity of ``model`` on token ids ``(N,)``, with per-block NLL sums and a 95 % interval.
+
+    Args:
+        model: a causal LM returning ``.logits`` ``(1, T, V)``.
+        ids: ``(N,)`` token ids, cut into windows by :func:`windows`.
+        seqlen: window length ``T``.
+        max_windows: at most this many windows (None: all).
+        progress: show a progress bar.
+        block: predicted tokens per bootstrap block; each window's ``seqlen - 1`` predictions are cut
+            into blocks of ``block`` (the last one shorter), never crossing a window.
+
+    Returns:
+        ``{"ppl", "nll" (mean per token), "tokens", "windows", "seqlen", "ci95": [lo, hi],
+        "blocks": {"size", "nll": [per-block NLL sums], "tokens": [per-block counts], "ids": digest}}``.
+    """
     device = next(model.parameters()).device
     chunks = windows(ids, seqlen, max_windows)
-    total_nll, count = 0.0, 0
+    block_nll, block_tokens = [], []
     for w in tqdm(chunks, desc=f"ppl@{seqlen}", disable=not progress, leave=False):
         x = w.unsqueeze(0).to(device)  # (1, T)
         logits = model(x).logits.float()  # (1, T, V)
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        count += seqlen - 1
-    mean = total_nll / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(chunks), "seqlen": seqlen}
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="none").double()  # (T-1,)
+        for part in nll.split(block):
+            block_nll.append(part.sum().item())
+            block_tokens.append(part.numel())
+    count = sum(block_tokens)
+    mean = math.fsum(block_nll) / count
+    digest = hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(chunks), "seqlen": seqlen,
+            "ci95": list(stats.ppl_ci(block_nll, block_tokens)),
+            "blocks": {"size": block, "nll": block_nll, "tokens": block_tokens, "ids": digest}}
 
 
 def evaluate(cfg, model, tok, splits, method) -> dict:
-    """The ``eval=ppl`` entry point: perplexity of the evaluation split."""
+    """The ``eval=ppl`` entry point: perplexity of the evaluation split, its 95 % interval and per-block NLLs."""
+    check_window_args(cfg.eval.seqlen, cfg.eval.max_windows)
     need = None if cfg.eval.max_windows is None else cfg.eval.seqlen * cfg.eval.max_windows
     ids = tokenize_prefix(tok, splits.eval, need)
     p = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.logging.progress)
-    return {"ppl": p["ppl"], "ppl_info": {"kind": "token", "context": p["seqlen"], "tokens": p["tokens"], "windows": p["windows"]}}
+    return {"ppl": p["ppl"], "ppl_ci95": p["ci95"], "ppl_blocks": p["blocks"],
+            "ppl_info": {"kind": "token", "context": p["seqlen"], "tokens": p["tokens"], "windows": p["windows"]}}
