@@ -74,6 +74,16 @@ class KVMethod:
         """Simulated quantization of values ``(B, H_kv, T, D) -> (B, H_kv, T, D)``."""
         return v
 
+    def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: "Optional[KVContext]" = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Simulated quantization of one chunk of keys and values ``(B, H_kv, T, D)``, both at once.
+
+        The cache calls this; the default quantizes keys and values independently. A method whose
+        keys and values share a decision about the chunk (QoKV's token groups) overrides it, so the
+        decision travels as a local value instead of being remembered between two calls.
+        """
+        return self.quantize_keys(k, layer, ctx), self.quantize_values(v, layer, ctx)
+
     def bits_per_element(self) -> tuple[float, float]:
         """Average stored bits per key and per value element of a *quantized* token,
         scales, zero points, codebooks (amortised) and outliers included."""

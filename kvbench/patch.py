@@ -90,12 +90,13 @@ class QuantizingLayer(DynamicLayer):
         hi = lo + n
         ctx = KVContext(start=lo, query=self.query, query_start=query_start, keys=self.keys)
         k = self.keys[..., lo:hi, :]  # (B, H_kv, n, D)
-        if m.pre_rope and self.cos is not None:
+        rope = m.pre_rope and self.cos is not None
+        if rope:
             cos, sin = self.cos[:, lo:hi], self.sin[:, lo:hi]
-            k_hat = apply_rope(m.quantize_keys(invert_rope(k, cos, sin), self.layer_idx, ctx), cos, sin)
-        else:
-            k_hat = m.quantize_keys(k, self.layer_idx, ctx)
-        v_hat = m.quantize_values(self.values[..., lo:hi, :], self.layer_idx, ctx)
+            k = invert_rope(k, cos, sin)
+        k_hat, v_hat = m.quantize_kv(k, self.values[..., lo:hi, :], self.layer_idx, ctx)
+        if rope:
+            k_hat = apply_rope(k_hat, cos, sin)
         self.keys = torch.cat([self.keys[..., :lo, :], k_hat.to(k.dtype), self.keys[..., hi:, :]], dim=-2)
         self.values = torch.cat([self.values[..., :lo, :], v_hat.to(k.dtype), self.values[..., hi:, :]], dim=-2)
         self.n_final = hi

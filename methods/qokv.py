@@ -318,7 +318,6 @@ class QoKV(KVMethod):
         self.offline_groups: Optional[torch.Tensor] = None  # (L, T_calib)
         self.tokens_per_group = torch.zeros(self.n_groups, dtype=torch.float64)  # realised, for avg bits
         self.codebooks: dict[str, dict[int, torch.Tensor]] = {}  # base=nuq: {"key"|"value": {bits: (L, 2**bits)}}
-        self._last = (None, None)  # (ctx, groups) shared by quantize_keys and quantize_values
 
     def _width(self, offset: int) -> int:
         if self.kv.bits >= FP16_BITS:
@@ -450,14 +449,10 @@ class QoKV(KVMethod):
         scores = received_attention(ctx.query, ctx.keys, ctx.query_start, lo, hi)  # (B, n)
         return self._groups_of(scores, lo, hi, total)
 
-    def _groups_for(self, x: torch.Tensor, layer: int, ctx, count: bool) -> torch.Tensor:
-        last_ctx, last = self._last
-        if last_ctx is not None and last_ctx is ctx:
-            return last
+    def _groups_for(self, x: torch.Tensor, layer: int, ctx) -> torch.Tensor:
+        """Token groups ``(B, n)`` of the chunk ``x (B, H_kv, n, D)``; realised shares are counted here."""
         g = self.groups(layer, x.shape[0], x.shape[-2], ctx).to(x.device)
-        self._last = (ctx, g)
-        if count:  # realised shares, counted once per token and layer (with the keys)
-            self.tokens_per_group += torch.bincount(g.flatten().cpu(), minlength=self.n_groups).double()
+        self.tokens_per_group += torch.bincount(g.flatten().cpu(), minlength=self.n_groups).double()
         return g
 
     # -- quantization ----------------------------------------------------------------------------
@@ -487,18 +482,25 @@ class QoKV(KVMethod):
         out = out if s is None else out * s
         return (out if z is None else out + z).to(x.dtype)
 
-    def quantize_keys(self, k, layer, ctx=None):
-        g = self._groups_for(k, layer, ctx, count=True)
+    def _keys(self, k, g, layer):
         ks = self.key_scales[layer] if self.key_scales is not None else None
         kz = self.key_shifts[layer] if self.key_shifts is not None else None
         return self._quantize(k, g, self.key_bits, ks, kz, "key", layer)
 
-    def quantize_values(self, v, layer, ctx=None):
-        g = self._groups_for(v, layer, ctx, count=False)
+    def _values(self, v, g, layer):
         vs = self.value_scales[layer] if self.value_scales is not None else None
-        self._last = (None, None)  # the chunk is done: do not keep its context (all keys) alive
         vz = self.value_shifts[layer] if self.value_shifts is not None else None
         return self._quantize(v, g, self.value_bits, vs, vz, "value", layer)
+
+    def quantize_kv(self, k, v, layer, ctx=None):
+        g = self._groups_for(k, layer, ctx)  # (B, n): one decision for the chunk's keys and values
+        return self._keys(k, g, layer), self._values(v, g, layer)
+
+    def quantize_keys(self, k, layer, ctx=None):
+        return self._keys(k, self._groups_for(k, layer, ctx), layer)
+
+    def quantize_values(self, v, layer, ctx=None):
+        return self._values(v, self._groups_for(v, layer, ctx), layer)
 
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
