@@ -56,10 +56,11 @@ from kvbench.quant import (
     normalize,
     quantize_codebook,
 )
+from kvbench.methods.components.balancing import SHIFTS, channel_scales, channel_shift, fold_channel_scales, search_alpha  # noqa: F401
+from kvbench.methods.components.grouping import assign_groups, group_counts, received_attention, threshold_groups  # noqa: F401
 from kvbench.registry import register_method
 
 GROUPINGS = ("online", "offline", "none")
-SHIFTS = ("none", "mid", "mean")
 BASES = ("uniform", "nuq")
 
 
@@ -114,172 +115,6 @@ class QoKVConfig(MethodConfig):
     pre_rope: bool = True
     base: str = "uniform"
     sink_tokens: int = 1
-
-
-def group_counts(shares: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Tokens of each group among absolute positions ``[lo, hi)``.
-
-    Cumulative rounding over positions, so chunks of any size (one token at a time while
-    decoding) add up to the declared shares of the whole sequence.
-
-    Args:
-        shares: ``(G,)`` token shares, most important first, summing to 1.
-        lo, hi: absolute positions of the chunk.
-
-    Returns:
-        ``(G,)`` int64 counts summing to ``hi - lo``.
-    """
-    cum = torch.cumsum(shares.double(), 0)
-    cum[-1] = 1.0
-
-    def upto(x: int) -> torch.Tensor:
-        return torch.floor(cum * x + 0.5).long()
-
-    c = torch.diff(upto(hi) - upto(lo), prepend=torch.zeros(1, dtype=torch.long))
-    return c
-
-
-def assign_groups(scores: torch.Tensor, counts: torch.Tensor, forced: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rank tokens by score and cut the ranking into groups of the given sizes.
-
-    Args:
-        scores: ``(B, n)`` importance of each token (higher = more important).
-        counts: ``(G,)`` tokens per group, summing to ``n``; group 0 is the top group.
-        forced: ``(n,)`` bool, tokens that must land in group 0 (it grows if needed, taking the
-            places from the next groups).
-
-    Returns:
-        ``(B, n)`` int64 group index of every token.
-    """
-    n = scores.shape[-1]
-    s = scores.float()
-    counts = counts.clone()
-    if forced is not None and forced.any():
-        s = torch.where(forced, torch.full_like(s, math.inf), s)
-        extra = int(forced.sum()) - int(counts[0])
-        g = 1
-        while extra > 0 and g < len(counts):
-            take = min(extra, int(counts[g]))
-            counts[0] += take
-            counts[g] -= take
-            extra -= take
-            g += 1
-    order = torch.argsort(s, dim=-1, descending=True, stable=True)  # (B, n)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=s.device).expand_as(order))
-    bounds = torch.cumsum(counts, 0).to(s.device)  # (G,)
-    return torch.bucketize(rank, bounds, right=True).clamp_max(len(counts) - 1)
-
-
-def threshold_groups(scores: torch.Tensor, thresholds: list[float], forced: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Groups by score relative to its mean: group ``g`` holds ``thresholds[g-1] > s/mean >= thresholds[g]``.
-
-    Args:
-        scores: ``(B, n)``.
-        thresholds: ``G - 1`` descending thresholds.
-        forced: ``(n,)`` bool, tokens put in group 0.
-
-    Returns:
-        ``(B, n)`` int64 group index.
-    """
-    rel = scores.float() / scores.float().mean(-1, keepdim=True).clamp_min(1e-12)
-    t = torch.tensor(sorted(thresholds), dtype=rel.dtype, device=rel.device)  # ascending
-    groups = len(thresholds) - torch.bucketize(rel, t, right=True)
-    if forced is not None:
-        groups = torch.where(forced, torch.zeros_like(groups), groups)
-    return groups
-
-
-def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
-    """Average attention each key in ``[lo, hi)`` receives from the queries that see it.
-
-    Args:
-        query: ``(B, H_q, T_q, D)`` post-RoPE queries at absolute positions
-            ``query_start .. query_start + T_q - 1``.
-        keys: ``(B, H_kv, T, D)`` post-RoPE keys at positions ``0 .. T - 1`` (GQA: ``H_q % H_kv == 0``).
-        lo, hi: the keys to score.
-
-    Returns:
-        ``(B, hi - lo)``: attention probabilities (causal softmax with scaling ``1/sqrt(D)``) summed
-        over the queries at or after each key, divided by their number, averaged over query heads.
-    """
-    B, H, Tq, D = query.shape
-    T = keys.shape[-2]
-    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H_q, T, D)
-    logits = query.float() @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H_q, T_q, T)
-    qpos = torch.arange(query_start, query_start + Tq, device=query.device)
-    kpos = torch.arange(T, device=query.device)
-    visible = kpos[None, :] <= qpos[:, None]  # (T_q, T)
-    p = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)  # (B, H_q, T_q, T)
-    seen_by = visible[:, lo:hi].sum(0).clamp_min(1)  # (n,)
-    return p[..., lo:hi].sum(-2).mean(1) / seen_by  # (B, n)
-
-
-def channel_scales(x: torch.Tensor, alpha, tie_pairs: bool = False) -> torch.Tensor:
-    """Per-channel scales ``s_j = m_j ** alpha`` (geometric mean 1) from calibration activations.
-
-    Args:
-        x: ``(N, H_kv, T, D)`` calibration keys or values of one layer.
-        alpha: strength, a float or ``(H_kv,)`` per head; 0 gives all ones.
-        tie_pairs: use the larger ``m`` of the rotary pair ``(j, j + D/2)`` for both channels.
-
-    Returns:
-        ``(H_kv, D)`` positive scales.
-    """
-    m = x.abs().amax(dim=(0, 2)).clamp_min(1e-5)  # (H_kv, D)
-    if tie_pairs:
-        half = m.shape[-1] // 2
-        top = torch.maximum(m[..., :half], m[..., half:])
-        m = torch.cat([top, top], dim=-1)
-    a = torch.as_tensor(alpha, dtype=m.dtype).reshape(-1, 1)  # (1 or H_kv, 1)
-    log_s = a * m.log()
-    return (log_s - log_s.mean(-1, keepdim=True)).exp()
-
-
-def channel_shift(x: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-channel shift ``(H_kv, D)`` of calibration activations ``x (N, H_kv, T, D)``: ``mid`` =
-    midpoint of the range, ``mean`` = mean."""
-    if rule == "mid":
-        return (x.amax(dim=(0, 2)) + x.amin(dim=(0, 2))) / 2
-    if rule == "mean":
-        return x.mean(dim=(0, 2))
-    raise ValueError(f"shift rule must be one of {SHIFTS[1:]}, got {rule!r}")
-
-
-ALPHA_GRID = tuple(i / 8 for i in range(9))
-
-
-def search_alpha(x: torch.Tensor, weight: Optional[torch.Tensor], bits: int, group_size: Optional[int],
-                 tie_pairs: bool = False, grid=ALPHA_GRID, max_tokens: int = 2048) -> torch.Tensor:
-    """Per-head scaling strength minimising the (Fisher-)weighted error of ``s * Q(x / s)``.
-
-    The Outlier-Suppression+-style range search of QoKV's ``Scale_get`` step, with the loss
-    measured by the diagonal Fisher information (squared gradients of the LM loss w.r.t. the
-    activation, a second-order estimate of the loss increase) instead of a layer-output MSE.
-
-    Args:
-        x: ``(N, H_kv, T, D)`` calibration keys or values of one layer.
-        weight: ``(N, H_kv, T, D)`` Fisher information of ``x`` (``None``: plain squared error).
-        bits: bit width the error is measured at (per-token quantization, ``group_size`` channels).
-        tie_pairs: tie over rotary pairs (as :func:`channel_scales`).
-        grid: candidate strengths.
-        max_tokens: tokens per head used for the search (an even subsample).
-
-    Returns:
-        ``(H_kv,)`` the best strength of each head.
-    """
-    N, H, T, D = x.shape
-    flat = x.transpose(0, 1).reshape(H, N * T, D)  # (H_kv, N*T, D)
-    w = None if weight is None else weight.transpose(0, 1).reshape(H, N * T, D)
-    step = max(1, N * T // max_tokens)
-    sub, wsub = flat[:, ::step], (None if w is None else w[:, ::step])
-    errs = []
-    for a in grid:
-        s = channel_scales(x, a, tie_pairs)[:, None, :]  # (H_kv, 1, D)
-        err = (fake_quantize_affine(sub / s, bits, dim=-1, group_size=group_size) * s - sub).pow(2)
-        errs.append((err if wsub is None else err * wsub).sum(dim=(1, 2)))  # (H_kv,)
-    best = torch.stack(errs).argmin(0)  # (H_kv,)
-    return torch.tensor(grid, dtype=x.dtype)[best]
 
 
 @register_method("qokv")
@@ -533,36 +368,3 @@ class QoKV(KVMethod):
         if self.cfg.base == "nuq":  # one fp16 codebook per layer, K/V and width
             static += sum(2**b for b in set(self.key_bits)) + sum(2**b for b in set(self.value_bits))
         return super().avg_bits(seq_len) + static * FP16_BITS / per_layer
-
-
-def fold_channel_scales(model, method: QoKV) -> None:
-    """Fold the calibrated channel scales into the attention weights (in place).
-
-    Keys: ``k_proj`` rows divided by ``s``, ``q_proj`` rows multiplied by ``s`` (repeated over the
-    query heads of each KV head); values: ``v_proj`` rows divided by ``s``, ``o_proj`` input columns
-    multiplied by ``s``. The model's outputs are unchanged (up to rounding); a cache then stores
-    ``K / s`` and ``V / s`` directly. Needs post-RoPE scales tied over rotary pairs (or no RoPE),
-    and attention without q/k norms.
-    """
-    from kvbench.patch import attention_modules
-
-    for layer, mod in enumerate(attention_modules(model)):
-        D = mod.head_dim
-        heads = mod.config.num_attention_heads
-        group = heads // (getattr(mod.config, "num_key_value_heads", None) or heads)
-        o_proj = getattr(mod, "o_proj", None) or mod.out_proj  # OPT: out_proj
-        with torch.no_grad():
-            if method.key_scales is not None:
-                s = method.key_scales[layer].to(mod.k_proj.weight)  # (H_kv, D)
-                _scale_rows(mod.k_proj, 1 / s.flatten())
-                _scale_rows(mod.q_proj, s.repeat_interleave(group, 0).flatten())
-            if method.value_scales is not None:
-                s = method.value_scales[layer].to(mod.v_proj.weight)
-                _scale_rows(mod.v_proj, 1 / s.flatten())
-                o_proj.weight.mul_(s.repeat_interleave(group, 0).flatten()[None, :])
-
-
-def _scale_rows(linear: torch.nn.Linear, s: torch.Tensor) -> None:
-    linear.weight.mul_(s[:, None])
-    if linear.bias is not None:
-        linear.bias.mul_(s)

@@ -1,0 +1,1 @@
+"""Components that several methods can use (one file per component)."""

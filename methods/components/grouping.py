@@ -1,0 +1,110 @@
+"""Token grouping by the attention a token receives (QoKV's importance), with exact group shares.
+
+Used by ``qokv`` and usable by any method: a score per token, then groups of mixed bit widths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def group_counts(shares: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens of each group among absolute positions ``[lo, hi)``.
+
+    Cumulative rounding over positions, so chunks of any size (one token at a time while
+    decoding) add up to the declared shares of the whole sequence.
+
+    Args:
+        shares: ``(G,)`` token shares, most important first, summing to 1.
+        lo, hi: absolute positions of the chunk.
+
+    Returns:
+        ``(G,)`` int64 counts summing to ``hi - lo``.
+    """
+    cum = torch.cumsum(shares.double(), 0)
+    cum[-1] = 1.0
+
+    def upto(x: int) -> torch.Tensor:
+        return torch.floor(cum * x + 0.5).long()
+
+    c = torch.diff(upto(hi) - upto(lo), prepend=torch.zeros(1, dtype=torch.long))
+    return c
+
+
+def assign_groups(scores: torch.Tensor, counts: torch.Tensor, forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rank tokens by score and cut the ranking into groups of the given sizes.
+
+    Args:
+        scores: ``(B, n)`` importance of each token (higher = more important).
+        counts: ``(G,)`` tokens per group, summing to ``n``; group 0 is the top group.
+        forced: ``(n,)`` bool, tokens that must land in group 0 (it grows if needed, taking the
+            places from the next groups).
+
+    Returns:
+        ``(B, n)`` int64 group index of every token.
+    """
+    n = scores.shape[-1]
+    s = scores.float()
+    counts = counts.clone()
+    if forced is not None and forced.any():
+        s = torch.where(forced, torch.full_like(s, math.inf), s)
+        extra = int(forced.sum()) - int(counts[0])
+        g = 1
+        while extra > 0 and g < len(counts):
+            take = min(extra, int(counts[g]))
+            counts[0] += take
+            counts[g] -= take
+            extra -= take
+            g += 1
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)  # (B, n)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=s.device).expand_as(order))
+    bounds = torch.cumsum(counts, 0).to(s.device)  # (G,)
+    return torch.bucketize(rank, bounds, right=True).clamp_max(len(counts) - 1)
+
+
+def threshold_groups(scores: torch.Tensor, thresholds: list[float], forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Groups by score relative to its mean: group ``g`` holds ``thresholds[g-1] > s/mean >= thresholds[g]``.
+
+    Args:
+        scores: ``(B, n)``.
+        thresholds: ``G - 1`` descending thresholds.
+        forced: ``(n,)`` bool, tokens put in group 0.
+
+    Returns:
+        ``(B, n)`` int64 group index.
+    """
+    rel = scores.float() / scores.float().mean(-1, keepdim=True).clamp_min(1e-12)
+    t = torch.tensor(sorted(thresholds), dtype=rel.dtype, device=rel.device)  # ascending
+    groups = len(thresholds) - torch.bucketize(rel, t, right=True)
+    if forced is not None:
+        groups = torch.where(forced, torch.zeros_like(groups), groups)
+    return groups
+
+
+def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
+    """Average attention each key in ``[lo, hi)`` receives from the queries that see it.
+
+    Args:
+        query: ``(B, H_q, T_q, D)`` post-RoPE queries at absolute positions
+            ``query_start .. query_start + T_q - 1``.
+        keys: ``(B, H_kv, T, D)`` post-RoPE keys at positions ``0 .. T - 1`` (GQA: ``H_q % H_kv == 0``).
+        lo, hi: the keys to score.
+
+    Returns:
+        ``(B, hi - lo)``: attention probabilities (causal softmax with scaling ``1/sqrt(D)``) summed
+        over the queries at or after each key, divided by their number, averaged over query heads.
+    """
+    B, H, Tq, D = query.shape
+    T = keys.shape[-2]
+    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H_q, T, D)
+    logits = query.float() @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H_q, T_q, T)
+    qpos = torch.arange(query_start, query_start + Tq, device=query.device)
+    kpos = torch.arange(T, device=query.device)
+    visible = kpos[None, :] <= qpos[:, None]  # (T_q, T)
+    p = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)  # (B, H_q, T_q, T)
+    seen_by = visible[:, lo:hi].sum(0).clamp_min(1)  # (n,)
+    return p[..., lo:hi].sum(-2).mean(1) / seen_by  # (B, n)
