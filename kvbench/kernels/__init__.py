@@ -17,8 +17,9 @@ Storage layout (one int32 row of words per token and head):
 * Key outliers (dense-and-sparse): the dense part quantizes ``x`` clamped to per-channel thresholds;
   the sparse part stores the residual ``x - x_hat`` at the clamped positions as CSR per key block.
 
-Modules: :mod:`.reference` (PyTorch), :mod:`.triton_ops` (Triton), :mod:`.ops` (dispatch),
-:mod:`.cache` (the transformers ``Cache``).
+Modules: :mod:`.reference` (PyTorch), :mod:`.triton` (Triton, one module per kernel), :mod:`.ops`
+(dispatch), :mod:`.tuning` (decode path and launch tuning per GPU, data in ``tuning.json``), :mod:`.cache`
+(the transformers ``Cache``). Formats, paths and benchmarks: ``docs/kernels.md``.
 """
 
 from .ops import (

@@ -54,7 +54,10 @@ class PackedCacheSpec:
         key_outlier_thresholds: optional per-layer ``(lo, hi)``, each ``(H_kv, D)``: keys outside
             are stored sparsely (dense-and-sparse).
         inv_freq: RoPE inverse frequencies ``(D/2,)`` for ``pre_rope`` (default: from the config).
-        impl: ``"triton"`` or ``"reference"`` kernels.
+        impl: ``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` or ``"reference"`` kernels
+            (``kv.kernel.impl``).
+        path: Triton decode path, ``"auto"`` or a name in :data:`kvbench.kernels.triton.PATHS`
+            (``kv.kernel.path``).
     """
 
     key_bits: int = 4
@@ -69,7 +72,8 @@ class PackedCacheSpec:
     key_scales: list | None = None
     key_outlier_thresholds: list | None = None
     inv_freq: torch.Tensor | None = None
-    impl: str = "triton"
+    impl: str = "auto"
+    path: str = "auto"
 
 
 def _per_layer(x, i):
@@ -258,7 +262,7 @@ class PackedLayer(DynamicLayer):
 
     def attend(self, q: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
         """Fused decode attention of ``q (B, H_q, D)`` over this layer; returns ``(B, H_q, D)``."""
-        return ops.decode_attention(q, self.packed_kv(), scaling, impl=self.spec.impl)
+        return ops.decode_attention(q, self.packed_kv(), scaling, impl=self.spec.impl, path=self.spec.path)
 
     def get_seq_length(self) -> int:
         return self.n_sink + self.n_packed + self.n_recent

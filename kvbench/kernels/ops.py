@@ -1,7 +1,8 @@
 """Public kernel API: each op dispatches to its Triton kernel or its PyTorch reference twin.
 
-``impl="triton"`` runs :mod:`kvbench.kernels.triton_ops` (CUDA, or a CPU under ``TRITON_INTERPRET=1``);
-``impl="reference"`` runs :mod:`kvbench.kernels.reference`. Both take and return the same tensors.
+``impl="triton"`` runs :mod:`kvbench.kernels.triton` (CUDA, or a CPU under ``TRITON_INTERPRET=1``);
+``impl="reference"`` runs :mod:`kvbench.kernels.reference`; ``impl="auto"`` (``kv.kernel.impl``'s default)
+is Triton on a CUDA device, else the reference. Both take and return the same tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import reference
 BACKEND_ERROR = (
     "kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter"
 )
-IMPLS = ("triton", "reference")
+IMPLS = ("auto", "triton", "reference")
 
 
 def triton_available() -> bool:
@@ -34,15 +35,22 @@ def require_triton() -> None:
         raise RuntimeError(BACKEND_ERROR)
 
 
-def _impl(impl: str):
-    if impl == "reference":
-        return reference
-    if impl == "triton":
-        require_triton()
-        from . import triton_ops
+def resolve_impl(impl: str, device) -> str:
+    """``"triton"`` or ``"reference"``: ``impl`` itself, or for ``"auto"`` Triton on a CUDA ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "reference"
+    return impl
 
-        return triton_ops
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+def _impl(impl: str, device):
+    if resolve_impl(impl, device) == "reference":
+        return reference
+    require_triton()
+    from . import triton
+
+    return triton
 
 
 @dataclass
@@ -96,42 +104,45 @@ class PackedKV:
 
 def pack_codes(codes: torch.Tensor, bits: int, impl: str = "triton") -> torch.Tensor:
     """``(..., D)`` codes -> ``(..., bits * D / 32)`` int32 words. See :func:`reference.pack_codes`."""
-    return _impl(impl).pack_codes(codes, bits)
+    return _impl(impl, codes.device).pack_codes(codes, bits)
 
 
 def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, impl: str = "triton") -> torch.Tensor:
     """``(..., W)`` int32 words -> ``(..., D)`` int32 codes. See :func:`reference.unpack_codes`."""
-    return _impl(impl).unpack_codes(words, bits, head_dim)
+    return _impl(impl, words.device).unpack_codes(words, bits, head_dim)
 
 
 def quantize_pack_keys(x, bits, block, lut=None, clamp_lo=None, clamp_hi=None, scale=None, zero=None,
                        impl: str = "triton"):
     """Per-channel (per key block) key quantize-and-pack. See :func:`reference.quantize_pack_keys`."""
-    return _impl(impl).quantize_pack_keys(x, bits, block, lut, clamp_lo, clamp_hi, scale, zero)
+    return _impl(impl, x.device).quantize_pack_keys(x, bits, block, lut, clamp_lo, clamp_hi, scale, zero)
 
 
 def quantize_pack_values(x, bits, group, lut=None, impl: str = "triton"):
     """Per-token grouped value quantize-and-pack. See :func:`reference.quantize_pack_values`."""
-    return _impl(impl).quantize_pack_values(x, bits, group, lut)
+    return _impl(impl, x.device).quantize_pack_values(x, bits, group, lut)
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, impl: str = "triton",
-                     **tuning) -> torch.Tensor:
+                     path: str = "auto", **tuning) -> torch.Tensor:
     """One query token per sequence attending to a packed cache.
 
     Args:
         q: ``(B, H_q, D)``, ``H_q = n_rep * H_kv``.
         kv: the layer's :class:`PackedKV`.
         sm_scale: softmax scale (default ``D ** -0.5``).
-        impl: ``"triton"`` or ``"reference"``.
-        **tuning: Triton launch knobs (``tile``, ``num_warps``, ``num_stages``, ``n_splits``).
+        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+        path: Triton decode path: ``"auto"`` (the tuning table) or a name in
+            :data:`kvbench.kernels.triton.PATHS`; ignored by the reference.
+        **tuning: Triton launch parameters replacing the table's (see
+            :func:`kvbench.kernels.triton.decode_attention`).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.
     """
-    if impl == "reference":
+    if resolve_impl(impl, q.device) == "reference":
         return reference.decode_attention(q, kv, sm_scale)
-    return _impl(impl).decode_attention(q, kv, sm_scale, **tuning)
+    return _impl(impl, q.device).decode_attention(q, kv, sm_scale, path=path, **tuning)
 
 
 def codebook_from_unit(lut_pm1: torch.Tensor, bits: int) -> torch.Tensor:

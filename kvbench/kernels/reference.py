@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference twins of the Triton kernels in :mod:`kvbench.kernels.triton_ops`.
+"""Pure-PyTorch reference twins of the Triton kernels in :mod:`kvbench.kernels.triton`.
 
 Every function here has the same signature and returns the same tensors (bit-exact for packing and
 quantization) as its Triton twin; the decode attention agrees within a stated relative tolerance.

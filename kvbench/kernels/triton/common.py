@@ -1,0 +1,232 @@
+"""Shared pieces of the Triton kernels: in-register pack/unpack of a tile, the online softmax, the fp16
+sink/recent split every decode path ends with, and the split-K plan and launch arguments of the decode
+paths (one program per (row, split); split ``n_splits`` is the fp16 tokens' split, reduced by
+:func:`reduce_splits`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-register pack / unpack of one (BT, D) tile of codes (see kvbench.kernels for the layout)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _unpack_slice(row_ptr, mask, W_OFF: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    CPW: tl.constexpr = 32 // WIDTH
+    NW: tl.constexpr = D // CPW
+    words = tl.load(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :], mask=mask[:, None], other=0)  # (BT, NW)
+    sh = tl.arange(0, CPW) * WIDTH
+    part = (words[:, :, None] >> sh[None, None, :]) & ((1 << WIDTH) - 1)  # (BT, NW, CPW)
+    return tl.reshape(part, (BT, D))
+
+
+@triton.jit
+def unpack_tile(row_ptr, mask, BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Codes ``(BT, D)`` int32 of the rows at ``row_ptr (BT,)`` (each row: one token's words)."""
+    code = tl.zeros((BT, D), tl.int32)
+    if BITS & 8:
+        code += _unpack_slice(row_ptr, mask, 0, 8, D, BT)
+    if BITS & 4:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 8) // 32, 4, D, BT) << (BITS & 8)
+    if BITS & 2:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 12) // 32, 2, D, BT) << (BITS & 12)
+    if BITS & 1:
+        code += _unpack_slice(row_ptr, mask, D * (BITS & 14) // 32, 1, D, BT) << (BITS & 14)
+    return code
+
+
+@triton.jit
+def _pack_slice(code, row_ptr, mask, SHIFT: tl.constexpr, W_OFF: tl.constexpr, WIDTH: tl.constexpr,
+                D: tl.constexpr, BT: tl.constexpr):
+    CPW: tl.constexpr = 32 // WIDTH
+    NW: tl.constexpr = D // CPW
+    part = tl.reshape((code >> SHIFT) & ((1 << WIDTH) - 1), (BT, NW, CPW))
+    sh = tl.arange(0, CPW) * WIDTH
+    words = tl.sum(part << sh[None, None, :], axis=2)  # (BT, NW), disjoint bit fields
+    tl.store(row_ptr[:, None] + W_OFF + tl.arange(0, NW)[None, :], words.to(tl.int32), mask=mask[:, None])
+
+
+@triton.jit
+def pack_tile(code, row_ptr, mask, BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Store codes ``(BT, D)`` as the words of the rows at ``row_ptr (BT,)``."""
+    if BITS & 8:
+        _pack_slice(code, row_ptr, mask, 0, 0, 8, D, BT)
+    if BITS & 4:
+        _pack_slice(code, row_ptr, mask, BITS & 8, D * (BITS & 8) // 32, 4, D, BT)
+    if BITS & 2:
+        _pack_slice(code, row_ptr, mask, BITS & 12, D * (BITS & 12) // 32, 2, D, BT)
+    if BITS & 1:
+        _pack_slice(code, row_ptr, mask, BITS & 14, D * (BITS & 14) // 32, 1, D, BT)
+
+
+@triton.jit
+def magic_bits(words, J: tl.constexpr, WIDTH: tl.constexpr):
+    """Fields ``J`` and ``J + 16 // WIDTH`` of uint32 ``words`` as two fp16 ``1024 + code`` (exact) in one
+    uint32 (the fp16x2 magic number: one shift and one LOP3)."""
+    SH: tl.constexpr = J * WIDTH
+    M: tl.constexpr = ((1 << WIDTH) - 1) * 0x00010001
+    if SH > 0:
+        x = words >> SH
+    else:
+        x = words
+    return (x & M) | 0x64006400
+
+
+# ----------------------------------------------------------------------------------------------
+# Online softmax and the fp16 sink / recent split
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def online_softmax(s, v16, m_i, l_i, acc):
+    """One online-softmax step (log2 domain) for scores ``s (GP, BT)`` and values ``(BT, D)`` fp16."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_partial(o_ptr, lse_ptr, rows, row_mask, sp, S1, m_i, l_i, acc, D: tl.constexpr):
+    """Store one split's normalised output ``acc / l (GP, D)`` and log2-sum-exp of the query ``rows``."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(o_ptr + (rows[:, None] * S1 + sp) * D + tl.arange(0, D)[None, :], acc / l_safe[:, None],
+             mask=row_mask[:, None])
+    tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=row_mask)
+
+
+@triton.jit
+def _fp16_tokens(q16, k_ptr, v_ptr, n_tok, m_i, l_i, acc, D: tl.constexpr, BTF: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for t0 in range(0, n_tok, BTF):
+        offs_t = t0 + tl.arange(0, BTF)
+        m = offs_t < n_tok
+        ptr = offs_t[:, None] * D + offs_d[None, :]
+        k = tl.load(k_ptr + ptr, mask=m[:, None], other=0.0).to(tl.float16)
+        v = tl.load(v_ptr + ptr, mask=m[:, None], other=0.0).to(tl.float16)
+        s = tl.where(m[None, :], tl.dot(q16, tl.trans(k)), float("-inf"))
+        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+               n_sink, n_recent, sm_scale, NQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               BTF: tl.constexpr):
+    """The last split of every decode path: query rows ``row0 .. row0 + NQ - 1`` (padded to ``GP``) over the
+    fp16 sink and recent tokens of KV row ``n`` (``b * H_kv + h``); stores the partial output."""
+    offs_g = tl.arange(0, GP)
+    g_mask = offs_g < NQ
+    rows = row0 + offs_g
+    q = tl.load(q_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=g_mask[:, None], other=0.0)
+    q16 = (q.to(tl.float32) * (sm_scale * LOG2E)).to(tl.float16)  # log2 domain
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    m_i, l_i, acc = _fp16_tokens(q16, sk_ptr + n * S_CAP * D, sv_ptr + n * S_CAP * D, n_sink, m_i, l_i, acc, D, BTF)
+    m_i, l_i, acc = _fp16_tokens(q16, rk_ptr + n * R_CAP * D, rv_ptr + n * R_CAP * D, n_recent, m_i, l_i, acc,
+                                 D, BTF)
+    store_partial(o_ptr, lse_ptr, rows, g_mask, sp, S1, m_i, l_i, acc, D)
+
+
+@triton.jit
+def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SP)
+    sm = offs_s < S1
+    lse = tl.load(lse_ptr + row * S1 + offs_s, mask=sm, other=float("-inf"))
+    w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    o = tl.load(o_ptr + (row * S1 + offs_s)[:, None] * D + tl.arange(0, D)[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Split-K plan and launch arguments (Python)
+# ----------------------------------------------------------------------------------------------
+_SM_COUNT: dict = {}
+
+
+def num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def use_inline_ptx(device) -> bool:
+    """Inline PTX runs on a CUDA GPU only; the interpreter runs the plain-Triton twin of the same arithmetic."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@dataclass
+class SplitPlan:
+    """Flash-decoding split of the packed tokens: ``n_splits`` splits of ``tiles_per_split`` tiles, plus one
+    split for the fp16 tokens. ``o_part (rows, n_splits + 1, D)`` fp32 and ``lse (rows, n_splits + 1)``."""
+
+    tiles_per_split: int
+    n_splits: int
+    o_part: torch.Tensor
+    lse: torch.Tensor
+
+    @property
+    def grid_splits(self) -> int:
+        return self.n_splits + 1
+
+
+def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: int | None = None) -> SplitPlan:
+    """Split ``kv.n_packed`` tokens in units of ``unit`` tokens (a multiple of ``tile``) so that about
+    ``waves`` programs run per SM (``n_prog`` programs per split), unless ``n_splits`` is given."""
+    n_units = triton.cdiv(kv.n_packed, unit)
+    if n_splits is None:
+        n_splits = max(1, min(n_units, triton.cdiv(waves * num_sms(q.device), n_prog)))
+    per = max(1, triton.cdiv(n_units, max(n_splits, 1)))
+    n_splits = triton.cdiv(n_units, per) if n_units else 0
+    B, Hq, D = q.shape
+    o_part = torch.empty(B * Hq, n_splits + 1, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq, n_splits + 1, dtype=torch.float32, device=q.device)
+    return SplitPlan(per * unit // tile, n_splits, o_part, lse)
+
+
+def launch_args(q, kv, plan: SplitPlan, sm_scale: float) -> tuple:
+    """The arguments every decode kernel starts with (its own follow)::
+
+        q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, sink_k, sink_v, recent_k, recent_v,
+        o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent,
+        tiles_per_split, n_splits
+    """
+    return (
+        q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
+        kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, plan.o_part, plan.lse,
+        sm_scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
+        kv.n_packed, kv.n_sink, kv.n_recent, plan.tiles_per_split, plan.n_splits,
+    )
+
+
+def reduce_splits(q, plan: SplitPlan) -> torch.Tensor:
+    """Combine the splits' partial outputs by their log-sum-exps: ``(B, H_q, D)`` in ``q.dtype``."""
+    B, Hq, D = q.shape
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    S1 = plan.grid_splits
+    _reduce_kernel[(B * Hq,)](plan.o_part, plan.lse, out, S1, SP=triton.next_power_of_2(S1), D=D)
+    return out
+
+
+def dummy(device) -> torch.Tensor:
+    """A one-element tensor for the pointer arguments a launch does not use."""
+    return torch.zeros(1, dtype=torch.float16, device=device)
+
+
+def uniform_per_token(kv) -> bool:
+    """Uniform codes, post-RoPE keys, no outliers, one value (scale, zero) per token: the fast paths' format."""
+    return (kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
+            and kv.v_scale.shape[-1] == 1)

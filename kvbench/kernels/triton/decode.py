@@ -1,0 +1,60 @@
+"""Decode attention over a packed cache: the registry of decode paths and the one dispatcher.
+
+A path is a module with ``applies(kv, G) -> bool`` and ``launch(q, kv, sm_scale, **tuning) -> SplitPlan``
+(its kernel writes one partial output per split; :func:`~.common.reduce_splits` combines them). To add
+one: a module beside these, one entry in :data:`PATHS`, its rules in ``kvbench/kernels/tuning.json``, and
+its reference-twin test in ``tests/test_kernels_fast.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import tuning as tuning_table
+from . import cuda_core, split_k, tensor_core
+from .common import reduce_splits
+
+PATHS = {"split_k": split_k, "cuda_core": cuda_core, "tensor_core": tensor_core}
+KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields"}
+
+
+def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
+    """The decode path and launch tuning for ``q (B, H_q, D)`` over ``kv``: ``{"path": ..., **tuning}``.
+
+    ``path="auto"`` takes the first rule of the tuning table (for this GPU and shape) whose path applies;
+    a named path must apply. ``overrides`` replace the table's launch parameters."""
+    if path != "auto" and path not in PATHS:
+        raise ValueError(f"unknown decode path {path!r}; known: auto, {', '.join(PATHS)}")
+    unknown = set(overrides) - KNOBS
+    if unknown:
+        raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(KNOBS)}")
+    B, Hq, D = q.shape
+    G = Hq // kv.k_words.shape[1]
+    gpu = tuning_table.gpu_name(q.device)
+    for rule in tuning_table.rules(gpu, G, kv.key_bits, kv.value_bits, D, path):
+        if PATHS[rule["path"]].applies(kv, G):
+            rule = {**rule, "tile": min(rule["tile"], kv.key_block), **overrides}
+            return {**rule, "gpu": gpu, "measured_on": tuning_table.measured_on(gpu)}
+    raise ValueError(f"decode path {path!r} does not apply to this packed format (G={G}, {kv.key_bits}/"
+                     f"{kv.value_bits} bits, codebooks/pre-RoPE/outliers/grouped values)")
+
+
+def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path: str = "auto", **tuning):
+    """Triton twin of :func:`kvbench.kernels.reference.decode_attention` (split-K, then one reduction).
+
+    Args:
+        q: ``(B, H_q, D)``.
+        kv: the layer's :class:`~kvbench.kernels.ops.PackedKV`.
+        sm_scale: softmax scale (default ``D ** -0.5``).
+        path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
+        **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
+            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``).
+
+    Returns:
+        ``(B, H_q, D)`` in ``q.dtype``.
+    """
+    q = q.contiguous()
+    launch = choose(q, kv, path, **tuning)
+    knobs = {k: v for k, v in launch.items() if k in KNOBS}
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return reduce_splits(q, PATHS[launch["path"]].launch(q, kv, scale, **knobs))

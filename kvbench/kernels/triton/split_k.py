@@ -1,0 +1,145 @@
+"""Decode path ``split_k``: the generic one, for every packed format (NUQ codebooks, pre-RoPE keys, sparse
+key outliers, grouped values, any bit width). Each tile is unpacked to codes, dequantized to fp16 and fed to
+``tl.dot``; the G query heads of a KV head are the rows of the product (padded to 16)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E, dummy, fp16_split, launch_args, online_softmax, split_plan, store_partial, unpack_tile,
+)
+
+
+@triton.jit
+def _rope_tile(k, pos, inv_freq_ptr, D: tl.constexpr, BT: tl.constexpr):
+    """Rotate a ``(BT, D)`` fp32 key tile at positions ``pos (BT,)`` (HF rotate_half)."""
+    HALF: tl.constexpr = D // 2
+    inv = tl.load(inv_freq_ptr + tl.arange(0, HALF))
+    ang = pos.to(tl.float32)[:, None] * inv[None, :]  # (BT, D/2)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    k1, k2 = tl.split(tl.permute(tl.reshape(k, (BT, 2, HALF)), (0, 2, 1)))
+    r = tl.join(k1 * c - k2 * s, k2 * c + k1 * s)  # (BT, D/2, 2)
+    return tl.reshape(tl.permute(r, (0, 2, 1)), (BT, D))
+
+
+@triton.jit
+def _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr,
+                    sm_scale, n_sink, NB_CAP, OL_CAP, PRE_ROPE: tl.constexpr, D: tl.constexpr,
+                    BT: tl.constexpr, OL_CHUNK: tl.constexpr):
+    """Add the sparse key outliers of key block ``blk`` (residuals, pre-RoPE with ``PRE_ROPE``) to the
+    scores ``s (GP, BT)`` of the tile starting at token ``t0``."""
+    HALF: tl.constexpr = D // 2
+    e_lo = tl.load(olp_ptr + n * (NB_CAP + 1) + blk)
+    e_hi = tl.load(olp_ptr + n * (NB_CAP + 1) + blk + 1)
+    for e0 in range(e_lo, e_hi, OL_CHUNK):
+        offs_e = e0 + tl.arange(0, OL_CHUNK)
+        em = offs_e < e_hi
+        tok = tl.load(olt_ptr + n * OL_CAP + offs_e, mask=em, other=-1)
+        ch = tl.load(olc_ptr + n * OL_CAP + offs_e, mask=em, other=0).to(tl.int32)
+        val = tl.load(olv_ptr + n * OL_CAP + offs_e, mask=em, other=0.0).to(tl.float32)
+        qm = g_mask[:, None] & em[None, :]
+        qd = tl.load(q_ptr + q_rows[:, None] + ch[None, :], mask=qm, other=0.0).to(tl.float32)
+        if PRE_ROPE:
+            lowh = ch < HALF
+            pair = tl.where(lowh, ch + HALF, ch - HALF)
+            sign = tl.where(lowh, 1.0, -1.0)
+            ang = (n_sink + tok).to(tl.float32) * tl.load(invf_ptr + ch % HALF)
+            qp = tl.load(q_ptr + q_rows[:, None] + pair[None, :], mask=qm, other=0.0).to(tl.float32)
+            contrib = val[None, :] * (qd * tl.cos(ang)[None, :] + sign[None, :] * qp * tl.sin(ang)[None, :])
+        else:
+            contrib = qd * val[None, :]
+        contrib = contrib * (sm_scale * LOG2E)  # (GP, CHUNK)
+        onehot = ((tok - t0)[:, None] == tl.arange(0, BT)[None, :]).to(tl.float16)  # (CHUNK, BT)
+        s += tl.dot(contrib.to(tl.float16), onehot)
+    return s
+
+
+@triton.jit
+def _split_k_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    klut_ptr, vlut_ptr, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr, H, OL_CAP,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # b * H + h
+    sp = tl.program_id(1)
+    S1 = n_splits + 1
+    if sp == n_splits:
+        fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+                   n_sink, n_recent, sm_scale, G, GP, D, 32)
+    else:
+        h = n % H
+        WK: tl.constexpr = KBITS * D // 32
+        WV: tl.constexpr = VBITS * D // 32
+        GS: tl.constexpr = D // NG
+        offs_g = tl.arange(0, GP)
+        g_mask = offs_g < G
+        offs_d = tl.arange(0, D)
+        q_rows = (n * G + offs_g) * D  # q is (B, H * G, D); kv head h serves q heads h*G .. h*G+G-1
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+        q16 = (q * (sm_scale * LOG2E)).to(tl.float16)  # log2 domain
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        t_begin = sp * tiles_per_split * BT
+        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        for t0 in range(t_begin, t_end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            tm = offs_t < t_end
+            blk = t0 // KB
+            # keys: codes -> levels -> per-channel (block) scale/zero -> optional RoPE
+            kc = unpack_tile(kw_ptr + (n * T_CAP + offs_t) * WK, tm, KBITS, D, BT)
+            if K_LUT:
+                kf = tl.load(klut_ptr + (h * D + offs_d)[None, :] * (1 << KBITS) + kc).to(tl.float32)
+            else:
+                kf = kc.to(tl.float32)
+            ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + offs_d).to(tl.float32)
+            kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + offs_d).to(tl.float32)
+            k = kf * ks[None, :] + kz[None, :]
+            if PRE_ROPE:
+                k = _rope_tile(k, n_sink + offs_t, invf_ptr, D, BT)
+            s = tl.dot(q16, tl.trans(k.to(tl.float16)))  # (GP, BT)
+            if HAS_OL:
+                s = _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_ptr, olv_ptr,
+                                    invf_ptr, sm_scale, n_sink, NB_CAP, OL_CAP, PRE_ROPE, D, BT, 32)
+            s = tl.where(tm[None, :], s, float("-inf"))
+            # values: codes -> levels -> per-token group scale/zero
+            vc = unpack_tile(vw_ptr + (n * T_CAP + offs_t) * WV, tm, VBITS, D, BT)
+            if V_LUT:
+                vf = tl.load(vlut_ptr + (h * D + offs_d)[None, :] * (1 << VBITS) + vc).to(tl.float32)
+            else:
+                vf = vc.to(tl.float32)
+            sz = (n * T_CAP + offs_t)[:, None] * NG + tl.arange(0, NG)[None, :]
+            vs = tl.load(vs_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)  # (BT, NG)
+            vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
+            v3 = tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None]
+            m_i, l_i, acc = online_softmax(s, tl.reshape(v3, (BT, D)).to(tl.float16), m_i, l_i, acc)
+        store_partial(o_ptr, lse_ptr, n * G + offs_g, g_mask, sp, S1, m_i, l_i, acc, D)
+
+
+def applies(kv, G: int) -> bool:
+    return True
+
+
+def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None):
+    B, Hq, D = q.shape
+    H = kv.k_words.shape[1]
+    plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
+    dmy = dummy(q.device)
+    has_ol = kv.ol_ptr is not None
+    _split_k_kernel[(B * H, plan.grid_splits)](
+        *launch_args(q, kv, plan, sm_scale),
+        dmy if kv.k_lut is None else kv.k_lut, dmy if kv.v_lut is None else kv.v_lut,
+        *((kv.ol_ptr, kv.ol_tok, kv.ol_ch, kv.ol_val) if has_ol else (dmy,) * 4),
+        dmy if kv.inv_freq is None else kv.inv_freq, H, kv.ol_tok.shape[2] if has_ol else 0,
+        G=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, KBITS=kv.key_bits, VBITS=kv.value_bits,
+        KB=kv.key_block, BT=tile, NG=kv.v_scale.shape[-1], K_LUT=kv.k_lut is not None,
+        V_LUT=kv.v_lut is not None, PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return plan
