@@ -38,6 +38,12 @@ Runs that differ only in ``seed`` are repeats (mean +- std); runs with the same 
 different run directories are duplicates: reported (in the output and the ``.tex`` header) and marked,
 the newest one used, never averaged. Runs that differ in any other config key make the cell ambiguous:
 it shows ``?`` and the output names the differing keys, so a filter (or ``ignore``) can be added.
+
+Error bars, for a cell of one run: a metric ``m`` with ``m_ci95`` (perplexity: a block bootstrap over
+tokens) shows the half-width of that 95 % interval, one with ``m_stderr`` (lm-eval) its standard
+error. A ``relative:`` cell whose run and reference run both hold ``m_blocks`` (per-block NLL sums) on
+the same tokens shows the *paired* 95 % interval of the change (:func:`kvbench.stats.paired_delta_ci`);
+otherwise (older runs, several seeds, other tokens) the plain change with a mark.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ BOOKKEEPING_PREFIXES = ("logging.", "metrics.", "wandb.")
 HYDRA_GROUPS = ("method", "model", "data", "eval", "kv", "calib", "logging")  # `<group>.name: x` -> `<group>=x`
 MISSING = r"$\emptyset$"
 DAGGER = r"$^\dagger$"
+UNPAIRED = r"$^{*}$"
 AMBIGUOUS = r"\textbf{?}"
 DUP_TOL = 1e-9
 
@@ -180,6 +187,9 @@ class Cell:
     duplicate: bool = False
     selector: dict = field(default_factory=dict)
     ambiguous: str = ""  # why several configs match (the cell then has no value)
+    ci: tuple[float, float] | None = None  # one run's 95 % interval; a relative cell's paired interval
+    stderr: float | None = None  # one run's standard error (lm-eval)
+    blocks: dict | None = None  # one run's per-block NLL sums {"nll", "tokens", "ids"}
 
     @property
     def missing(self) -> bool:
@@ -318,7 +328,27 @@ def _cell(frame, selector: dict, metric: str, ignore: list[str], spec: dict, whe
         newest = runs.iloc[_newest(runs)]
         cell.values.append(float(newest[metric]))
         cell.runs.append(str(newest.get("run_dir", "")))
+        if len(cell.values) == 1:
+            cell.ci, cell.stderr, cell.blocks = _errors(newest, metric)
+        else:  # several seeds: the spread over seeds is the error bar
+            cell.ci = cell.stderr = cell.blocks = None
     return cell
+
+
+def _errors(row, metric: str) -> tuple[tuple[float, float] | None, float | None, dict | None]:
+    """A run's ``<metric>_ci95``, ``<metric>_stderr`` and ``<metric>_blocks.*`` (each None if absent)."""
+    ci, blocks = _json_value(row.get(metric + "_ci95")), None
+    stderr = _norm(row.get(metric + "_stderr"))
+    nll, tokens = _json_value(row.get(metric + "_blocks.nll")), _json_value(row.get(metric + "_blocks.tokens"))
+    if nll and tokens and len(nll) == len(tokens):
+        blocks = {"nll": nll, "tokens": tokens, "ids": _norm(row.get(metric + "_blocks.ids"))}
+    return (tuple(ci) if ci else None), (None if stderr is None else float(stderr)), blocks
+
+
+def _json_value(v):
+    """A list-valued metric: a JSON string in a frame from the store, a list in one built by hand."""
+    v = _norm(v)
+    return json.loads(v) if isinstance(v, str) else v
 
 
 def _newest(runs) -> int:
@@ -403,10 +433,19 @@ def _has_runs(frame, spec: dict, col: dict) -> bool:
 
 
 def _relative(cell: Cell, ref: Cell | None, mode: str, is_ref: bool) -> Cell:
+    """Change of ``cell`` against ``ref`` (% or difference), with the paired interval when both runs hold
+    per-block NLLs of the same tokens."""
     if is_ref or ref is None or not cell.values or not ref.values:
         return Cell()
     d = cell.mean - ref.mean
-    return Cell(values=[d / ref.mean * 100 if mode == "pct" else d])
+    out = Cell(values=[d / ref.mean * 100 if mode == "pct" else d])
+    a, b = ref.blocks, cell.blocks
+    same_ids = a and b and (a["ids"] is None or b["ids"] is None or a["ids"] == b["ids"])
+    if same_ids and len(a["tokens"]) > 1 and a["tokens"] == b["tokens"]:
+        from kvbench import stats
+
+        out.ci = stats.paired_delta_ci(a["nll"], b["nll"], a["tokens"], mode=mode)
+    return out
 
 
 def _average(spec: dict, i: int, j: int, base: dict) -> Cell:
@@ -427,7 +466,12 @@ def tex_escape(text: str) -> str:
 
 
 def format_cell(cell: Cell, col: dict, bold: bool, marker: str) -> str:
-    """One cell's LaTeX: mean (bold if best) [+- std over seeds] [dagger for duplicates], or the marker."""
+    """One cell's LaTeX, or the marker.
+
+    A metric cell: mean (bold if best), then +- the std over seeds, or for one run +- the half-width
+    of its 95 % interval or its standard error; a dagger for disagreeing duplicates. A relative cell:
+    the signed change and its paired 95 % interval ``[lo, hi]``, or the ``UNPAIRED`` mark.
+    """
     if cell.ambiguous:
         return AMBIGUOUS
     if not cell.values:
@@ -438,11 +482,28 @@ def format_cell(cell: Cell, col: dict, bold: bool, marker: str) -> str:
     text = f"{cell.mean * scale:{sign}.{d}f}"
     if bold:
         text = rf"\textbf{{{text}}}"
-    if len(cell.values) > 1 and cell.std > 0:
-        text += rf"{{\scriptsize$\pm${cell.std * scale:.{d}f}}}"
+    spread = _spread(cell, col)
+    if spread is not None:
+        text += rf"{{\scriptsize$\pm${spread * scale:.{d}f}}}"
+    if col["kind"] == "relative":
+        if cell.ci:
+            text += rf"{{\scriptsize\,[{cell.ci[0] * scale:+.{d}f}, {cell.ci[1] * scale:+.{d}f}]}}"
+        else:
+            text += UNPAIRED
     if cell.duplicate:
         text += DAGGER
     return text
+
+
+def _spread(cell: Cell, col: dict) -> float | None:
+    """The +- of a metric cell: std over seeds, else half the 95 % interval, else the standard error."""
+    if col["kind"] == "relative":
+        return None
+    if len(cell.values) > 1:
+        return cell.std if cell.std > 0 else None
+    if cell.ci:
+        return (cell.ci[1] - cell.ci[0]) / 2
+    return cell.stderr
 
 
 def _best_rows(table: Table, j: int) -> set[int]:
@@ -490,9 +551,21 @@ def render_table(table: Table, command: str, source: str) -> str:
             else:
                 groups.append({"label": c["group"], "span": 1, "first": j + 2, "last": j + 2})
     flat = [c for line in table.cells for c in line]
+    shown = [(c, cols[j]) for line in table.cells for j, c in enumerate(line) if c.values and not c.ambiguous]
+    metric = [c for c, col in shown if col["kind"] != "relative" and _spread(c, col) is not None]
+    relative = [c for c, col in shown if col["kind"] == "relative"]
     notes = []
     if any(len(c.values) > 1 for c in flat):
         notes.append(r"mean$\pm$std over seeds")
+    if any(len(c.values) == 1 and c.ci for c in metric):
+        notes.append(r"$\pm$ on one run: half-width of its 95\,\% interval (block bootstrap over tokens)")
+    if any(len(c.values) == 1 and not c.ci for c in metric):
+        notes.append(r"$\pm$ on one run: standard error (lm-evaluation-harness)")
+    if any(c.ci for c in relative):
+        notes.append(r"$\Delta$ [lo, hi]: paired 95\,\% interval of the change (the same token blocks resampled "
+                     r"for both runs; an interval that contains 0 is not significant)")
+    if any(not c.ci for c in relative):
+        notes.append(UNPAIRED + r": no paired interval (a run without per-block NLLs, several seeds, or other tokens)")
     if any(c.missing for line in table.cells for j, c in enumerate(line) if table.columns[j]["kind"] != "relative"):
         notes.append(f"{marker}: no run yet (the commands are listed in the header of this file)")
     if any(c.ambiguous for c in flat):

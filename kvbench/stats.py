@@ -11,6 +11,8 @@ resampled blocks are used for both, so the interval of their difference leaves o
 text that both runs share (which dominates the unpaired intervals).
 
 Resamples are drawn from ``numpy.random.default_rng(seed)``: the same blocks give the same interval.
+At least 2 blocks are needed; with few blocks (a handful of windows) the percentile interval is
+too narrow, as every bootstrap on a small sample is.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
 
 def _check(nll, tokens) -> tuple[np.ndarray, np.ndarray]:
     nll, tokens = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
-    if nll.ndim != 1 or nll.shape != tokens.shape or nll.size == 0:
-        raise ValueError(f"per-block NLL {nll.shape} and token counts {tokens.shape} must be equal non-empty 1-d")
+    if nll.ndim != 1 or nll.shape != tokens.shape:
+        raise ValueError(f"per-block NLL {nll.shape} and token counts {tokens.shape} must be 1-d of equal length")
+    if nll.size < 2:
+        raise ValueError(f"a block bootstrap needs at least 2 blocks, got {nll.size}")
     return nll, tokens
 
 

@@ -97,8 +97,8 @@ def test_paired_interval_agrees_with_the_normal_interval_and_is_narrower():
 def test_bad_blocks_raise():
     with pytest.raises(ValueError):
         stats.ppl_ci([1.0, 2.0], [1.0])
-    with pytest.raises(ValueError):
-        stats.ppl_ci([], [])
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        stats.ppl_ci([3.0], [2.0])
     with pytest.raises(ValueError):
         stats.paired_delta_ci([1.0], [1.0], [1.0], mode="ratio")
 
@@ -111,13 +111,17 @@ def test_perplexity_blocks_match_hf_loss(tiny_model):
     b = p["blocks"]
     assert b["size"] == block and b["tokens"] == [128, 128, 43] * 3  # 299 predictions per window, never crossing
     with torch.no_grad():
-        window_nll = [model(w[None], labels=w[None]).loss.item() * (seqlen - 1) for w in ids[: 3 * seqlen].view(3, seqlen)]
+        window_nll = [model(w[None], labels=w[None]).loss.item() * (seqlen - 1)
+                      for w in ids[: 3 * seqlen].view(3, seqlen)]
     got = [sum(b["nll"][3 * k: 3 * k + 3]) for k in range(3)]
     assert got == pytest.approx(window_nll, rel=1e-5)
-    assert p["tokens"] == 3 * (seqlen - 1) and p["ppl"] == pytest.approx(math.exp(sum(window_nll) / p["tokens"]), rel=1e-5)
+    assert p["tokens"] == 3 * (seqlen - 1)
+    assert p["ppl"] == pytest.approx(math.exp(sum(window_nll) / p["tokens"]), rel=1e-5)
     assert p["ci95"] == list(stats.ppl_ci(b["nll"], b["tokens"])) and p["ci95"][0] < p["ppl"] < p["ci95"][1]
     again = ppl_mod.perplexity(model, ids, seqlen, max_windows=2, progress=False, block=block)
     assert again["blocks"]["ids"] != b["ids"] and again["blocks"]["nll"] == pytest.approx(b["nll"][:6], rel=1e-6)
+    one = ppl_mod.perplexity(model, ids, 64, max_windows=1, progress=False, block=block)
+    assert one["blocks"]["tokens"] == [63] and one["ci95"] is None  # one block: no bootstrap
 
 
 @pytest.mark.parametrize("seqlen,max_windows", [(0, None), (1, 4), (-3, None), (512, 0), (512, -1)])

@@ -7,12 +7,14 @@ from tests/fixtures/report/results_frame.json (made by make_frame.py beside it) 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -104,8 +106,69 @@ def test_ambiguous_cell_names_the_differing_key(frame, tmp_path):
     assert t.cells[0][0].ambiguous and not t.cells[0][0].values and not t.cells[0][0].missing
     assert len(t.ambiguous) == 3 and re.search(r"\(fp16, Wiki\).*differ in \['kv.bits'\]", t.ambiguous[0])
     tex = report.render_table(t, "cmd", "runs")
-    assert r"fp16 & \textbf{?} & -- & 20.50 & \textbf{?} & \textbf{?} \\" in tex.splitlines()
+    assert r"fp16 & \textbf{?} & -- & 20.50{\scriptsize$\pm$0.89} & \textbf{?} & \textbf{?} \\" in tex.splitlines()
     assert "% Ambiguous cells" in tex
+
+
+def _row(frame, run_id: str) -> dict:
+    return frame[frame["run_id"] == run_id].iloc[0].to_dict()
+
+
+def test_paired_interval_of_a_fixture_pair(frame, spec):
+    """The Delta% interval of int4 per-token vs fp16 equals a paired percentile bootstrap written here."""
+    t = report.build_table(frame, spec)
+    labels, cols = [r["label"] for r in t.spec["rows"]], [c["label"] for c in t.columns]
+    ref, new = _row(frame, "fp16-4-wiki-0"), _row(frame, "uniform-4-wiki-0")
+    a, b = (np.array(json.loads(r["metrics.ppl_blocks.nll"])) for r in (ref, new))
+    tokens = np.array(json.loads(ref["metrics.ppl_blocks.tokens"]), dtype=float)
+    assert json.loads(new["metrics.ppl_blocks.tokens"]) == tokens.tolist()
+    idx = np.random.default_rng(0).integers(0, len(a), size=(2000, len(a)))  # kvbench.stats: seed 0, 2000 resamples
+    t_sum = tokens[idx].sum(1)
+    change = 100 * (np.exp(b[idx].sum(1) / t_sum - a[idx].sum(1) / t_sum) - 1)
+    lo, hi = np.percentile(change, [2.5, 97.5])
+    cell = t.cells[labels.index("int4 per-token")][cols.index(r"$\Delta$\%")]
+    assert cell.ci == pytest.approx((lo, hi), rel=1e-9) and lo > 0  # significant
+    point = 100 * (math.exp((b.sum() - a.sum()) / tokens.sum()) - 1)
+    assert lo < cell.mean < hi and cell.mean == pytest.approx(point, abs=1e-4)  # metrics.ppl agrees with its blocks
+    unpaired = np.percentile(change, 97.5) - np.percentile(change, 2.5)
+    ci_a, ci_b = json.loads(ref["metrics.ppl_ci95"]), json.loads(new["metrics.ppl_ci95"])
+    assert unpaired < 0.2 * (ci_a[1] - ci_a[0]) / ref["metrics.ppl"] * 100  # pairing removes the shared text noise
+    tex = report.render_table(t, "cmd", "runs")
+    row = next(line for line in tex.splitlines() if line.startswith("int4 per-token"))
+    assert rf"+{cell.mean:.1f}{{\scriptsize\,[{lo:+.1f}, {hi:+.1f}]}}" in row
+    assert rf"13.10{{\scriptsize$\pm${(ci_b[1] - ci_b[0]) / 2:.2f}}}" in row  # +- half the run's own interval
+    assert "paired 95" in tex
+
+
+def test_not_significant_and_unpaired_cells(frame, spec):
+    t = report.build_table(frame, spec)
+    labels, cols = [r["label"] for r in t.spec["rows"]], [c["label"] for c in t.columns]
+    delta = cols.index(r"$\Delta$\%")
+    noisy = t.cells[labels.index("int4 per-channel K")][delta]
+    assert noisy.ci[0] < 0 < noisy.ci[1] and noisy.mean > 0  # +1.0 %, not significant
+    for label in ("int3 per-token", "int3 per-channel K", "int2 per-token"):  # seeds, other tokens, no blocks
+        assert t.cells[labels.index(label)][delta].ci is None and t.cells[labels.index(label)][delta].values, label
+    tex = report.render_table(t, "cmd", "runs")
+    for label in ("int3 per-token", "int3 per-channel K", "int2 per-token"):
+        row = next(line for line in tex.splitlines() if line.startswith(label))
+        assert row.count(report.UNPAIRED) == 1, row
+    assert report.UNPAIRED + ": no paired interval" in tex
+
+
+def test_harness_cells_show_lm_eval_stderr(tmp_path):
+    base = {"model.name": "tiny", "eval.name": "harness", "seed": 0}
+    frame = pd.DataFrame([
+        {**base, "method.name": "fp16", "metrics.tasks.piqa.acc": 0.7333, "metrics.tasks.piqa.acc_stderr": 0.0821,
+         "run_dir": "r/a", "run_id": "a"},
+        {**base, "method.name": "uniform", "metrics.tasks.piqa.acc": 0.7, "run_dir": "r/b", "run_id": "b"}])
+    (tmp_path / "h.yaml").write_text("filters: {eval.name: harness}\nbest: max\ndecimals: 1\nrows:\n"
+                                     "  - {label: fp16, match: {method.name: fp16}, reference: true}\n"
+                                     "  - {label: int4, match: {method.name: uniform}}\n"
+                                     "columns: [{label: PIQA, metric: metrics.tasks.piqa.acc, format: pct}]\n")
+    tex = report.render_table(report.build_table(frame, report.load_spec(tmp_path / "h.yaml")), "cmd", "runs")
+    lines = tex.splitlines()
+    assert r"fp16 & 73.3{\scriptsize$\pm$8.2} \\" in lines and r"int4 & 70.0 \\" in lines
+    assert "standard error (lm-evaluation-harness)" in tex and "half-width" not in tex
 
 
 def test_spec_errors(tmp_path):

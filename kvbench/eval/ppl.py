@@ -28,7 +28,7 @@ BLOCK = 128  # predicted tokens per bootstrap block: long enough that neighbouri
 
 
 def check_window_args(seqlen: int, max_windows: int | None) -> None:
-    """Raise ``ValueError`` unless ``seqlen >= 2`` (a window predicts ``seqlen - 1`` tokens) and ``max_windows >= 1``."""
+    """Raise ``ValueError`` unless ``seqlen >= 2`` (a window predicts ``seqlen - 1``) and ``max_windows >= 1``."""
     if seqlen < 2:
         raise ValueError(f"eval.seqlen must be >= 2 (a window of seqlen tokens predicts seqlen - 1), got {seqlen}")
     if max_windows is not None and max_windows < 1:
@@ -89,7 +89,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
             into blocks of ``block`` (the last one shorter), never crossing a window.
 
     Returns:
-        ``{"ppl", "nll" (mean per token), "tokens", "windows", "seqlen", "ci95": [lo, hi],
+        ``{"ppl", "nll" (mean per token), "tokens", "windows", "seqlen", "ci95": [lo, hi] (None for a single block),
         "blocks": {"size", "nll": [per-block NLL sums], "tokens": [per-block counts], "ids": digest}}``.
     """
     device = next(model.parameters()).device
@@ -106,7 +106,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     mean = math.fsum(block_nll) / count
     digest = hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(chunks), "seqlen": seqlen,
-            "ci95": list(stats.ppl_ci(block_nll, block_tokens)),
+            "ci95": list(stats.ppl_ci(block_nll, block_tokens)) if len(block_nll) > 1 else None,
             "blocks": {"size": block, "nll": block_nll, "tokens": block_tokens, "ids": digest}}
 
 
