@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from kvbench.errors import UserError
@@ -200,7 +200,7 @@ def load_artifact(path: Path, key: str) -> dict[str, torch.Tensor]:
 
 def save_artifact(path: Path, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))  # save_file would make it 0600
     sidecar = {"key": key, "sha256": _sha256(tmp), "tensors": sorted(tensors), **meta}
     side_tmp = tmp.with_suffix(".jsontmp")
     side_tmp.write_text(json.dumps(sidecar, indent=2, default=str))

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import subprocess
-import tempfile
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -40,9 +43,14 @@ def run_dir(cfg) -> Path:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename: never a half-written file."""
+    """Write ``text`` to ``path`` via a temporary file and rename: never a half-written file.
+
+    The file gets the mode ``open()`` would give it (``0o666`` less the umask), so a results store on a
+    shared filesystem stays readable by the group when the umask allows it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -50,6 +58,80 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class RunBusy(Exception):
+    """The run is being computed by another process (:func:`run_lock` with ``wait=False``)."""
+
+
+_HELD = threading.local()
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of the run in ``out``: beside it, present while a process holds it."""
+    return out.parent / f".{out.name}.lock"
+
+
+def _flock(path: Path, blocking: bool) -> int | None:
+    """Lock ``path``'s file; its descriptor, or None when the file was removed meanwhile (try again)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RunBusy(path) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def run_lock(out: Path, wait: bool = True):
+    """Hold the lock of the run in ``out``: one process computes (and logs) a run, the others wait.
+
+    An advisory ``flock`` on :func:`lock_path`, released by the OS if the holder dies. The holder
+    removes the file before it lets go, and a waiter that then wins the removed file tries again on
+    the path's new one, so two processes never hold one run. Re-entrant within a thread (the sweep
+    runner holds it around :func:`kvbench.run.run`, which takes it again).
+
+    Args:
+        out: the run's directory (:func:`run_dir`).
+        wait: block until the lock is free (saying so once on stderr), else raise :class:`RunBusy`.
+    """
+    path = lock_path(out)
+    held = _HELD.__dict__.setdefault("paths", set())
+    key = os.path.abspath(path)
+    if key in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, told = None, False
+    while fd is None:
+        try:
+            fd = _flock(path, blocking=False)
+        except RunBusy:
+            if not wait:
+                raise RunBusy(f"{out} is being computed by another process") from None
+            if not told:
+                print(f"kvbench: {out} is being computed by another process; waiting for it", file=sys.stderr)
+                told = True
+            fd = _flock(path, blocking=True)
+    held.add(key)
+    try:
+        yield
+    finally:
+        held.discard(key)
+        path.unlink(missing_ok=True)  # still ours: a waiter on this file will retry on a new one
+        os.close(fd)
 
 
 def existing_metrics(path: Path) -> dict | None:

@@ -66,17 +66,24 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
 
 def run(cfg) -> dict:
     """Run one experiment; returns its metrics (reused if an identical run already finished)."""
+    if cfg.command == "calibrate":
+        return calibrate_only(cfg)
+    out = results.run_dir(cfg)
+    with results.run_lock(out):  # identical runs started together: one computes, the others wait and reuse
+        return compute(cfg, out)
+
+
+def compute(cfg, out) -> dict:
+    """The part of :func:`run` done under the run's lock: reuse the finished run in ``out``, or compute,
+    save and log it."""
     from kvbench.data import load_splits
     from kvbench.models import load_model
     from kvbench.tracking import log_run
 
-    if cfg.command == "calibrate":
-        return calibrate_only(cfg)
-    out = results.run_dir(cfg)
     done = results.existing_metrics(out)
     if done is not None:
         print(f"kvbench: identical run already finished, reusing {out}", file=sys.stderr)
-        log_run(cfg, done, out, reused=True)  # only under a W&B sweep agent, which needs a run
+        log_run(cfg, done, out, reused=True)  # if its W&B run is incomplete, or under a W&B sweep agent
         summarize(cfg, done, out)
         return done
     torch.manual_seed(cfg.seed)

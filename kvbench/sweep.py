@@ -12,8 +12,9 @@ its argv (the words after ``-m kvbench``, ``${args_no_hyphens}`` expanded), foll
 given on this command line (e.g. ``model=tiny-llama``), which win. Every run is composed with
 Hydra before anything runs, so a malformed file fails at once with one line. A run whose results
 already exist (:func:`kvbench.results.run_dir` of its composed config holds ``metrics.json``) is
-skipped, so a killed sweep resumes where it stopped; a run being computed by another runner (its
-lock is held) is skipped too. Runs execute in this process, one after the other.
+skipped, so a killed sweep resumes where it stopped. Several runners can share one sweep: a run
+another runner is computing (its lock is held) is left to the end and then awaited, and every runner
+exits 0 once every run of the sweep is done. Runs execute in this process, one after the other.
 
 Usage::
 
@@ -23,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -204,53 +206,61 @@ def plan(spec: dict, extra: list[str] = (), count: int | None = None, seed: int 
     return planned
 
 
-def lock_path(out: Path) -> Path:
-    """The lock a runner holds while it computes the run in ``out`` (beside it, removed after)."""
-    return out.parent / f".{out.name}.lock"
+lock_path = results.lock_path  # the lock a runner holds while it computes a run (beside it, removed after)
 
 
 def run_all(planned: list[PlannedRun], progress: bool = True) -> dict:
-    """Run every planned run that is not done; returns counts of ran/skipped/busy/failed runs."""
-    from filelock import FileLock, Timeout
-    from tqdm.auto import tqdm
+    """Run every planned run that is not done; returns counts of ran/skipped/failed runs.
 
-    from kvbench.run import run
+    A run whose lock another runner holds is left to the end, then awaited: it is ``skipped`` once
+    that runner finished it (or computed here if that runner failed), so several runners on one sweep
+    share its runs and each ends when the whole sweep is done.
+    """
+    from tqdm.auto import tqdm
 
     todo = [p for p in planned if not p.done]
     for p in planned:
-        if p.done:  # a runner killed between finishing a run and removing its lock leaves it behind
-            lock_path(p.out).unlink(missing_ok=True)
-    counts = {"ran": 0, "skipped": len(planned) - len(todo), "busy": 0, "failed": 0}
-    bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, file=sys.stderr)
-    for p in bar:
-        bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in p.params.items()))
-        p.out.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path(p.out)))
+        if p.done and lock_path(p.out).exists():  # left by a runner killed between finishing a run and letting go
+            with contextlib.suppress(results.RunBusy), results.run_lock(p.out, wait=False):
+                pass
+    counts = {"ran": 0, "skipped": len(planned) - len(todo), "failed": 0}
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
+    later = []
+    for p in todo:
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            counts["busy"] += 1
-            print(f"kvbench.sweep: {p.out} is being computed by another runner; skipped", file=sys.stderr)
-            continue
-        try:
-            if results.existing_metrics(p.out) is not None:  # finished by another runner meanwhile
-                counts["skipped"] += 1
-                continue
-            run(p.cfg)
-            counts["ran"] += 1
-        except KeyboardInterrupt:
-            raise
-        except UserError as e:
-            counts["failed"] += 1
-            print(f"kvbench.sweep: run `{' '.join(p.overrides)}` failed: {e}", file=sys.stderr)
-        except Exception:  # noqa: BLE001 - one broken config must not stop the sweep
-            counts["failed"] += 1
-            print(f"kvbench.sweep: run `{' '.join(p.overrides)}` failed:", file=sys.stderr)
-            traceback.print_exc()
-        finally:
-            lock.release()
-            Path(lock.lock_file).unlink(missing_ok=True)  # keep the results store clean (nobody waits on it)
+            _run_one(p, counts, bar, wait=False)
+        except results.RunBusy:
+            print(f"kvbench.sweep: {p.out} is being computed by another runner; waiting for it at the end",
+                  file=sys.stderr)
+            later.append(p)
+    for p in later:
+        _run_one(p, counts, bar, wait=True)
+    bar.close()
     return counts
+
+
+def _run_one(p: PlannedRun, counts: dict, bar, wait: bool) -> None:
+    """Run ``p`` under its lock unless it is done by now (raises RunBusy if held and not ``wait``)."""
+    from kvbench.run import run
+
+    with results.run_lock(p.out, wait=wait):
+        bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in p.params.items()))
+        if results.existing_metrics(p.out) is not None:  # finished by another runner meanwhile
+            counts["skipped"] += 1
+        else:
+            try:
+                run(p.cfg)
+                counts["ran"] += 1
+            except KeyboardInterrupt:
+                raise
+            except UserError as e:
+                counts["failed"] += 1
+                print(f"kvbench.sweep: run `{' '.join(p.overrides)}` failed: {e}", file=sys.stderr)
+            except Exception:  # noqa: BLE001 - one broken config must not stop the sweep
+                counts["failed"] += 1
+                print(f"kvbench.sweep: run `{' '.join(p.overrides)}` failed:", file=sys.stderr)
+                traceback.print_exc()
+    bar.update()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("kvbench.sweep: " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
     summary(spec, planned)
-    return 1 if counts["failed"] or counts["busy"] else 0
+    return 0 if all(results.existing_metrics(p.out) is not None for p in planned) else 1
 
 
 def summary(spec: dict, planned: list[PlannedRun]) -> None:

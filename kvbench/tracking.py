@@ -15,12 +15,19 @@ Each finished run logs:
     method was calibrated, a reference to its calibration artifact (safetensors + JSON sidecar).
 Name, group and tags are derived from the config (:func:`run_name`, :func:`run_group`,
 :func:`run_tags`).
+
+A run counts as logged only once its W&B run finished: ``<run dir>/wandb/kvbench.json`` (the
+marker) is written with ``complete: false`` before W&B starts and with the W&B run id and
+``complete: true`` after ``wandb.finish()`` returns. A reused run whose marker is missing or
+incomplete (Ctrl-C during W&B start-up, online logging that failed) is logged again, its partial W&B
+run folders replaced.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +35,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kvbench.errors import UserError
-from kvbench.results import flatten
+from kvbench.results import atomic_write, flatten
 
 MODES = ("offline", "online", "disabled")
 RESULT_FILES = ("config.yaml", "metrics.json", "env.json")
+MARKER = "kvbench.json"  # in <wandb dir>/wandb/
 
 
 def run_name(cfg) -> str:
@@ -89,6 +97,14 @@ def metric_tables(metrics: dict) -> dict[str, tuple[list[str], list[list]]]:
     return tables
 
 
+def marker(wandb_dir) -> dict:
+    """The W&B marker of a run (``{}`` if it has none): ``{"complete", "id", "mode", "calibration"}``."""
+    try:
+        return json.loads((Path(wandb_dir) / "wandb" / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def log_run(cfg, metrics: dict, run_path, calibration=None, wandb_dir=None, reused: bool = False) -> str | None:
     """Log one finished run to W&B.
 
@@ -96,19 +112,28 @@ def log_run(cfg, metrics: dict, run_path, calibration=None, wandb_dir=None, reus
         cfg: the resolved run config.
         metrics: the run's metrics (as in ``metrics.json``).
         run_path: its results-store directory (holds the result files logged as an artifact).
-        calibration: path of the calibration artifact (``.safetensors``) the run used, if any.
+        calibration: path of the calibration artifact (``.safetensors``) the run used, if any
+            (default for a reused run: the one its marker recorded).
         wandb_dir: where W&B writes its files (default: ``run_path``).
         reused: the run had already finished and is being reused; it is logged again only under
-            a W&B sweep agent (which needs a run to report to its sweep), or if it has no local W&B
-            run yet (it ran with W&B disabled, or online logging failed).
+            a W&B sweep agent (which needs a run to report to its sweep), or if its marker is
+            missing or incomplete (it ran with W&B disabled, or logging was interrupted or failed).
 
     Returns:
         The W&B run's local files directory, or None when nothing was logged.
     """
     mode = wandb_mode(cfg)
     wandb_dir = Path(wandb_dir or run_path)
-    if mode == "disabled" or (reused and not os.environ.get("WANDB_SWEEP_ID") and (wandb_dir / "wandb").is_dir()):
+    before = marker(wandb_dir)
+    if mode == "disabled" or (reused and not os.environ.get("WANDB_SWEEP_ID") and before.get("complete")):
         return None
+    if not before.get("complete"):  # an interrupted or failed earlier attempt: replace its partial files
+        for partial in [*wandb_dir.glob("wandb/offline-run-*"), *wandb_dir.glob("wandb/run-*")]:
+            shutil.rmtree(partial, ignore_errors=True)
+    if calibration is None and before.get("calibration"):
+        calibration = before["calibration"]
+    state = {"complete": False, "id": None, "mode": mode, "calibration": str(calibration) if calibration else None}
+    atomic_write(wandb_dir / "wandb" / MARKER, json.dumps(state, indent=2))
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
@@ -147,8 +172,11 @@ def log_run(cfg, metrics: dict, run_path, calibration=None, wandb_dir=None, reus
                     art.add_reference(f.resolve().as_uri(), name=f.name)
             run.log_artifact(art)
         directory = run.dir
-    finally:
-        run.finish()
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    atomic_write(wandb_dir / "wandb" / MARKER, json.dumps({**state, "complete": True, "id": run.id}, indent=2))
     return str(directory)
 
 

@@ -167,19 +167,52 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, capsys):
     assert frame["metrics.ppl"].notna().all()
 
 
-def test_run_held_by_another_runner_is_skipped(tmp_path, capsys):
-    from filelock import FileLock
+def test_run_held_by_another_runner_is_awaited(tmp_path, capsys):
+    """Another runner holds two runs: this one runs the free ones first, then waits for those two; the
+    one the other runner finishes is not run again, the one it gives up on is run here."""
+    import threading
 
     planned = sweep.plan(yaml.safe_load(GRID_2X2), tiny(tmp_path))
-    held = []
-    for p in planned:
-        p.out.parent.mkdir(parents=True, exist_ok=True)
-        held.append(FileLock(str(sweep.lock_path(p.out))))
-        held[-1].acquire(timeout=0)
+    finished, abandoned = planned[0], planned[1]
+    holding, release = threading.Event(), threading.Event()
+
+    def other_runner():
+        with results.run_lock(finished.out), results.run_lock(abandoned.out):
+            holding.set()
+            release.wait(120)
+            results.save_run(finished.out, finished.cfg, {"ppl": 1.0, "by": "other"})
+
+    other = threading.Thread(target=other_runner)
+    other.start()
+    holding.wait(60)
+    threading.Timer(0.5, release.set).start()  # the other runner finishes while this one runs the free runs
     try:
-        assert sweep.run_all(planned, progress=False) == {"ran": 0, "skipped": 0, "busy": 4, "failed": 0}
+        assert sweep.run_all(planned, progress=False) == {"ran": 3, "skipped": 1, "failed": 0}
     finally:
-        for lock in held:
-            lock.release()
-    assert "being computed by another runner" in capsys.readouterr().err
-    assert not _finished(tmp_path / "out")
+        release.set()
+        other.join()
+    err = capsys.readouterr().err
+    assert err.count("being computed by another runner; waiting for it at the end") == 2
+    assert results.existing_metrics(finished.out) == {"ppl": 1.0, "by": "other"}, "the other runner's run is kept"
+    assert all(results.existing_metrics(p.out)["ppl"] > 1 for p in planned[1:]), "the rest ran here"
+    assert not list((tmp_path / "out").glob("**/.*.lock"))
+
+
+def test_two_runners_share_a_sweep_and_both_exit_0(tmp_path):
+    """Two runners started together on one sweep: each run is computed (and logged to W&B) once, and
+    both exit 0 since the sweep is done."""
+    path = write(tmp_path, GRID_2X2)
+    args = [str(path), *tiny(tmp_path), "logging.wandb.mode=offline"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    procs = [subprocess.Popen([sys.executable, "-m", "kvbench.sweep", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    ran = [int(re.search(r"kvbench.sweep: (\d+) ran, (\d+) skipped, 0 failed", err).group(1)) for _, err in outs]
+    assert sum(ran) == 4, f"every run computed exactly once between the two runners ({ran})"
+    runs = [m.parent for m in _finished(tmp_path / "out")]
+    assert len(runs) == 4
+    for run in runs:
+        assert len(list((run / "wandb").glob("offline-run-*"))) == 1, f"{run} logged to W&B once"
+    assert not list((tmp_path / "out").glob("**/.*.lock"))

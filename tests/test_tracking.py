@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -95,6 +96,7 @@ def test_modes(compose, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("**/wandb"))
     cfg.logging.wandb.mode = "offline"
     (tmp_path / "run" / "wandb" / "offline-run-1").mkdir(parents=True)
+    (tmp_path / "run" / "wandb" / tracking.MARKER).write_text('{"complete": true, "id": "1"}')
     assert tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run", reused=True) is None, "a logged run is not re-logged"
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     assert tracking.wandb_mode(cfg) == "online", "a W&B agent's runs must reach its server"
@@ -120,3 +122,54 @@ def test_online_without_key_is_one_clear_line(compose, tmp_path, monkeypatch):
     cfg = compose(["model=tiny-llama", f"output_dir={tmp_path}", "logging.wandb.mode=online"])
     with pytest.raises(UserError, match=r"W&B online logging failed .*results are saved in .*mode=offline"):
         tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run")
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["init", "log_artifact"])
+def test_interrupted_logging_is_relogged_on_reuse(compose, tmp_path, monkeypatch, where):
+    """Ctrl-C while W&B starts (or logs) leaves a finished run whose W&B run is incomplete: reusing it
+    logs it again, once, replacing the partial W&B files; the run itself is not recomputed."""
+    import wandb
+
+    from kvbench.run import run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = compose(["model=tiny-llama", "method=uniform", "kv.bits=4", "data=text", f"data.path={corpus}",
+                   "eval.seqlen=64", "eval.max_windows=1", f"output_dir={tmp_path / 'out'}",
+                   "logging.wandb.mode=offline", "logging.progress=false"])
+    out = results.run_dir(cfg)
+    if where == "init":  # interrupted after W&B created its run folder, before init returned
+        real_init = wandb.init
+
+        def init(*args, **kwargs):
+            (Path(kwargs["dir"]) / "wandb" / "offline-run-20000101_000000-partial" / "files").mkdir(parents=True)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(wandb, "init", init)
+    else:
+        monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log_artifact", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert (out / "metrics.json").exists() and tracking.marker(out)["complete"] is False
+    assert len(tracking.offline_runs(out)) == 1, "the interrupted attempt left a partial W&B run"
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+
+    written = (out / "metrics.json").stat().st_mtime_ns
+    metrics = run(cfg)
+    assert (out / "metrics.json").stat().st_mtime_ns == written, "reused, not recomputed"
+    [logged] = tracking.offline_runs(out)
+    done = tracking.marker(out)
+    assert done["complete"] is True and logged.name.endswith(f"-{done['id']}")
+    back = tracking.read_offline_run(logged, artifacts=True)
+    assert back["state"] == "finished" and back["summary"]["ppl"] == pytest.approx(metrics["ppl"])
+    assert {"name": f"results-{out.name}", "type": "results", "metadata": {"run_dir": str(out)}} in back["artifacts"]
+
+    run(cfg)
+    assert tracking.offline_runs(out) == [logged] and tracking.marker(out) == done, "a complete W&B run is not re-logged"
