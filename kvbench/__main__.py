@@ -53,6 +53,9 @@ def check_overrides(args: list[str]) -> str | None:
             compose("config", overrides=overrides)
     except Exception as e:  # noqa: BLE001 - turned into one line below
         msg = str(e).splitlines()[0]
+        typed = _type_error(e)
+        if typed:
+            return typed
         for ov in overrides:
             key = ov.lstrip("+~").split("=", 1)[0]
             parent, _, leaf = key.rpartition(".")
@@ -68,6 +71,23 @@ def check_overrides(args: list[str]) -> str | None:
                 return f"Unknown key {key!r}.{_did_you_mean(leaf, node.keys())} Valid keys of {parent}: {', '.join(node.keys())}"
         return f"invalid override: {msg}"
     return None
+
+
+EXPECTED = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "ListConfig": "a list, e.g. [a,b]"}
+
+
+def _type_error(e: Exception) -> str | None:
+    """``kv.bits=four`` -> "kv.bits=four: an integer is expected (got 'four')"."""
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    if not key:
+        return None
+    text = str(cause).splitlines()[0]
+    for word, expected in EXPECTED.items():
+        if word in text:
+            value = str(e).split("=", 1)[1] if "=" in str(e) else "?"
+            return f"{key}={value}: {expected} is expected ({text})"
+    return f"invalid value for {key}: {text}"
 
 
 def _task(cfg) -> None:

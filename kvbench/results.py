@@ -1,9 +1,11 @@
 """The local results store: one directory per resolved config, never overwritten.
 
 A run lives in ``<output_dir>/<experiment>/<method>/<hash>/`` where ``hash`` is the SHA-1 of the
-resolved config without the keys that do not change results (logging, output_dir). It holds
-``config.yaml``, ``metrics.json`` (written last, atomically: a run without it is incomplete) and
-``env.json`` (git commit, package versions). :func:`load` turns the store into a pandas frame, one
+resolved config without the keys that do not change results (logging, output_dir, rerun), the
+content fingerprints of its inputs (:func:`inputs`: data file, model weights; a file's path is not
+part of its identity, its content is) and :data:`RESULTS_VERSION`. It holds ``config.yaml``,
+``inputs.json`` (the fingerprints), ``env.json`` (git commit, package versions) and ``metrics.json``
+(written last, atomically: a run without it is incomplete). :func:`load` turns the store into a pandas frame, one
 row per run, config columns with dotted names plus metric columns.
 """
 
@@ -21,7 +23,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-NON_RESULT_KEYS = ("logging", "output_dir", "command")
+NON_RESULT_KEYS = ("logging", "output_dir", "command", "rerun")
+
+RESULTS_VERSION = 1
+"""Part of every run hash. Bump it in the commit whose code change alters numbers (a fixed
+quantizer, another perplexity convention): every stored run then has a new hash and recomputes.
+Changes that alter no number (speed, messages, new options whose default keeps the old behaviour)
+leave it alone."""
 
 
 def result_config(cfg) -> dict:
@@ -32,14 +40,70 @@ def result_config(cfg) -> dict:
     return d
 
 
-def config_hash(cfg) -> str:
-    blob = json.dumps(result_config(cfg), sort_keys=True, default=str)
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content, cached by (absolute path, size, mtime_ns) in the kvbench cache.
+
+    Model weights run to many GB: they are read once, and again only after the file changes.
+    """
+    from kvbench.models import cache_root
+
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    ident = hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_root() / "digests" / ident
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    try:
+        atomic_write(memo, h.hexdigest())
+    except OSError:  # a read-only cache only costs time
+        pass
+    return h.hexdigest()
+
+
+def inputs(cfg) -> dict:
+    """Content fingerprints of what a run reads: ``{"data": ..., "model": ...}``.
+
+    See :func:`kvbench.data.data_fingerprint` and :func:`kvbench.models.model_fingerprint`; both
+    read no weights beyond hashing local files (cached), so this runs before the model loads.
+    """
+    from kvbench.data import data_fingerprint
+    from kvbench.models import model_fingerprint
+
+    return {"data": data_fingerprint(cfg.data), "model": model_fingerprint(cfg.model)}
+
+
+def config_hash(cfg, fingerprints: dict | None = None) -> str:
+    """The run's identity: resolved config (less :data:`NON_RESULT_KEYS` and file paths), the
+    content fingerprints of its inputs (:func:`inputs`, computed unless given) and
+    :data:`RESULTS_VERSION`."""
+    config = result_config(cfg)
+    for group in ("data", "model"):  # a moved file is the same input; an edited one is not
+        if isinstance(config.get(group), dict):
+            config[group].pop("path", None)
+    ident = {"config": config, "inputs": inputs(cfg) if fingerprints is None else fingerprints,
+             "results_version": RESULTS_VERSION}
+    blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def run_dir(cfg) -> Path:
+def run_dir(cfg, fingerprints: dict | None = None) -> Path:
+    """``<output_dir>/<experiment>/<method>/<config_hash>``."""
     root = Path(cfg.output_dir).expanduser()
-    return root / cfg.experiment / cfg.method.name / config_hash(cfg)
+    return root / cfg.experiment / cfg.method.name / config_hash(cfg, fingerprints)
+
+
+def run_commit(path: Path) -> str:
+    """The git commit recorded in the ``env.json`` of the run in ``path`` ("unknown" if none)."""
+    try:
+        return json.loads((path / "env.json").read_text()).get("git_commit") or "unknown"
+    except (OSError, ValueError):
+        return "unknown"
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -3,6 +3,7 @@ patch -> evaluate -> record. :func:`run` is what ``python -m kvbench`` calls for
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -10,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 
 from kvbench import results
-from kvbench.config import SUPPORTED_BITS
 from kvbench.errors import UserError
 
 
@@ -23,17 +23,13 @@ def build_method(cfg, info):
     return cls(method_cfg, cfg.kv, info)
 
 
-def validate(cfg, info) -> None:
-    """Checks that need the model's shapes; each failure is one clear line."""
-    if cfg.kv.bits not in SUPPORTED_BITS:
-        raise UserError(f"kv.bits={cfg.kv.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
-    g = cfg.kv.group_size
-    if g is not None and (g <= 0 or info.head_dim % g):
-        raise UserError(f"kv.group_size={g} does not divide head_dim={info.head_dim} of {info.name}")
-    if cfg.kv.backend not in ("simulated", "kernel"):
-        raise UserError(f"kv.backend must be simulated or kernel, got {cfg.kv.backend!r}")
-    if cfg.eval.name == "ppl" and cfg.eval.seqlen > info.max_context:
-        raise UserError(f"eval.seqlen={cfg.eval.seqlen} is longer than {info.name}'s context of {info.max_context}")
+def validate(cfg):
+    """Every check that needs no weights (:func:`kvbench.validate.check`), before anything loads;
+    each failure is one line. Returns the :class:`~kvbench.validate.Checked` model shapes, method
+    and data splits."""
+    from kvbench.validate import check
+
+    return check(cfg)
 
 
 def pick_device(cfg) -> str:
@@ -68,30 +64,35 @@ def run(cfg) -> dict:
     """Run one experiment; returns its metrics (reused if an identical run already finished)."""
     if cfg.command == "calibrate":
         return calibrate_only(cfg)
-    out = results.run_dir(cfg)
+    checked = validate(cfg)  # one line per bad input, before any weights load
+    fingerprints = results.inputs(cfg)  # data and weights by content: the run's identity
+    out = results.run_dir(cfg, fingerprints)
     with results.run_lock(out):  # identical runs started together: one computes, the others wait and reuse
-        return compute(cfg, out)
+        return compute(cfg, out, checked, fingerprints)
 
 
-def compute(cfg, out) -> dict:
+def compute(cfg, out, checked=None, fingerprints=None) -> dict:
     """The part of :func:`run` done under the run's lock: reuse the finished run in ``out``, or compute,
     save and log it."""
     from kvbench.data import load_splits
     from kvbench.models import load_model
     from kvbench.tracking import log_run
 
+    checked = checked or validate(cfg)
     done = results.existing_metrics(out)
-    if done is not None:
-        print(f"kvbench: identical run already finished, reusing {out}", file=sys.stderr)
+    if done is not None and cfg.rerun:
+        print(f"kvbench: rerun=true: recomputing {out} (made at commit {results.run_commit(out)})", file=sys.stderr)
+    elif done is not None:
+        print(f"kvbench: identical run already finished at commit {results.run_commit(out)}, reusing {out} "
+              f"(rerun=true recomputes it)", file=sys.stderr)
         log_run(cfg, done, out, reused=True)  # if its W&B run is incomplete, or under a W&B sweep agent
         summarize(cfg, done, out)
         return done
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, tok, info = load_model(cfg.model, pick_device(cfg))
-    validate(cfg, info)
-    method = build_method(cfg, info)
-    splits = load_splits(cfg.data)
+    method = checked.method
+    splits = checked.splits or load_splits(cfg.data)
     calibration = None
     if method.calibration_needs():
         from kvbench.calibrate import prepare
@@ -105,6 +106,7 @@ def compute(cfg, out) -> dict:
     metrics["kv_saving"] = 1 - metrics["avg_bits"] / 16
     metrics["time"] = {"setup_s": t1 - t0, "eval_s": t2 - t1}
     metrics["model"] = {"layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
+    results.atomic_write(out / "inputs.json", json.dumps(fingerprints or results.inputs(cfg), indent=2, sort_keys=True))
     results.save_run(out, cfg, metrics)
     log_run(cfg, metrics, out, calibration=calibration)
     summarize(cfg, metrics, out)
@@ -117,14 +119,14 @@ def calibrate_only(cfg) -> dict:
     from kvbench.data import load_splits
     from kvbench.models import load_model
 
-    model, tok, info = load_model(cfg.model, pick_device(cfg))
-    validate(cfg, info)
-    method = build_method(cfg, info)
+    checked = validate(cfg)
+    method = checked.method
     if not method.calibration_needs():
         print(f"kvbench: method {cfg.method.name} needs no calibration")
         return {}
+    model, tok, _ = load_model(cfg.model, pick_device(cfg))
     t0 = time.perf_counter()
-    path = prepare(cfg, model, tok, load_splits(cfg.data), method)
+    path = prepare(cfg, model, tok, checked.splits or load_splits(cfg.data), method)
     print(f"kvbench | calibration artifact for {cfg.method.name} on {cfg.model.name}: {path} ({time.perf_counter() - t0:.1f} s)")
     return {"artifact": str(path)}
 

@@ -278,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvbench.sweep: {args.sweep}: {len(planned)} runs, {n_done} done, {len(planned) - n_done} to run",
               file=sys.stderr)
         if args.dry_run:
+            from kvbench.validate import check
+
+            for p in planned:  # the checks a run makes before loading weights, for every run
+                try:
+                    check(p.cfg)
+                except UserError as e:
+                    raise UserError(f"run `{' '.join(p.overrides)}`: {e}") from None
             for i, p in enumerate(planned):
                 print(f"{i:4d}  {'done' if p.done else 'todo'}  {' '.join(p.overrides)}  -> {p.out}")
             return 0

@@ -163,6 +163,14 @@ class KVQuant(KVMethod):
             raise UserError(f"kvquant calibration artifact lacks {missing[:3]} (stale artifact?)")
         self.state = {n: t.float() for n, t in tensors.items()}
 
+    def state_shapes(self):
+        """What :meth:`calibrate` returns: per-channel key thresholds ``(H_kv, D)`` and codebooks
+        ``(2**bits,)`` for every layer."""
+        shapes = {}
+        for name in self._state_names():
+            shapes[name] = (2**self.bits,) if "_cb." in name else (self.info.num_kv_heads, self.info.head_dim)
+        return shapes
+
     def _state_names(self) -> list[str]:
         names = []
         if not self.calibration_needs():

@@ -242,6 +242,23 @@ class QoKV(KVMethod):
             out["groups"] = torch.stack(maps).to(torch.int64)  # (L, T_calib)
         return out
 
+    def state_shapes(self):
+        """What :meth:`calibrate` returns: shifts and scales ``(L, H_kv, D)``, strengths ``(L, H_kv)``,
+        codebooks ``(L, 2**b)`` per width ``b``, offline groups ``(L, T_calib)``."""
+        L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
+        out = {}
+        for which in ("key", "value"):
+            if getattr(self.cfg, f"shift_{which}s") != "none":
+                out[f"{which}_shifts"] = (L, H, D)
+            if getattr(self.cfg, f"scale_{which}s"):
+                out[f"{which}_scales"], out[f"{which}_alpha"] = (L, H, D), (L, H)
+            if self.cfg.base == "nuq":
+                widths = self.key_bits if which == "key" else self.value_bits
+                out.update({f"{which}_codebook{b}": (L, 2**b) for b in sorted(set(widths)) if b < FP16_BITS})
+        if self.cfg.grouping == "offline":
+            out["groups"] = (L, None)
+        return out
+
     def load_state(self, tensors):
         self.codebooks = {w: {int(k.rsplit("codebook", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{w}_codebook")}
                           for w in ("key", "value")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -100,3 +101,54 @@ def test_kernel_backend_matches_simulated(tmp_path):
     frame = results.load(tmp_path).set_index("kv.backend")
     assert frame.loc["kernel", "metrics.ppl"] == pytest.approx(frame.loc["simulated", "metrics.ppl"], rel=1e-3)
     assert frame.loc["kernel", "metrics.kv_memory.bytes_per_token"] > 0
+
+
+def _corpus(path, word: str) -> None:
+    path.write_text("\n\n".join(f"Paragraph {i}: the {word} sat on a mat near window {i}." for i in range(300)))
+
+
+def test_identity_by_content(compose, tmp_path, capsys):
+    """An edited data file or edited local weights recompute; an unchanged run is reused and names
+    the commit it was made at; rerun=true recomputes into the same directory."""
+    from safetensors.torch import load_file, save_file
+
+    from kvbench.models import embedded_model_path
+    from kvbench.run import run
+
+    corpus = tmp_path / "corpus.txt"
+    _corpus(corpus, "cat")
+    weights = tmp_path / "weights"  # a local model.path folder: the tiny model's files
+    import shutil
+
+    shutil.copytree(embedded_model_path("tiny-llama"), weights)
+    args = [*TINY, "method=uniform", f"output_dir={tmp_path / 'out'}", "data=text", f"data.path={corpus}",
+            "model.embedded=null", f"model.path={weights}"]
+    first = run(compose(args))
+    out1 = results.run_dir(compose(args))
+    inputs = json.loads((out1 / "inputs.json").read_text())
+    assert inputs["data"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert inputs["model"]["files"]["model.safetensors"] == hashlib.sha256((weights / "model.safetensors").read_bytes()).hexdigest()
+
+    capsys.readouterr()
+    assert run(compose(args)) == first
+    commit = json.loads((out1 / "env.json").read_text())["git_commit"]
+    assert f"already finished at commit {commit}, reusing {out1}" in capsys.readouterr().err
+
+    mtime = (out1 / "metrics.json").stat().st_mtime_ns
+    again = run(compose([*args, "rerun=true"]))
+    assert results.run_dir(compose([*args, "rerun=true"])) == out1 and (out1 / "metrics.json").stat().st_mtime_ns != mtime
+    assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
+
+    _corpus(corpus, "dog")  # same path, new content
+    edited_data = run(compose(args))
+    out2 = results.run_dir(compose(args))
+    assert out2 != out1 and edited_data["ppl"] != first["ppl"]
+
+    tensors = load_file(weights / "model.safetensors")
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights / "model.safetensors", metadata={"format": "pt"})
+    edited_weights = run(compose(args))
+    out3 = results.run_dir(compose(args))
+    assert out3 not in (out1, out2) and edited_weights["ppl"] != edited_data["ppl"]
+    assert len(results.load(tmp_path / "out")) == 3
