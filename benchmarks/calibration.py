@@ -1,10 +1,10 @@
-"""Calibration-time benchmark: ``python -m kvbench.bench_calib [overrides ...]``.
+"""Calibration-time benchmark: ``python benchmarks/calibration.py [overrides ...]``.
 
 Times KVQuant's calibration of a model exactly as a run does it (statistics with the Fisher
 information, then the per-channel thresholds and Fisher-weighted k-means codebooks), without the
 artifact cache, and writes the timings with the machine's description to
-``reports/bench/calibration.json`` (``--out``). Extra arguments are Hydra overrides, e.g.
-``python -m kvbench.bench_calib kv.bits=3 calib.num_samples=16 calib.seqlen=512``.
+``benchmarks/results/calibration.json`` (``--out``). Extra arguments are Hydra overrides, e.g.
+``python benchmarks/calibration.py kv.bits=3 calib.num_samples=16 calib.seqlen=512``.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="reports/bench/calibration.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "calibration.json"))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1: CPU time is then the work itself, an upper bound of the wall "
                          "time on 2 dedicated cores, robust to other jobs sharing the machine)")
@@ -64,7 +67,7 @@ def _bench(args) -> dict:
     t3, c3 = time.perf_counter(), time.process_time()
     result = {
         "what": "KVQuant calibration (statistics incl. Fisher + per-channel thresholds + k-means codebooks)",
-        "command": " ".join(["python -m kvbench.bench_calib", *([f"--threads {args.threads}"] if args.threads else []),
+        "command": " ".join(["python benchmarks/calibration.py", *([f"--threads {args.threads}"] if args.threads else []),
                              *args.overrides]),
         "model": cfg.model.name,
         "method": {k: v for k, v in dict(cfg.method).items()},

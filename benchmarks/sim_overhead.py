@@ -1,6 +1,6 @@
 """Benchmark (not a test): wall time and peak memory of fp16 vs simulated-quantized perplexity.
 
-``python -m kvbench.bench_sim [--seqlen 2048 --windows 4 --out reports/bench]`` runs each
+``python benchmarks/sim_overhead.py [--seqlen 2048 --windows 4 --out benchmarks/results]`` runs each
 configuration in a fresh subprocess (so peak RSS is its own), timing only the perplexity loop after
 a warm-up window, and writes ``simulated_overhead.json`` and ``.md``. Goal (issue 3): simulated
 quantization adds at most 30 % to the fp16 time. The overhead is computed on CPU time (process time),
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 CONFIGS = {
     "fp16": ["method=fp16"],
@@ -57,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--out", default="reports/bench")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--one", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
@@ -65,14 +67,14 @@ def main() -> None:
         return
     rows = []
     for name, overrides in CONFIGS.items():
-        cmd = [sys.executable, "-m", "kvbench.bench_sim", "--seqlen", str(args.seqlen), "--windows", str(args.windows), "--one", *overrides]
+        cmd = [sys.executable, __file__, "--seqlen", str(args.seqlen), "--windows", str(args.windows), "--one", *overrides]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append({"config": name, "overrides": overrides, **json.loads(out)})
         print(f"{name:36s} {rows[-1]['cpu_seconds']:7.1f} CPU-s  {rows[-1]['peak_rss_mb']:7.0f} MB  ppl {rows[-1]['ppl']:.3f}", flush=True)
     base = rows[0]["cpu_seconds"]
     for r in rows:
         r["overhead_vs_fp16"] = r["cpu_seconds"] / base - 1
-    meta = {"command": f"python -m kvbench.bench_sim --seqlen {args.seqlen} --windows {args.windows}",
+    meta = {"command": f"python benchmarks/sim_overhead.py --seqlen {args.seqlen} --windows {args.windows}",
             "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
             "model": "smollm2-135m (fp32, CPU)", "seqlen": args.seqlen, "windows": args.windows,
             "load_average": __import__("os").getloadavg()[0]}

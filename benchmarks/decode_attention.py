@@ -1,0 +1,246 @@
+"""Decode-attention benchmark: the packed kernels against fp16 SDPA on the current CUDA GPU.
+
+``python benchmarks/decode_attention.py [--T 4096 16384 32768 65536 131072] [--batch 1 8] [--bits 2 3 4]``
+measures, for Llama-2-7B (32/32 heads) and Llama-3-8B (32/8 heads) head shapes (head_dim 128):
+
+* the device-to-device copy bandwidth (bytes read + written per second), the ceiling;
+* decode attention of one query token over ``T`` cached tokens: the packed Triton kernel (the path and
+  launch tuning the tuning table chooses, or ``--path``) against fp16 ``scaled_dot_product_attention``
+  with torch's default backend and with the flash backend, and its relative error against the reference
+  twin.
+
+Writes ``benchmarks/results/decode_attention.json`` (one record per GPU, shape, batch, T, bits; rows of
+other GPUs already in the file are kept), ``decode_attention.md`` and a PNG plot where matplotlib is
+installed (``--plot-only`` redraws it from the JSON on any machine). Imports only torch and
+kvbench.kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from kvbench.kernels import ops  # noqa: E402
+from kvbench.kernels import triton as tk  # noqa: E402
+
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # (H_q, H_kv, D)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_us(fn) -> float:
+    """Median time of ``fn`` in microseconds (L2 flushed between runs)."""
+    import triton.testing as tt
+
+    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    x = torch.randn(n, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    us = bench_us(lambda: y.copy_(x))
+    return 2 * n * 2 / (us * 1e-6)
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def packed_bytes_read(kv) -> int:
+    """Bytes the decode kernel must read: valid codes, scales, zeros, fp16 tokens (q ignored)."""
+    n, nb = kv.n_packed, -(-kv.n_packed // kv.key_block)
+    return _nbytes(
+        kv.k_words[:, :, :n], kv.v_words[:, :, :n], kv.k_scale[:, :, :nb], kv.k_zero[:, :, :nb],
+        kv.v_scale[:, :, :n], kv.v_zero[:, :, :n], kv.sink_k[:, :, : kv.n_sink], kv.sink_v[:, :, : kv.n_sink],
+        kv.recent_k[:, :, : kv.n_recent], kv.recent_v[:, :, : kv.n_recent],
+    )
+
+
+def rel_err_vs_reference(q, kv, out) -> float:
+    """Relative L2 error of ``out`` against the reference twin, one batch row at a time (memory)."""
+    num = den = 0.0
+    for b in range(q.shape[0]):
+        row = {f.name: getattr(kv, f.name)[b : b + 1] for f in dataclasses.fields(kv)
+               if isinstance(getattr(kv, f.name), torch.Tensor) and f.name not in ("k_lut", "v_lut", "inv_freq")}
+        ref = ops.decode_attention(q[b : b + 1], dataclasses.replace(kv, **row), impl="reference").float()
+        num += (out[b : b + 1].float() - ref).norm().item() ** 2
+        den += ref.norm().item() ** 2
+    return (num / den) ** 0.5
+
+
+def run(args, copy_bw: float, gpu: str) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    records = []
+    for shape in args.shapes:
+        hq, hkv, d = SHAPES[shape]
+        for batch in args.batch:
+            for T in args.T:
+                torch.manual_seed(0)
+                try:
+                    k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
+                    v = torch.randn_like(k)
+                except torch.OutOfMemoryError:
+                    print(f"skip {shape} B={batch} T={T}: out of memory")
+                    continue
+                q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+                q4 = q[:, :, None]  # (B, H_q, 1, D)
+                gqa = hq != hkv
+                fp16_us = bench_us(lambda: sdpa(q4, k, v, enable_gqa=gqa))
+                try:
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        flash_us = bench_us(lambda: sdpa(q4, k, v, enable_gqa=gqa))
+                except RuntimeError as e:  # flash may refuse a shape
+                    flash_us, _ = None, print(f"flash backend failed: {e}")
+                best = min(x for x in (fp16_us, flash_us) if x is not None)
+                fp16_bytes = _nbytes(k, v)
+                for bits in args.bits:
+                    kv = ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0,
+                                             n_recent=args.recent, impl="triton")
+                    launch = tk.choose(q, kv, args.path)
+                    fn = lambda: tk.decode_attention(q, kv, path=args.path)  # noqa: E731
+                    rel = rel_err_vs_reference(q, kv, fn())
+                    us = bench_us(fn)
+                    nbytes = packed_bytes_read(kv)
+                    rec = dict(
+                        gpu=gpu, shape=shape, h_q=hq, h_kv=hkv, head_dim=d, bits=bits, T=T, batch=batch,
+                        path=launch["path"], kernel_us=round(us, 2), fp16_us=round(fp16_us, 2),
+                        fp16_flash_us=None if flash_us is None else round(flash_us, 2),
+                        speedup=round(fp16_us / us, 3), speedup_vs_best_fp16=round(best / us, 3),
+                        bandwidth_frac=round(nbytes / (us * 1e-6) / copy_bw, 3),
+                        fp16_bandwidth_frac=round(fp16_bytes / (fp16_us * 1e-6) / copy_bw, 3),
+                        rel_err_vs_reference=float(f"{rel:.3g}"), packed_bytes=nbytes, fp16_bytes=fp16_bytes,
+                        copy_GBps=round(copy_bw / 1e9, 1), key_block=args.key_block, value_group=args.value_group,
+                        recent=args.recent,
+                        tuning={k: v for k, v in launch.items() if k not in ("path", "gpu")},
+                        torch=torch.__version__, triton=__import__("triton").__version__,
+                    )
+                    records.append(rec)
+                    print(f"{shape:9s} B={batch} T={T:6d} {bits}b {rec['path']:11s} {us:8.1f}us fp16 {fp16_us:8.1f}us "
+                          f"flash {flash_us or float('nan'):8.1f}us x{rec['speedup']:.2f} (best x"
+                          f"{rec['speedup_vs_best_fp16']:.2f}) bw {rec['bandwidth_frac']:.2f} rel {rel:.1e}", flush=True)
+                    del kv
+                del k, v
+                torch.cuda.empty_cache()
+    return records
+
+
+def check_paths(out_dir: Path, gpu: str) -> list[dict]:
+    """Every decode path, forced, against the reference twin wherever it applies: 2/3/4 bits, G = 1/4/8, sink
+    and recent fp16 tokens, a partial last key block and tile, head_dim 128. Writes ``decode_paths_check.json``."""
+    rows = []
+    for bits in (2, 3, 4):
+        for G in (1, 4, 8):
+            torch.manual_seed(bits * 10 + G)
+            B, H, D, sink, recent, n_packed = 2, 4, 128, 4, 37, 3 * 128 + 77
+            T = sink + 4 * 128 + recent
+            k = torch.randn(B, H, T, D, dtype=torch.float16, device="cuda") * 2
+            v = torch.randn_like(k)
+            q = torch.randn(B, H * G, D, dtype=torch.float16, device="cuda") * 2
+            full = ops.build_packed_kv(k, v, bits, bits, 128, D, sink, recent, impl="triton")
+            kv = dataclasses.replace(full, n_packed=n_packed)  # calibrated scales pack token by token
+            ref = ops.decode_attention(q, kv, impl="reference").float()
+            for path, mod in tk.PATHS.items():
+                if not mod.applies(kv, G):
+                    continue
+                for n_splits in (None, 3):
+                    out = tk.decode_attention(q, kv, path=path, n_splits=n_splits).float()
+                    rel = ((out - ref).norm() / ref.norm()).item()
+                    rows.append(dict(gpu=gpu, path=path, bits=bits, G=G, n_splits=n_splits,
+                                     rel_err_vs_reference=float(f"{rel:.3g}"), finite=bool(torch.isfinite(out).all())))
+                    print("check", rows[-1], flush=True)
+    (out_dir / "decode_paths_check.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def write_markdown(records: list[dict], path: Path) -> None:
+    lines = [
+        "# Decode attention, packed kernel vs fp16 SDPA",
+        "",
+        "Generated by `python benchmarks/decode_attention.py` from `decode_attention.json`. `speedup` = fp16 SDPA "
+        "(default backend) time / kernel time; `vs best` uses the faster of SDPA default and flash; `bw frac` = "
+        "packed bytes read per second / copy bandwidth.",
+        "",
+        "| gpu | shape | B | T | bits | path | kernel us | fp16 us | flash us | speedup | vs best | bw frac | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| {r['gpu']} | {r['shape']} | {r['batch']} | {r['T']} | {r['bits']} | {r['path']} | "
+                     f"{r['kernel_us']} | {r['fp16_us']} | {r['fp16_flash_us']} | {r['speedup']} | "
+                     f"{r['speedup_vs_best_fp16']} | {r['bandwidth_frac']} | {r['rel_err_vs_reference']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(out_dir: Path) -> None:
+    """``decode_attention.png``: speedup vs T per GPU, shape and batch, one line per bit width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = json.loads((out_dir / "decode_attention.json").read_text())
+    keys = sorted({(r["gpu"], r["shape"], r["batch"]) for r in recs})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, (gpu, shape, b) in zip(axes[0], keys):
+        for bits in sorted({r["bits"] for r in recs}):
+            rs = sorted((r for r in recs if (r["gpu"], r["shape"], r["batch"], r["bits"]) == (gpu, shape, b, bits)),
+                        key=lambda r: r["T"])
+            ax.plot([r["T"] for r in rs], [r["speedup_vs_best_fp16"] for r in rs], marker="o", label=f"{bits}-bit")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{gpu}\n{shape}, batch {b}", fontsize=9)
+        ax.set_xlabel("context T")
+        ax.set_ylabel("speedup vs best fp16")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "decode_attention.png", dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--T", nargs="+", type=int, default=[4096, 16384, 32768, 65536, 131072])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--path", default="auto", help=f"auto or one of {', '.join(tk.PATHS)}")
+    p.add_argument("--key-block", type=int, default=128)
+    p.add_argument("--value-group", type=int, default=128)
+    p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens (part of T)")
+    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--check", action="store_true", help="first check every path against the reference twin")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        plot(args.out)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode_attention.py needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    if args.check:
+        bad = [r for r in check_paths(args.out, gpu) if not r["finite"] or r["rel_err_vs_reference"] > 2e-3]
+        if bad:
+            raise SystemExit(f"paths off their reference twin: {bad}")
+    path = args.out / "decode_attention.json"
+    kept = [r for r in json.loads(path.read_text()) if r["gpu"] != gpu] if path.exists() else []
+    records = kept + run(args, bw, gpu)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    write_markdown(records, args.out / "decode_attention.md")
+    try:
+        plot(args.out)
+    except ImportError:
+        print("matplotlib missing: run `python benchmarks/decode_attention.py --plot-only` elsewhere")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""End-to-end decode benchmark: ``generate`` tokens/s at a long context, fp16 caches vs the packed cache.
+
+``python benchmarks/e2e.py [--layers 8 --context 32768 --batch 8 --new 32 --bits 4 2]`` runs a random-weight
+Llama-2-7B-shaped model (the 7B layer shape with only ``--layers`` layers, so that the fp16 cache of the
+baseline fits on one GPU) with the fp16 DynamicCache / StaticCache and the packed cache (decode path chosen by
+the tuning table), and writes ``benchmarks/results/e2e.json`` (named by its GPU). Needs torch, transformers
+and kvbench.kernels only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _StepTimer:
+    """A generate() streamer that records a synchronized timestamp at every put (prompt, then tokens)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def run_e2e(args, gpu: str) -> dict:
+    """Decode tokens/s of ``generate`` at a long context on a random-weight Llama-2-7B-shaped model.
+
+    The model keeps the 7B layer shape (hidden 4096, 32 heads, 32 KV heads, MLP 11008) with only
+    ``--e2e-layers`` layers so that the fp16 cache of the baseline fits on one GPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvbench.kernels.cache import PACKED_ATTN, PackedCacheSpec, make_packed_cache, register_packed_attention
+
+    register_packed_attention()
+    B, T, N = args.e2e_batch, args.e2e_context, args.e2e_new
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.e2e_layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=T + N + 256)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    prompt = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(prompt)
+    try:
+        from transformers import QuantizedCache
+
+        QuantizedCache(backend="quanto", config=cfg, nbits=4)
+        qc_status = "constructed (not timed)"
+    except Exception as e:  # noqa: BLE001 - record why the comparison is missing
+        qc_status = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
+    runs = []
+    configs = [("fp16-dynamic", None), ("fp16-static", None)] + [(f"packed-{b}bit", b) for b in args.e2e_bits]
+    for name, bits in configs:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, attention_mask=mask, disable_compile=True)
+        cache = None
+        if bits is None:
+            model.set_attn_implementation("sdpa")
+            if name == "fp16-static":
+                kw["cache_implementation"] = "static"
+        else:
+            model.set_attn_implementation(PACKED_ATTN)
+            spec = PackedCacheSpec(key_bits=bits, value_bits=bits, value_group_size=args.value_group,
+                                   key_block=args.key_block, recent_window=args.recent)
+            cache = make_packed_cache(model.config, spec)
+            kw["past_key_values"] = cache
+        timer = _StepTimer()
+        try:
+            with torch.no_grad():  # warm-up on a short prompt: Triton JIT / cuDNN plans stay out of the timing
+                wkw = dict(kw, max_new_tokens=4, min_new_tokens=4, attention_mask=mask[:, :1024])
+                if bits is not None:
+                    wkw["past_key_values"] = make_packed_cache(model.config, spec)
+                model.generate(prompt[:, :1024], **wkw)
+                out = model.generate(prompt, streamer=timer, return_dict_in_generate=True, **kw)
+        except torch.OutOfMemoryError as e:
+            runs.append(dict(name=name, error=f"OOM: {str(e)[:120]}"))
+            print(name, "OOM", flush=True)
+            continue
+        t = timer.times  # [start, after prefill (token 1), ..., after token N]
+        pkv = out.past_key_values
+        if cache is not None:
+            kv_bytes = cache.nbytes()
+        else:
+            kv_bytes = sum(x.numel() * x.element_size() for lay in pkv.layers for x in (lay.keys, lay.values))
+        rec = dict(
+            name=name, bits=bits, prefill_s=round(t[1] - t[0], 3),
+            decode_tok_s=round(B * (len(t) - 2) / (t[-1] - t[1]), 1),
+            decode_ms_per_step=round(1e3 * (t[-1] - t[1]) / (len(t) - 2), 3),
+            kv_bytes=kv_bytes, kv_bytes_per_token_per_layer=round(kv_bytes / (B * (T + N - 1)) / args.e2e_layers, 1),
+            peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        )
+        runs.append(rec)
+        print("e2e", rec, flush=True)
+        del out, pkv, cache
+    base = next((r for r in runs if r["name"] == "fp16-dynamic" and "error" not in r), None)
+    best = [r for r in runs if r["name"].startswith("fp16") and "error" not in r]
+    best = min(best, key=lambda r: r["decode_ms_per_step"]) if best else None
+    for r in runs:
+        if "error" in r or base is None:
+            continue
+        r["speedup_vs_fp16_dynamic"] = round(base["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
+        r["speedup_vs_best_fp16"] = round(best["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
+        r["kv_mem_reduction_vs_fp16"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
+    return dict(gpu=gpu, model="random-weight Llama-2-7B shape",
+                layers=args.e2e_layers, batch=B, context=T, new_tokens=N, key_block=args.key_block,
+                value_group=args.value_group, recent=args.recent, quantized_cache=qc_status, runs=runs)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    p.add_argument("--layers", dest="e2e_layers", type=int, default=8)
+    p.add_argument("--context", dest="e2e_context", type=int, default=32768)
+    p.add_argument("--batch", dest="e2e_batch", type=int, default=8)
+    p.add_argument("--new", dest="e2e_new", type=int, default=32)
+    p.add_argument("--bits", dest="e2e_bits", nargs="+", type=int, default=[4, 2])
+    p.add_argument("--key-block", type=int, default=128)
+    p.add_argument("--value-group", type=int, default=128)
+    p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/e2e.py needs a CUDA GPU")
+    res = run_e2e(args, torch.cuda.get_device_name())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
