@@ -36,6 +36,19 @@ class ModelConfig:
 
 
 @dataclass
+class KernelConfig:
+    """Which kernels ``kv.backend=kernel`` runs (see docs/kernels.md).
+
+    ``impl``: ``auto`` (Triton on CUDA, else the PyTorch reference twins) | ``triton`` | ``reference``.
+    ``path``: Triton decode path, ``auto`` (the tuning table in kvbench/kernels/tuning.json) |
+    ``split_k`` | ``cuda_core`` | ``tensor_core``.
+    """
+
+    impl: str = "auto"
+    path: str = "auto"
+
+
+@dataclass
 class KVConfig:
     """KV-cache storage: bit width, quantization group and backend.
 
@@ -46,6 +59,7 @@ class KVConfig:
     bits: int = 4
     group_size: Optional[int] = None
     backend: str = "simulated"  # simulated | kernel
+    kernel: KernelConfig = field(default_factory=KernelConfig)
 
 
 @dataclass

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvbench.errors import UserError
 from kvbench.method import KVContext, KVMethod
-
-KERNEL_IMPL_ENV = "KVBENCH_KERNEL_IMPL"  # kv.backend=kernel: triton (default) | reference (PyTorch twins)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,21 +116,31 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def cache_factory(model, method: KVMethod, backend: str, n_layers: int):
-    """A function that builds an empty cache of the backend's kind for one forward / generation."""
+def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=None):
+    """A function that builds an empty cache of the backend's kind for one forward / generation.
+
+    ``kernel`` is the ``kv.kernel`` config (``impl``, ``path``) of ``backend="kernel"``; by default the
+    method's own ``kv.kernel``."""
     if backend == "simulated":
         return lambda: QuantizingCache(method, n_layers)
     if backend != "kernel":
         raise UserError(f"kv.backend must be simulated or kernel, got {backend!r}")
     from kvbench.kernels.cache import enable_fused_decode, make_packed_cache
-    from kvbench.kernels.ops import IMPLS, triton_available
+    from kvbench.kernels.ops import BACKEND_ERROR, IMPLS, resolve_impl, triton_available
 
-    impl = os.environ.get(KERNEL_IMPL_ENV, "triton")
+    kernel = kernel if kernel is not None else getattr(method.kv, "kernel", None)
+    impl, path = (kernel.impl, kernel.path) if kernel is not None else ("auto", "auto")
     if impl not in IMPLS:
-        raise UserError(f"{KERNEL_IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+        raise UserError(f"kv.kernel.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    impl = resolve_impl(impl, next(model.parameters()).device)
     if impl == "triton" and not triton_available():
-        raise UserError("kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter")
-    spec = dataclasses.replace(method.packed_spec(), impl=impl)
+        raise UserError(BACKEND_ERROR + "; or set kv.kernel.impl=reference")
+    if impl == "triton" and path != "auto":
+        from kvbench.kernels.triton import PATHS
+
+        if path not in PATHS:
+            raise UserError(f"kv.kernel.path must be auto or one of {', '.join(PATHS)}, got {path!r}")
+    spec = dataclasses.replace(method.packed_spec(), impl=impl, path=path)
     enable_fused_decode(model)
     return lambda: make_packed_cache(model.config, spec)
 

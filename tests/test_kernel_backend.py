@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kvbench.errors import UserError  # noqa: E402
-from kvbench.patch import KERNEL_IMPL_ENV, patched  # noqa: E402
+from kvbench.patch import patched  # noqa: E402
 
 PPL_REL, LOGITS_REL = 1e-3, 2e-2
 CALIB = ["method=kvquant", "model=tiny-llama", "calib.num_samples=2", "calib.seqlen=64"]
@@ -58,10 +58,20 @@ def _ids(tiny_model, n):
     return tok("The quick brown fox jumps over the lazy dog. " * 40, return_tensors="pt").input_ids[:, :n]
 
 
-def _forward(model, method, backend, ids, monkeypatch, impl="reference"):
+def _with_impl(method, impl):
+    """The method with ``kv.kernel.impl=impl`` (a copy: the config is what selects the kernels)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    m = copy.copy(method)
+    m.kv = OmegaConf.merge(method.kv, {"kernel": {"impl": impl}})
+    return m
+
+
+def _forward(model, method, backend, ids, impl="reference"):
     """``(logits (1, T, V), ppl, cache)`` of one forward through ``backend``."""
-    monkeypatch.setenv(KERNEL_IMPL_ENV, impl)
-    with torch.no_grad(), patched(model, method, backend):
+    with torch.no_grad(), patched(model, _with_impl(method, impl), backend):
         logits = model(ids).logits.float()
     cache = model.__dict__.pop("_kvbench_last_cache", None)
     ppl = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
@@ -73,12 +83,12 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_kvquant_matches_simulated(tiny_model, kvquant, monkeypatch, name):
+def test_packed_kvquant_matches_simulated(tiny_model, kvquant, name):
     model = tiny_model[0]
     method = kvquant(CONFIGS[name])
     ids = _ids(tiny_model, 128)
-    sim, sim_ppl, _ = _forward(model, method, "simulated", ids, monkeypatch)
-    packed, ppl, cache = _forward(model, method, "kernel", ids, monkeypatch)
+    sim, sim_ppl, _ = _forward(model, method, "simulated", ids)
+    packed, ppl, cache = _forward(model, method, "kernel", ids)
     assert ppl == pytest.approx(sim_ppl, rel=PPL_REL)
     assert _rel(packed, sim) < LOGITS_REL, (name, _rel(packed, sim))
     lay, cfg = cache.layers[0], method.cfg
@@ -88,7 +98,7 @@ def test_packed_kvquant_matches_simulated(tiny_model, kvquant, monkeypatch, name
     assert hasattr(lay, "ol_ptr") == (cfg.outlier_frac > 0)
 
 
-def test_packed_kvquant_memory(tiny_model, kvquant, monkeypatch):
+def test_packed_kvquant_memory(tiny_model, kvquant):
     """Bytes per token measured from the cache's tensors: below fp16, and the sparse outliers cost memory."""
     model, _, info = tiny_model
     ids = _ids(tiny_model, 400)
@@ -96,24 +106,23 @@ def test_packed_kvquant_memory(tiny_model, kvquant, monkeypatch):
     measured = {}
     for frac in (0.0, 0.01):
         method = kvquant([*KEYS_ONLY, f"method.outlier_frac={frac}"])
-        *_, cache = _forward(model, method, "kernel", ids, monkeypatch)
+        *_, cache = _forward(model, method, "kernel", ids)
         measured[frac] = sum(cache.nbytes_per_token())
     assert measured[0.0] < measured[0.01] < 0.75 * fp16, (measured, fp16)
 
 
-def test_packed_kvquant_triton_prefill_and_decode(tiny_model, kvquant, monkeypatch):
+def test_packed_kvquant_triton_prefill_and_decode(tiny_model, kvquant):
     """Triton kernels (interpreted): prefill logits and fused-decode generate() match the reference
     kernels exactly (tokens) and the simulated backend within the tolerance (per-step logits)."""
     model = tiny_model[0]
     method = kvquant(CONFIGS["nuq4-1%"])
     ids = _ids(tiny_model, 40)
-    ref, *_ = _forward(model, method, "kernel", ids, monkeypatch, impl="reference")
-    tri, *_ = _forward(model, method, "kernel", ids, monkeypatch, impl="triton")
+    ref, *_ = _forward(model, method, "kernel", ids, impl="reference")
+    tri, *_ = _forward(model, method, "kernel", ids, impl="triton")
     assert _rel(tri, ref) < 1e-5
     outs = {}
     for backend, impl in (("simulated", "reference"), ("kernel", "reference"), ("kernel", "triton")):
-        monkeypatch.setenv(KERNEL_IMPL_ENV, impl)
-        with torch.no_grad(), patched(model, method, backend):
+        with torch.no_grad(), patched(model, _with_impl(method, impl), backend):
             outs[backend, impl] = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
                                                  return_dict_in_generate=True, pad_token_id=0)
         cache = model.__dict__.pop("_kvbench_last_cache")
@@ -140,3 +149,17 @@ def test_unpackable_kvquant_is_one_line(compose, tiny_model, overrides, message)
         build_method(cfg, tiny_model[2])
     assert "\n" not in str(err.value)
     build_method(compose([*CALIB, *overrides]), tiny_model[2])  # the simulated backend takes them all
+
+
+def test_kernel_choice_is_config(compose, tiny_model, kvquant):
+    """``kv.kernel.impl`` / ``kv.kernel.path`` are config keys (in config.yaml and the run hash); on a CPU
+    ``auto`` runs the reference twins, and a bad name fails as one line naming the override."""
+    from kvbench.patch import cache_factory
+
+    cfg = compose([*CALIB, "kv.backend=kernel", "kv.kernel.impl=reference", "kv.kernel.path=tensor_core"])
+    assert (cfg.kv.kernel.impl, cfg.kv.kernel.path) == ("reference", "tensor_core")
+    model = tiny_model[0]
+    method = kvquant(CONFIGS["nuq4-1%"])
+    assert cache_factory(model, _with_impl(method, "auto"), "kernel", 2)().layers[0].spec.impl == "reference"
+    with pytest.raises(UserError, match="kv.kernel.impl must be one of auto, triton, reference"):
+        cache_factory(model, _with_impl(method, "cuda"), "kernel", 2)
