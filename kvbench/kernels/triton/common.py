@@ -95,8 +95,9 @@ def online_softmax(s, v16, m_i, l_i, acc):
 
 
 @triton.jit
-def store_partial(o_ptr, lse_ptr, rows, row_mask, sp, S1, m_i, l_i, acc, D: tl.constexpr):
-    """Store one split's normalised output ``acc / l (GP, D)`` and log2-sum-exp of the query ``rows``."""
+def store_partial(o_ptr, lse_ptr, rows, row_mask, sp, n_splits, m_i, l_i, acc, D: tl.constexpr):
+    """Store split ``sp``'s normalised output ``acc / l (GP, D)`` and log2-sum-exp of the query ``rows``."""
+    S1 = n_splits + 1
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o_ptr + (rows[:, None] * S1 + sp) * D + tl.arange(0, D)[None, :], acc / l_safe[:, None],
              mask=row_mask[:, None])
@@ -118,11 +119,12 @@ def _fp16_tokens(q16, k_ptr, v_ptr, n_tok, m_i, l_i, acc, D: tl.constexpr, BTF: 
 
 
 @triton.jit
-def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                n_sink, n_recent, sm_scale, NQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BTF: tl.constexpr):
     """The last split of every decode path: query rows ``row0 .. row0 + NQ - 1`` (padded to ``GP``) over the
-    fp16 sink and recent tokens of KV row ``n`` (``b * H_kv + h``); stores the partial output."""
+    fp16 sink and recent tokens of KV row ``n`` (``b * H_kv + h``); stores the partial output of split
+    ``n_splits``."""
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < NQ
     rows = row0 + offs_g
@@ -134,7 +136,7 @@ def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, s
     m_i, l_i, acc = _fp16_tokens(q16, sk_ptr + n * S_CAP * D, sv_ptr + n * S_CAP * D, n_sink, m_i, l_i, acc, D, BTF)
     m_i, l_i, acc = _fp16_tokens(q16, rk_ptr + n * R_CAP * D, rv_ptr + n * R_CAP * D, n_recent, m_i, l_i, acc,
                                  D, BTF)
-    store_partial(o_ptr, lse_ptr, rows, g_mask, sp, S1, m_i, l_i, acc, D)
+    store_partial(o_ptr, lse_ptr, rows, g_mask, n_splits, n_splits, m_i, l_i, acc, D)
 
 
 @triton.jit

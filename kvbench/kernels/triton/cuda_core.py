@@ -204,9 +204,8 @@ def _cuda_core_kernel(
     row = tl.program_id(0).to(tl.int64)  # (b, q head)
     n = row // G  # b * H + h: the kv head it reads
     sp = tl.program_id(1)
-    S1 = n_splits + 1
-    if sp == n_splits:
-        fp16_split(q_ptr, row, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+    if sp == n_splits:  # the fp16 tokens' split
+        fp16_split(q_ptr, row, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, n_recent, sm_scale, 1, 16, D, 16)
     else:
         # slice 0: KW-bit fields (the low bits of the code); slice 1 (KW1 / VW1 > 0): the next bits
@@ -280,8 +279,8 @@ def _cuda_core_kernel(
         if VW1 > 0:
             o += tl.reshape((tl.sum(acc1, axis=0) - sp_off) * VFAC1, (D,))
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(o_ptr + (row * S1 + sp) * D + tl.arange(0, D), (o + tl.sum(pz_t, axis=0)) / l_safe)
-        tl.store(lse_ptr + row * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
+        tl.store(o_ptr + (row * (n_splits + 1) + sp) * D + tl.arange(0, D), (o + tl.sum(pz_t, axis=0)) / l_safe)
+        tl.store(lse_ptr + row * (n_splits + 1) + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")))
 
 
 def _slices(bits: int, head_dim: int):

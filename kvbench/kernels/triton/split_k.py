@@ -67,12 +67,11 @@ def _split_k_kernel(
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
-    sp = tl.program_id(1)
-    S1 = n_splits + 1
-    if sp == n_splits:
-        fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+    if tl.program_id(1) == n_splits:  # the fp16 tokens' split
+        fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, n_recent, sm_scale, G, GP, D, 32)
     else:
+        sp = tl.program_id(1)
         h = n % H
         WK: tl.constexpr = KBITS * D // 32
         WV: tl.constexpr = VBITS * D // 32
@@ -119,7 +118,7 @@ def _split_k_kernel(
             vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
             v3 = tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None]
             m_i, l_i, acc = online_softmax(s, tl.reshape(v3, (BT, D)).to(tl.float16), m_i, l_i, acc)
-        store_partial(o_ptr, lse_ptr, n * G + offs_g, g_mask, sp, S1, m_i, l_i, acc, D)
+        store_partial(o_ptr, lse_ptr, n * G + offs_g, g_mask, sp, n_splits, m_i, l_i, acc, D)
 
 
 def applies(kv, G: int) -> bool:

@@ -70,9 +70,8 @@ def _tensor_core_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
-    S1 = n_splits + 1
-    if sp == n_splits:
-        fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, sp, S1, S_CAP, R_CAP,
+    if sp == n_splits:  # the fp16 tokens' split
+        fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, n_recent, sm_scale, G, GP, D, 32)
     else:
         NWK: tl.constexpr = D * KW // 32
@@ -110,7 +109,7 @@ def _tensor_core_kernel(
             pv = (pT * vsc[:, None]).to(tl.float16)
             acc = acc * alpha[:, None] + tl.dot(tl.trans(pv), _codes16_tile(vwc, VW, BT, NWV, ASM))
             m_i = m_new
-        store_partial(o_ptr, lse_ptr, rows, g_mask, sp, S1, m_i, l_i, acc + corr[:, None], D)
+        store_partial(o_ptr, lse_ptr, rows, g_mask, sp, n_splits, m_i, l_i, acc + corr[:, None], D)
 
 
 def applies(kv, G: int) -> bool:
