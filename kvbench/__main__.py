@@ -87,7 +87,7 @@ def _type_error(e: Exception) -> str | None:
         if word in text:
             value = str(e).split("=", 1)[1] if "=" in str(e) else "?"
             return f"{key}={value}: {expected} is expected ({text})"
-    return f"invalid value for {key}: {text}"
+    return None
 
 
 def _task(cfg) -> None:

@@ -89,10 +89,14 @@ def check_values(cfg) -> None:
 
 
 def check_output_dir(path: str) -> None:
-    """``output_dir`` exists (created if needed) and takes a new file."""
-    root = Path(path).expanduser()
+    """``output_dir``, or the nearest folder above it that exists, takes a new file (nothing is left
+    behind: a dry run creates no folders)."""
+    root = Path(path).expanduser().absolute()
+    while not root.exists() and root != root.parent:
+        root = root.parent
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise NotADirectoryError(20, f"{root} is not a directory")
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".kvbench-write-test.")
         os.close(fd)
         os.unlink(tmp)
