@@ -1,7 +1,9 @@
-"""Reports: golden LaTeX from a fixture frame, missing/duplicate/seed handling, plots, paper.tex compiles.
+"""Reports: golden LaTeX and Markdown from a fixture frame, missing/duplicate/seed handling, plots, paper.tex
+compiles, include blocks.
 
-The golden table is tests/fixtures/report/golden.tex, written by tests/fixtures/report/make_golden.py
-from tests/fixtures/report/results_frame.json (made by make_frame.py beside it) and spec.yaml.
+The golden table is tests/fixtures/report/golden.tex (and its page golden.md), written by
+tests/fixtures/report/make_golden.py from tests/fixtures/report/results_frame.json (made by make_frame.py
+beside it) and spec.yaml.
 """
 
 from __future__ import annotations
@@ -46,14 +48,44 @@ def split_numbers(text: str) -> tuple[str, list[float]]:
     return NUMBER.sub("<N>", text), [float(x) for x in NUMBER.findall(text)]
 
 
-def test_golden_tex(frame, spec, tmp_path):
-    res = report.build(spec, frame, tmp_path, "runs")
-    got_text, got = split_numbers(res["tex"].read_text())
-    want_text, want = split_numbers((FIX / "golden.tex").read_text())
-    assert got_text == want_text, "LaTeX text differs from golden.tex (rerun make_golden.py if intended)"
+def assert_like_golden(text: str, golden: Path) -> None:
+    """Text exact, numbers within ATOL."""
+    got_text, got = split_numbers(text)
+    want_text, want = split_numbers(golden.read_text())
+    assert got_text == want_text, f"text differs from {golden.name} (rerun make_golden.py if intended)"
     assert len(got) == len(want)
     bad = [(g, w) for g, w in zip(got, want) if abs(g - w) > ATOL]
     assert not bad, f"numbers off by more than {ATOL}: {bad[:5]}"
+
+
+def test_golden_tex(frame, spec, tmp_path):
+    res = report.build(spec, frame, tmp_path, "runs")
+    assert_like_golden(res["tex"].read_text(), FIX / "golden.tex")
+
+
+def test_golden_markdown(frame, spec, tmp_path):
+    """The Markdown page: the same cells as the LaTeX (values, +-, intervals, bold, marks), caption, notes, plots."""
+    res = report.build(spec, frame, tmp_path, "runs")
+    page = res["page"].read_text()
+    assert_like_golden(page, FIX / "golden.md")
+    t = res["table"]
+    tex_rows = [line for line in res["tex"].read_text().splitlines() if line.endswith(r" \\") and " & " in line]
+    md_rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| *")][1:]
+    tex_rows = tex_rows[-len(t.spec["rows"]):]  # (after the group and header rows)
+    assert len(md_rows) == len(t.spec["rows"])
+    for row, tex_row, md_row in zip(t.spec["rows"], tex_rows, md_rows):
+        assert tex_row.startswith(row["label"] + " & ") and md_row.startswith(f"| {row['label']} | ")
+        assert split_numbers(tex_row)[1] == split_numbers(md_row)[1], (tex_row, md_row)
+    assert "| int4 per-channel K | **12.99** ± " in page and "| *kv.bits = 3* |" in page
+    assert "| Method | Perplexity: Wiki | Perplexity: Δ% | Perplexity: C4 | avg bits | saving (%) |" in page
+    assert "![spec_pareto](spec_pareto.png)" in page and (tmp_path / "spec_pareto.png").exists()
+    assert "python -m kvbench method=uniform" in page  # the missing runs' commands
+
+
+def test_tex_to_md():
+    assert report.tex_to_md(r"$\Delta$\% of 10/60/30\% at $b+1$/$b-1$ bits, ``avg'' acc\_norm") == \
+        "Δ% of 10/60/30% at b+1/b-1 bits, “avg” acc_norm"
+    assert report.tex_to_md(r"$\times$ 1 \texttt{cmd}, 95\,\%, \textbf{x}") == "× 1 `cmd`, 95 %, **x**"
 
 
 def test_cells_values_seeds_and_best(frame, spec):
@@ -68,7 +100,7 @@ def test_cells_values_seeds_and_best(frame, spec):
     assert cell.mean == pytest.approx(15.97) and cell.std == pytest.approx(0.05568, abs=1e-4)
     rel = t.cells[labels.index("int4 per-token")][cols.index(r"$\Delta$\%")]
     assert rel.mean == pytest.approx((13.10 / 12.857 - 1) * 100)
-    assert report._best_rows(t, cols.index("Wiki")) == {labels.index("int4 per-channel K")}  # fp16 excluded
+    assert report.best_rows(t, cols.index("Wiki")) == {labels.index("int4 per-channel K")}  # fp16 excluded
     tex = report.render_table(t, "cmd", "runs")
     assert r"15.97{\scriptsize$\pm$0.06}" in tex and r"\textbf{12.99}" in tex
 
@@ -208,7 +240,9 @@ needs_latex = pytest.mark.skipif(not (shutil.which("pdflatex") and shutil.which(
 def test_paper_from_fixture_compiles(frame, tmp_path, monkeypatch):
     shutil.copy(FIX / "spec.yaml", tmp_path / "ppl.yaml")
     monkeypatch.setattr(report, "load_frame", lambda source: frame)
+    monkeypatch.chdir(tmp_path)  # the pages go to docs/results below the working directory
     assert report.main(["--all", str(tmp_path)]) == 0
+    assert "| int4 per-channel K |" in (tmp_path / "docs" / "results" / "ppl.md").read_text()
     paper = (tmp_path / "paper.tex").read_text()
     assert r"\input{ppl}" in paper and "ppl_pareto.pdf" in paper and "ppl_drop.pdf" in paper
     for name in ("ppl.tex", "ppl_pareto.pdf", "ppl_pareto.png", "ppl_drop.pdf", "ppl_drop.png"):
@@ -263,6 +297,7 @@ columns:
     fp16, int2 = t.cells[0][0].mean, t.cells[1][0].mean
     assert fp16 > 1 and int2 != fp16 and t.cells[1][2].mean == pytest.approx(2 + 32 / 16)  # tiny head_dim 16
     assert "missing runs" not in r.stdout and (tmp_path / "t.tex").exists()
+    assert "| int2 |" in (tmp_path / "docs" / "results" / "t.md").read_text()
 
 
 def test_checked_in_specs_missing_commands_compose():
@@ -298,7 +333,7 @@ def _check_commands(seen, compose, results):
             assert argv[:3] == ["python", "-m", "kvbench"]
             cfg = compose("config", overrides=argv[3:])
             row = pd.DataFrame([results.flatten(results.result_config(cfg))])
-            assert report._matches(row, cell.selector).all(), cmd
+            assert report.matches(row, cell.selector).all(), cmd
 
 
 def test_declared_seeds_list_the_missing_ones(frame, tmp_path):
@@ -308,3 +343,41 @@ def test_declared_seeds_list_the_missing_ones(frame, tmp_path):
     assert per_token3 == []  # int3 per-token on wiki has seeds 0, 1, 2
     assert any(m.endswith("kv.bits=4 seed=2 output_dir=runs logging.wandb.mode=disabled") and "data=c4" in m
                and "key_axis=token" in m for m in t.missing)
+
+
+def test_include_blocks(tmp_path, capsys):
+    """A block gets its file's content (relative links rebased), is refreshed in place, and a missing file
+    leaves it empty with a warning."""
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "drift.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n\n![plot](drift.png) "
+                                                 "[web](https://x.org/a.md) [top](#top)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- include: bench/drift.md -->\nstale\n<!-- end include -->\nend\n")
+    page = tmp_path / "docs" / "guide.md"
+    page.write_text("<!-- include: bench/drift.md -->\n<!-- end include -->\n"
+                    "<!-- include: bench/nope.md -->\nold\n<!-- end include -->\n")
+    assert report.refresh_includes(tmp_path) == [readme, page]
+    assert readme.read_text() == ("intro\n<!-- include: bench/drift.md -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+                                  "![plot](bench/drift.png) [web](https://x.org/a.md) [top](#top)\n"
+                                  "<!-- end include -->\nend\n")
+    text = page.read_text()
+    assert "![plot](../bench/drift.png)" in text
+    assert text.endswith("<!-- include: bench/nope.md -->\n<!-- end include -->\n")
+    assert "bench/nope.md: no such file" in capsys.readouterr().err
+    assert report.refresh_includes(tmp_path) == []  # idempotent
+
+
+def test_cli_writes_page_and_refreshes_includes(frame, tmp_path, monkeypatch):
+    """From the repository root: reports/x.yaml -> reports/x.tex, docs/results/x.md, and the README's block."""
+    (tmp_path / "reports").mkdir()
+    shutil.copy(FIX / "spec.yaml", tmp_path / "reports" / "ppl.yaml")
+    (tmp_path / "README.md").write_text("# x\n<!-- include: docs/results/ppl.md -->\n<!-- end include -->\n")
+    monkeypatch.setattr(report, "load_frame", lambda source: frame)
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["reports/ppl.yaml"]) == 0
+    page = (tmp_path / "docs" / "results" / "ppl.md").read_text()
+    assert "![ppl_pareto](../../reports/ppl_pareto.png)" in page and "[ppl.tex](../../reports/ppl.tex)" in page
+    assert "rebuilt by `python -m kvbench.report reports/ppl.yaml`" in page
+    readme = (tmp_path / "README.md").read_text()
+    assert "![ppl_pareto](reports/ppl_pareto.png)" in readme and "| int4 per-channel K |" in readme
