@@ -346,23 +346,24 @@ def test_declared_seeds_list_the_missing_ones(frame, tmp_path):
 
 
 def test_include_blocks(tmp_path, capsys):
-    """A block gets its file's content (relative links rebased), is refreshed in place, and a missing file
-    leaves it empty with a warning."""
+    """A block gets its file's content (relative links rebased, headings below the block's own), is refreshed
+    in place, and a missing file leaves it empty with a warning."""
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "drift.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n\n![plot](drift.png) "
-                                                 "[web](https://x.org/a.md) [top](#top)\n")
+    (tmp_path / "bench" / "drift.md").write_text("# Drift\n\n```bash\n# a comment\n```\n| a | b |\n|---|---|\n"
+                                                 "| 1 | 2 |\n\n![plot](drift.png) [web](https://x.org/a.md) [top](#top)\n")
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- include: bench/drift.md -->\nstale\n<!-- end include -->\nend\n")
+    readme.write_text("# kvbench\n## Design\n<!-- include: bench/drift.md -->\nstale\n<!-- end include -->\nend\n")
     page = tmp_path / "docs" / "guide.md"
     page.write_text("<!-- include: bench/drift.md -->\n<!-- end include -->\n"
                     "<!-- include: bench/nope.md -->\nold\n<!-- end include -->\n")
     assert report.refresh_includes(tmp_path) == [readme, page]
-    assert readme.read_text() == ("intro\n<!-- include: bench/drift.md -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+    assert readme.read_text() == ("# kvbench\n## Design\n<!-- include: bench/drift.md -->\n"
+                                  "### Drift\n\n```bash\n# a comment\n```\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
                                   "![plot](bench/drift.png) [web](https://x.org/a.md) [top](#top)\n"
                                   "<!-- end include -->\nend\n")
     text = page.read_text()
-    assert "![plot](../bench/drift.png)" in text
+    assert text.startswith("<!-- include: bench/drift.md -->\n# Drift\n") and "![plot](../bench/drift.png)" in text
     assert text.endswith("<!-- include: bench/nope.md -->\n<!-- end include -->\n")
     assert "bench/nope.md: no such file" in capsys.readouterr().err
     assert report.refresh_includes(tmp_path) == []  # idempotent

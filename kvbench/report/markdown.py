@@ -8,7 +8,8 @@ their value, since Markdown has no ``\\midrule``.
 An include block in a Markdown file::
 
     <!-- include: benchmarks/results/cpu_drift.md -->
-    (replaced by the content of that file, its relative links rebased)
+    (replaced by the content of that file: relative links rebased, headings demoted below the
+    heading the block sits under)
     <!-- end include -->
 
 is refreshed by :func:`refresh_includes` (PATH relative to the repository root; a missing PATH
@@ -138,14 +139,44 @@ def refresh_includes(root: str | Path = ".", paths: list[Path] | None = None) ->
     changed = []
     for md in paths if paths is not None else markdown_files(root):
         text = md.read_text()
-        new = INCLUDE.sub(lambda m: m["begin"] + _included(root, m["path"], md) + m["end"], text)
+        new = INCLUDE.sub(lambda m: m["begin"] + _included(root, m["path"], md, _level(text[:m.start()]))
+                          + m["end"], text)
         if new != text:
             md.write_text(new)
             changed.append(md)
     return changed
 
 
-def _included(root: Path, path: str, into: Path) -> str:
+def _headings(text: str) -> list[tuple[int, int]]:
+    """``(line index, level)`` of the Markdown headings of ``text`` (not the ``#`` lines of code blocks)."""
+    out, fence = [], False
+    for i, line in enumerate(text.split("\n")):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"(#{1,6}) ", line)):
+            out.append((i, len(m[1])))
+    return out
+
+
+def _level(text: str) -> int:
+    """The level of the last heading of ``text`` (0 if none)."""
+    found = _headings(text)
+    return found[-1][1] if found else 0
+
+
+def _demote(text: str, level: int) -> str:
+    """Shift the headings of ``text`` so its top heading sits one level below ``level``."""
+    found = _headings(text)
+    shift = level + 1 - min((n for _, n in found), default=level + 1)
+    if shift <= 0:
+        return text
+    lines = text.split("\n")
+    for i, n in found:
+        lines[i] = "#" * min(6, n + shift) + lines[i][n:]
+    return "\n".join(lines)
+
+
+def _included(root: Path, path: str, into: Path, level: int = 0) -> str:
     src = root / path
     if not src.is_file():
         print(f"kvbench.report: warning: {rel(into)}: include {path}: no such file (block left empty)", file=sys.stderr)
@@ -153,7 +184,7 @@ def _included(root: Path, path: str, into: Path) -> str:
     text = src.read_text()
     if INCLUDE.search(text):  # nested blocks would be refreshed as the including file's own
         text = INCLUDE.sub(lambda m: m["body"], text)
-    text = _LINK.sub(lambda m: m[1] + _rebase(m[2], src, into) + m[3], text)
+    text = _demote(_LINK.sub(lambda m: m[1] + _rebase(m[2], src, into) + m[3], text), level)
     return text if text.endswith("\n") or not text else text + "\n"
 
 
