@@ -129,7 +129,7 @@ class Config:
 
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
-    from kvbench.registry import load_methods
+    from kvbench.registry import plugins
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -139,5 +139,5 @@ def register_configs() -> None:
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
     cs.store(group="calib", name="calib_schema", node=CalibConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
-    for name, cls in load_methods().items():
+    for name, cls in plugins("method").items():
         cs.store(group="method", name=f"{name}_schema", node=cls.config_class)

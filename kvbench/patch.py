@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -145,50 +147,60 @@ def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=N
     return lambda: make_packed_cache(model.config, spec)
 
 
+@dataclasses.dataclass
+class Patch:
+    """What :func:`patched` yields: the caches it hands the model, for the caller to inspect.
+
+    Attributes:
+        last_cache: the cache built for the latest forward or generation (``None`` before the first,
+            and always for identity methods); the packed cache measures its real memory.
+    """
+
+    last_cache: Cache | None = None
+
+
 @contextlib.contextmanager
-def patched(model, method: KVMethod, backend: str = "simulated"):
+def patched(model, method: KVMethod, backend: str = "simulated", kernel=None):
     """Route the model's KV cache through ``method`` while the context is open.
 
     ``backend="simulated"`` quantize-dequantizes in PyTorch (:class:`QuantizingCache`);
     ``backend="kernel"`` stores K/V packed and decodes with the Triton kernels
-    (:mod:`kvbench.kernels`). Identity methods (fp16) install nothing, so the model is bit-for-bit
-    the unpatched one. The last cache built stays in ``model._kvbench_last_cache`` so that its real
-    memory can be measured.
+    (:mod:`kvbench.kernels`; ``kernel`` is the ``kv.kernel`` config). Identity methods (fp16) install
+    nothing, so the model is bit-for-bit the unpatched one. Yields a :class:`Patch`, whose
+    ``last_cache`` is the cache of the latest forward (its real memory can be measured).
     """
+    patch = Patch()
     if method.is_identity:
-        yield model
+        yield patch
         return
     attn = attention_modules(model)
     prev_impl = model.config._attn_implementation
-    make = cache_factory(model, method, backend, len(attn))
+    make = cache_factory(model, method, backend, len(attn), kernel)
+    ours = weakref.WeakSet()  # the caches this patch built: generate() hands them back every step
+    current: dict[int, QuantizingLayer | None] = {}  # layer index -> its cache layer in this forward
     handles = []
 
     def inject_cache(module, args, kwargs):
         pkv = kwargs.get("past_key_values")
-        if getattr(pkv, "_kvbench", False):
+        if pkv is not None and pkv in ours:
             return None
         if pkv is not None and pkv.get_seq_length() > 0:
             raise RuntimeError("kvbench: a non-empty cache of another type was passed to a patched model")
-        cache = make()
-        cache._kvbench = True
-        model.__dict__["_kvbench_last_cache"] = cache
+        patch.last_cache = cache = make()
+        ours.add(cache)
         kwargs["past_key_values"] = cache
         kwargs["use_cache"] = True
         return args, kwargs
 
-    def layer_of(module, kwargs):
-        pkv = kwargs.get("past_key_values")
-        return pkv.layers[module.layer_idx] if isinstance(pkv, QuantizingCache) else None
-
     def record_rope(module, args, kwargs):
-        layer = layer_of(module, kwargs)
-        module._kvbench_layer = layer
+        pkv = kwargs.get("past_key_values")
+        layer = pkv.layers[module.layer_idx] if isinstance(pkv, QuantizingCache) else None
+        current[module.layer_idx] = layer
         if layer is not None:
             layer.pending_rope = kwargs.get("position_embeddings")
 
-    def record_query(module, args, out):
-        parent = module._kvbench_parent
-        layer = getattr(parent, "_kvbench_layer", None)
+    def record_query(parent, module, args, out):
+        layer = current.get(parent.layer_idx)
         if layer is None:
             return
         B, T = out.shape[0], out.shape[1]
@@ -202,15 +214,11 @@ def patched(model, method: KVMethod, backend: str = "simulated"):
         handles.append(mod.register_forward_pre_hook(record_rope, with_kwargs=True))
         if method.needs_query:
             q_mod = getattr(mod, "q_norm", None) or mod.q_proj
-            q_mod.__dict__["_kvbench_parent"] = mod  # not setattr: a Module attribute would become a child (a cycle)
-            handles.append(q_mod.register_forward_hook(record_query))
+            handles.append(q_mod.register_forward_hook(functools.partial(record_query, mod)))
     try:
-        yield model
+        yield patch
     finally:
         if model.config._attn_implementation != prev_impl:
             model.set_attn_implementation(prev_impl)
         for h in handles:
             h.remove()
-        for mod in attn:
-            mod.__dict__.pop("_kvbench_layer", None)
-            (getattr(mod, "q_norm", None) or mod.q_proj).__dict__.pop("_kvbench_parent", None)

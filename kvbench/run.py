@@ -11,14 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 from kvbench import results
-from kvbench.errors import UserError
 
 
 def build_method(cfg, info):
     """Instantiate the configured method plugin."""
-    from kvbench.registry import get_method_class
+    from kvbench.registry import get
 
-    cls = get_method_class(cfg.method.name)
+    cls = get("method", cfg.method.name)
     method_cfg = OmegaConf.to_object(cfg.method) if OmegaConf.is_config(cfg.method) else cfg.method
     return cls(method_cfg, cfg.kv, info)
 
@@ -38,24 +37,16 @@ def pick_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-EVALS = ("ppl", "harness", "passkey")  # name -> module kvbench.eval.<name> with evaluate(cfg, model, tok, splits, method) -> dict
-
-
 def evaluate(cfg, model, tok, splits, method) -> dict:
-    """Run the configured evaluation on the patched model."""
-    import importlib
-
+    """Run the configured evaluation (a registered ``eval`` plugin) on the patched model."""
     from kvbench.patch import patched
-    from kvbench.registry import unknown_name_error
+    from kvbench.registry import get
 
-    if cfg.eval.name not in EVALS:
-        raise unknown_name_error("eval", cfg.eval.name, EVALS)
-    module = importlib.import_module(f"kvbench.eval.{cfg.eval.name}")
-    with patched(model, method, cfg.kv.backend):
-        metrics = module.evaluate(cfg, model, tok, splits, method)
-    cache = model.__dict__.pop("_kvbench_last_cache", None)
-    if hasattr(cache, "nbytes_per_token"):  # the packed cache measures its real tensors
-        per_layer = cache.nbytes_per_token()
+    evaluate_fn = get("eval", cfg.eval.name)
+    with patched(model, method, cfg.kv.backend, cfg.kv.kernel) as patch:
+        metrics = evaluate_fn(cfg, model, tok, splits, method)
+    if hasattr(patch.last_cache, "nbytes_per_token"):  # the packed cache measures its real tensors
+        per_layer = patch.last_cache.nbytes_per_token()
         metrics["kv_memory"] = {"bytes_per_token": sum(per_layer), "bytes_per_token_per_layer": per_layer}
     return metrics
 

@@ -64,15 +64,15 @@ def check(cfg) -> Checked:
 
 def check_values(cfg) -> None:
     """Ranges of config values that need nothing but the config."""
-    from kvbench.run import EVALS
+    from kvbench.registry import plugins, unknown_name_error
 
     kv, ev, cal = cfg.kv, cfg.eval, cfg.calib
     if kv.bits not in SUPPORTED_BITS:
         raise UserError(f"kv.bits={kv.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
     if kv.backend not in ("simulated", "kernel"):
         raise UserError(f"kv.backend must be simulated or kernel, got {kv.backend!r}")
-    if ev.name not in EVALS:
-        raise UserError(f"eval.name must be one of {list(EVALS)}, got {ev.name!r}")
+    if ev.name not in plugins("eval"):
+        raise unknown_name_error("eval", ev.name, plugins("eval"))
     if ev.seqlen < 2:
         raise UserError(f"eval.seqlen={ev.seqlen}: a window needs at least 2 tokens (one to predict from, one to predict)")
     if ev.max_windows is not None and ev.max_windows < 1:

@@ -1,1 +1,1 @@
-"""Method plugins: one file per method, each registering itself with ``@register_method``."""
+"""Method plugins: one file per method, each registering itself with ``@register("method", name)``."""

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from kvbench.method import KVMethod, MethodConfig
-from kvbench.registry import register_method
+from kvbench.registry import register
 
 
 @dataclass
@@ -11,7 +11,7 @@ class FP16Config(MethodConfig):
     name: str = "fp16"
 
 
-@register_method("fp16")
+@register("method", "fp16")
 class FP16(KVMethod):
     config_class = FP16Config
 

@@ -54,7 +54,7 @@ from kvbench.quant import (
     quantize_codebook,
     uniform_codebook,
 )
-from kvbench.registry import register_method
+from kvbench.registry import register
 
 OUTLIER_BITS = 32  # one fp16 value + one 16-bit index per sparse outlier (as the paper counts)
 PACKED_KEY_BLOCK = 128  # kv.backend=kernel: tokens per stored copy of the calibrated key scales
@@ -84,7 +84,7 @@ class KVQuantConfig(MethodConfig):
     value_outliers: bool = True
 
 
-@register_method("kvquant")
+@register("method", "kvquant")
 class KVQuant(KVMethod):
     config_class = KVQuantConfig
     version = 1

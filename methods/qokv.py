@@ -58,7 +58,7 @@ from kvbench.quant import (
 )
 from kvbench.methods.components.balancing import SHIFTS, channel_scales, channel_shift, fold_channel_scales, search_alpha  # noqa: F401
 from kvbench.methods.components.grouping import assign_groups, group_counts, received_attention, threshold_groups  # noqa: F401
-from kvbench.registry import register_method
+from kvbench.registry import register
 
 GROUPINGS = ("online", "offline", "none")
 BASES = ("uniform", "nuq")
@@ -117,7 +117,7 @@ class QoKVConfig(MethodConfig):
     sink_tokens: int = 1
 
 
-@register_method("qokv")
+@register("method", "qokv")
 class QoKV(KVMethod):
     config_class = QoKVConfig
     version = 1

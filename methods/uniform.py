@@ -12,7 +12,7 @@ import torch
 from kvbench.errors import UserError
 from kvbench.method import FP16_BITS, KVMethod, MethodConfig
 from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
-from kvbench.registry import register_method
+from kvbench.registry import register
 
 AXES = ("token", "channel")
 
@@ -25,7 +25,7 @@ class UniformConfig(MethodConfig):
     key_block: int = 128
 
 
-@register_method("uniform")
+@register("method", "uniform")
 class Uniform(KVMethod):
     config_class = UniformConfig
 

@@ -71,9 +71,9 @@ def _with_impl(method, impl):
 
 def _forward(model, method, backend, ids, impl="reference"):
     """``(logits (1, T, V), ppl, cache)`` of one forward through ``backend``."""
-    with torch.no_grad(), patched(model, _with_impl(method, impl), backend):
+    with torch.no_grad(), patched(model, _with_impl(method, impl), backend) as patch:
         logits = model(ids).logits.float()
-    cache = model.__dict__.pop("_kvbench_last_cache", None)
+    cache = patch.last_cache
     ppl = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
     return logits, ppl, cache
 
@@ -122,10 +122,10 @@ def test_packed_kvquant_triton_prefill_and_decode(tiny_model, kvquant):
     assert _rel(tri, ref) < 1e-5
     outs = {}
     for backend, impl in (("simulated", "reference"), ("kernel", "reference"), ("kernel", "triton")):
-        with torch.no_grad(), patched(model, _with_impl(method, impl), backend):
+        with torch.no_grad(), patched(model, _with_impl(method, impl), backend) as patch:
             outs[backend, impl] = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
                                                  return_dict_in_generate=True, pad_token_id=0)
-        cache = model.__dict__.pop("_kvbench_last_cache")
+        cache = patch.last_cache
     assert cache.layers[0].mask_ok is True  # the decode steps took the fused path
     assert cache.get_seq_length() == 40 + 4 and cache.layers[0].n_packed == 40 + 4 - 1
     torch.testing.assert_close(outs["kernel", "triton"].sequences, outs["kernel", "reference"].sequences,

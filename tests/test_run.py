@@ -82,13 +82,15 @@ def _cli(tmp_path, *overrides, env=None):
 KERNEL = ["method=uniform", "method.key_axis=channel", "method.key_block=16", "eval.max_windows=1"]
 
 
-def test_kernel_backend_without_gpu_is_one_clear_error(tmp_path):
+def test_triton_kernels_without_gpu_is_one_clear_error(tmp_path):
+    """``kv.kernel.impl=triton`` on a CPU without the interpreter fails in one line (``auto`` would take the
+    reference twins there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kvbench", *TINY, f"output_dir={tmp_path}", "kv.backend=kernel", *KERNEL],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = subprocess.run([sys.executable, "-m", "kvbench", *TINY, f"output_dir={tmp_path}", "kv.backend=kernel",
+                           "kv.kernel.impl=triton", *KERNEL], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "kvbench: error: kv.backend=kernel needs a CUDA GPU with Triton, or TRITON_INTERPRET=1 for the (slow) interpreter")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvbench: error: kv.backend=kernel needs a CUDA GPU with Triton") and "kv.kernel.impl=reference" in last
 
 
 def test_kernel_backend_matches_simulated(tmp_path):

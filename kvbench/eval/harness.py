@@ -23,6 +23,7 @@ import logging
 import os
 
 from kvbench.errors import UserError
+from kvbench.registry import register
 from kvbench.eval.tasks import OFFLINE_TASKS, TASK_DIR
 
 BOOTSTRAP_ITERS = 1000  # resamples for bootstrapped stderrs (LAMBADA perplexity); lm-eval's default is 100000
@@ -176,6 +177,7 @@ def per_task(results: dict) -> dict:
     return out
 
 
+@register("eval", "harness")
 def evaluate(cfg, model, tok, splits, method) -> dict:
     """The ``eval=harness`` entry point (the model is already patched by :func:`kvbench.run.evaluate`)."""
     import lm_eval

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench.errors import UserError
+from kvbench.registry import register
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -170,6 +171,7 @@ def depth_key(depth: float) -> str:
     return f"depth_{round(100 * float(depth))}"
 
 
+@register("eval", "passkey")
 def evaluate(cfg, model, tok, splits, method) -> dict:
     """The ``eval=passkey`` entry point (the model is already patched by :func:`kvbench.run.evaluate`).
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench import stats
+from kvbench.registry import register
 
 BLOCK = 128  # predicted tokens per bootstrap block: long enough that neighbouring blocks are nearly independent
 
@@ -110,6 +111,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
             "blocks": {"size": block, "nll": block_nll, "tokens": block_tokens, "ids": digest}}
 
 
+@register("eval", "ppl")
 def evaluate(cfg, model, tok, splits, method) -> dict:
     """The ``eval=ppl`` entry point: perplexity of the evaluation split, its 95 % interval and per-block NLLs."""
     check_window_args(cfg.eval.seqlen, cfg.eval.max_windows)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.registry import plugins, register, unknown_name_error
+
 from .. import tuning as tuning_table
 from . import cuda_core, split_k, tensor_core
 from .common import reduce_splits
 
-PATHS = {"split_k": split_k, "cuda_core": cuda_core, "tensor_core": tensor_core}
+for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
+    register("kernel path", _name)(_module)
+PATHS = plugins("kernel path", load=False)
 KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields"}
 
 
@@ -24,7 +28,7 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     ``path="auto"`` takes the first rule of the tuning table (for this GPU and shape) whose path applies;
     a named path must apply. ``overrides`` replace the table's launch parameters."""
     if path != "auto" and path not in PATHS:
-        raise ValueError(f"unknown decode path {path!r}; known: auto, {', '.join(PATHS)}")
+        raise unknown_name_error("kernel path", path, ["auto", *PATHS])
     unknown = set(overrides) - KNOBS
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(KNOBS)}")
