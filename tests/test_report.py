@@ -355,7 +355,8 @@ def test_include_blocks(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# kvbench\n## Design\n<!-- include: bench/drift.md -->\nstale\n<!-- end include -->\nend\n")
     page = tmp_path / "docs" / "guide.md"
-    page.write_text("<!-- include: bench/drift.md -->\n<!-- end include -->\n"
+    example = "```markdown\n<!-- include: bench/drift.md -->\n<!-- end include -->\n```\n"  # shown, not filled
+    page.write_text("<!-- include: bench/drift.md -->\n<!-- end include -->\n" + example +
                     "<!-- include: bench/nope.md -->\nold\n<!-- end include -->\n")
     assert report.refresh_includes(tmp_path) == [readme, page]
     assert readme.read_text() == ("# kvbench\n## Design\n<!-- include: bench/drift.md -->\n"
@@ -364,7 +365,7 @@ def test_include_blocks(tmp_path, capsys):
                                   "<!-- end include -->\nend\n")
     text = page.read_text()
     assert text.startswith("<!-- include: bench/drift.md -->\n# Drift\n") and "![plot](../bench/drift.png)" in text
-    assert text.endswith("<!-- include: bench/nope.md -->\n<!-- end include -->\n")
+    assert text.endswith(example + "<!-- include: bench/nope.md -->\n<!-- end include -->\n")
     assert "bench/nope.md: no such file" in capsys.readouterr().err
     assert report.refresh_includes(tmp_path) == []  # idempotent
 

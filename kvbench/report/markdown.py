@@ -13,7 +13,7 @@ An include block in a Markdown file::
     <!-- end include -->
 
 is refreshed by :func:`refresh_includes` (PATH relative to the repository root; a missing PATH
-leaves the block empty, with a warning).
+leaves the block empty, with a warning; a block inside a fenced code block is an example, left alone).
 """
 
 from __future__ import annotations
@@ -139,12 +139,17 @@ def refresh_includes(root: str | Path = ".", paths: list[Path] | None = None) ->
     changed = []
     for md in paths if paths is not None else markdown_files(root):
         text = md.read_text()
-        new = INCLUDE.sub(lambda m: m["begin"] + _included(root, m["path"], md, _level(text[:m.start()]))
-                          + m["end"], text)
+        new = INCLUDE.sub(lambda m: m[0] if _in_code(text[:m.start()]) else
+                          m["begin"] + _included(root, m["path"], md, _level(text[:m.start()])) + m["end"], text)
         if new != text:
             md.write_text(new)
             changed.append(md)
     return changed
+
+
+def _in_code(before: str) -> bool:
+    """Whether the text after ``before`` is inside a fenced code block (a block shown as an example)."""
+    return sum(line.lstrip().startswith("```") for line in before.split("\n")) % 2 == 1
 
 
 def _headings(text: str) -> list[tuple[int, int]]:
