@@ -33,10 +33,14 @@ leave it alone."""
 
 
 def result_config(cfg) -> dict:
-    """The resolved config as a plain dict, without keys that do not change the result."""
+    """The resolved config as a plain dict, without keys that do not change the result (and without
+    ``kv.kernel`` when the simulated backend runs no kernel)."""
     d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
     for k in NON_RESULT_KEYS:
         d.pop(k, None)
+    kv = d.get("kv")
+    if isinstance(kv, dict) and kv.get("backend", "simulated") == "simulated" and "kernel" in kv:
+        d["kv"] = {k: v for k, v in kv.items() if k != "kernel"}
     return d
 
 
