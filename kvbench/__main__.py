@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -83,6 +84,10 @@ def _type_error(e: Exception) -> str | None:
     if not key:
         return None
     text = str(cause).splitlines()[0]
+    choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", text)
+    if choice:  # an Enum field: name the choices and the closest one
+        value, known = choice.group(1), choice.group(2).split(", ")
+        return f"{key}={value}: expected one of {', '.join(known)}.{_did_you_mean(value, known)}"
     for word, expected in EXPECTED.items():
         if word in text:
             value = str(e).split("=", 1)[1] if "=" in str(e) else "?"

@@ -9,12 +9,40 @@ by :mod:`kvbench.registry`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
+
+
+class Backend(StrEnum):
+    """``kv.backend``: quantize-dequantize in PyTorch, or a packed cache read by kernels."""
+
+    simulated = "simulated"
+    kernel = "kernel"
+
+
+class KernelImpl(StrEnum):
+    """``kv.kernel.impl``: ``auto`` is Triton on CUDA, else the PyTorch reference twins."""
+
+    auto = "auto"
+    triton = "triton"
+    reference = "reference"
+
+
+class DataSource(StrEnum):
+    embedded = "embedded"
+    text = "text"
+    hf = "hf"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
@@ -44,7 +72,7 @@ class KernelConfig:
     ``split_k`` | ``cuda_core`` | ``tensor_core``.
     """
 
-    impl: str = "auto"
+    impl: KernelImpl = KernelImpl.auto
     path: str = "auto"
 
 
@@ -58,14 +86,14 @@ class KVConfig:
 
     bits: int = 4
     group_size: Optional[int] = None
-    backend: str = "simulated"  # simulated | kernel
+    backend: Backend = Backend.simulated
     kernel: KernelConfig = field(default_factory=KernelConfig)
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
-    source: str = "embedded"  # embedded | hf | text
+    source: DataSource = DataSource.embedded
     path: Optional[str] = None
     hf_path: Optional[str] = None
     hf_name: Optional[str] = None
@@ -99,7 +127,7 @@ class CalibConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "kvbench"
     entity: Optional[str] = None
 

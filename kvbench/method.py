@@ -10,6 +10,7 @@ kept in full precision by that shared component, for every method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
     from kvbench.models import ModelInfo
 
 FP16_BITS = 16
+
+
+class Axis(StrEnum):
+    """What one scale / zero point (or code range) covers: a token's channels, or a channel's tokens."""
+
+    token = "token"
+    channel = "channel"
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench.errors import UserError
-from kvbench.method import FP16_BITS, KVMethod, MethodConfig
+from kvbench.method import FP16_BITS, Axis, KVMethod, MethodConfig
 from kvbench.quant import (
     SCALE_ZERO_BITS,
     denormalize,
@@ -58,7 +58,6 @@ from kvbench.registry import register
 
 OUTLIER_BITS = 32  # one fp16 value + one 16-bit index per sparse outlier (as the paper counts)
 PACKED_KEY_BLOCK = 128  # kv.backend=kernel: tokens per stored copy of the calibrated key scales
-KEY_AXES = ("channel", "token")
 
 
 @dataclass
@@ -77,7 +76,7 @@ class KVQuantConfig(MethodConfig):
     name: str = "kvquant"
     sink_tokens: int = 1
     pre_rope: bool = True
-    key_axis: str = "channel"
+    key_axis: Axis = Axis.channel
     nuq: bool = True
     outlier_frac: float = 0.01
     qnorm: bool = False
@@ -91,8 +90,6 @@ class KVQuant(KVMethod):
 
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)
-        if cfg.key_axis not in KEY_AXES:
-            raise UserError(f"method.key_axis must be one of {KEY_AXES}, got {cfg.key_axis!r}")
         if not 0 <= cfg.outlier_frac < 0.5:
             raise UserError(f"method.outlier_frac must be in [0, 0.5), got {cfg.outlier_frac}")
         if cfg.qnorm and not cfg.nuq:

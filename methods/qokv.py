@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 import torch
@@ -56,12 +57,21 @@ from kvbench.quant import (
     normalize,
     quantize_codebook,
 )
-from kvbench.methods.components.balancing import SHIFTS, channel_scales, channel_shift, fold_channel_scales, search_alpha  # noqa: F401
+from kvbench.methods.components.balancing import Shift, channel_scales, channel_shift, fold_channel_scales, search_alpha  # noqa: F401
 from kvbench.methods.components.grouping import assign_groups, group_counts, received_attention, threshold_groups  # noqa: F401
 from kvbench.registry import register
 
-GROUPINGS = ("online", "offline", "none")
-BASES = ("uniform", "nuq")
+
+
+class Grouping(StrEnum):
+    online = "online"
+    offline = "offline"
+    none = "none"
+
+
+class Base(StrEnum):
+    uniform = "uniform"
+    nuq = "nuq"
 
 
 @dataclass
@@ -97,7 +107,7 @@ class QoKVConfig(MethodConfig):
     """
 
     name: str = "qokv"
-    grouping: str = "online"
+    grouping: Grouping = Grouping.online
     group_shares: list[float] = field(default_factory=lambda: [0.1, 0.6, 0.3])
     group_thresholds: Optional[list[float]] = None
     key_bit_offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -107,13 +117,13 @@ class QoKVConfig(MethodConfig):
     top_recent: int = 0
     scale_keys: bool = True
     scale_values: bool = True
-    shift_keys: str = "mid"
-    shift_values: str = "none"
+    shift_keys: Shift = Shift.mid
+    shift_values: Shift = Shift.none
     key_alpha: Optional[float] = None
     value_alpha: Optional[float] = 1.0
     tie_rope_pairs: bool = True
     pre_rope: bool = True
-    base: str = "uniform"
+    base: Base = Base.uniform
     sink_tokens: int = 1
 
 
@@ -124,13 +134,6 @@ class QoKV(KVMethod):
 
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)
-        if cfg.grouping not in GROUPINGS:
-            raise UserError(f"method.grouping must be one of {GROUPINGS}, got {cfg.grouping!r}")
-        for key in ("shift_keys", "shift_values"):
-            if getattr(cfg, key) not in SHIFTS:
-                raise UserError(f"method.{key} must be one of {SHIFTS}, got {getattr(cfg, key)!r}")
-        if cfg.base not in BASES:
-            raise UserError(f"method.base must be one of {BASES}, got {cfg.base!r}")
         G = len(cfg.group_shares)
         if len(cfg.key_bit_offsets) != G or len(cfg.value_bit_offsets) != G:
             raise UserError(f"method.key_bit_offsets and value_bit_offsets need one entry per group ({G})")

@@ -9,19 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.errors import UserError
-from kvbench.method import FP16_BITS, KVMethod, MethodConfig
+from kvbench.method import FP16_BITS, Axis, KVMethod, MethodConfig
 from kvbench.quant import SCALE_ZERO_BITS, fake_quantize_affine
 from kvbench.registry import register
-
-AXES = ("token", "channel")
-
 
 @dataclass
 class UniformConfig(MethodConfig):
     name: str = "uniform"
-    key_axis: str = "token"
-    value_axis: str = "token"
+    key_axis: Axis = Axis.token
+    value_axis: Axis = Axis.token
     key_block: int = 128
 
 
@@ -31,9 +27,6 @@ class Uniform(KVMethod):
 
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)
-        for which in ("key_axis", "value_axis"):
-            if getattr(cfg, which) not in AXES:
-                raise UserError(f"method.{which} must be one of {AXES}, got {getattr(cfg, which)!r}")
         if cfg.key_axis == "token" and cfg.value_axis == "token":
             self.key_block = 1  # per-token statistics need no block of tokens
 

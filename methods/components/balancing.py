@@ -6,13 +6,21 @@ unchanged; :func:`fold_channel_scales` does the equivalent folding into the atte
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Optional
 
 import torch
 
 from kvbench.quant import fake_quantize_affine
 
-SHIFTS = ("none", "mid", "mean")
+
+
+class Shift(StrEnum):
+    """Per-channel shift rule: none, the midpoint of the calibration range, or its mean."""
+
+    none = "none"
+    mid = "mid"
+    mean = "mean"
 
 
 def channel_scales(x: torch.Tensor, alpha, tie_pairs: bool = False) -> torch.Tensor:
@@ -43,7 +51,7 @@ def channel_shift(x: torch.Tensor, rule: str) -> torch.Tensor:
         return (x.amax(dim=(0, 2)) + x.amin(dim=(0, 2))) / 2
     if rule == "mean":
         return x.mean(dim=(0, 2))
-    raise ValueError(f"shift rule must be one of {SHIFTS[1:]}, got {rule!r}")
+    raise ValueError(f"shift rule must be mid or mean, got {rule!r}")
 
 
 ALPHA_GRID = tuple(i / 8 for i in range(9))
