@@ -40,18 +40,13 @@ def main(argv=None) -> dict:
 
 
 def _bench(args) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from kvbench.__main__ import conf_dir
     from kvbench.calibrate import calibration_batches, collect
-    from kvbench.config import register_configs
+    from kvbench.config import compose
     from kvbench.data import load_splits
     from kvbench.models import load_model
     from kvbench.run import build_method, pick_device
 
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["method=kvquant", *args.overrides])
+    cfg = compose(["method=kvquant", *args.overrides])
     t0 = time.perf_counter()
     model, tok, info = load_model(cfg.model, pick_device(cfg))
     method = build_method(cfg, info)

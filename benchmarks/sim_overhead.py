@@ -30,19 +30,14 @@ CONFIGS = {
 
 def one(overrides: list[str], seqlen: int, windows: int) -> dict:
     import torch
-    from hydra import compose, initialize_config_dir
-
-    from kvbench.__main__ import conf_dir
-    from kvbench.config import register_configs
+    from kvbench.config import compose
     from kvbench.data import load_splits
     from kvbench.eval.ppl import perplexity, tokenize_prefix
     from kvbench.models import load_model
     from kvbench.patch import patched
     from kvbench.run import build_method
 
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides)
     model, tok, info = load_model(cfg.model)
     ids = tokenize_prefix(tok, load_splits(cfg.data).eval, seqlen * (windows + 1))
     method = build_method(cfg, info)

@@ -36,7 +36,9 @@ from pathlib import Path
 import yaml
 
 from kvbench import results
+from kvbench.config import compose
 from kvbench.errors import UserError
+from kvbench.validate import check_values
 
 PARAM_MACROS = ("${args_no_hyphens}", "${args_override_hydra}", "${args_append_hydra}")
 SKIPPED_MACROS = ("${env}", "${interpreter}", "${program}")
@@ -162,32 +164,6 @@ def expand(spec: dict, count: int | None = None, seed: int = 0) -> list[dict]:
     return params
 
 
-def compose(overrides: list[str]):
-    """Compose the packaged config with ``overrides``; one-line UserError if that fails."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from kvbench.__main__ import conf_dir
-    from kvbench.config import SUPPORTED_BITS, register_configs
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
-    except Exception as e:  # noqa: BLE001 - every composition failure becomes one line
-        msg = None
-        try:
-            from kvbench.__main__ import check_overrides
-
-            msg = check_overrides(overrides)
-        except ImportError:
-            pass
-        raise UserError(msg or str(e).strip().splitlines()[0]) from None
-    if cfg.kv.bits not in SUPPORTED_BITS:
-        raise UserError(f"kv.bits={cfg.kv.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
-    return cfg
-
-
 def plan(spec: dict, extra: list[str] = (), count: int | None = None, seed: int = 0, path="sweep") -> list[PlannedRun]:
     """Expand, compose and look up every run of the sweep (identical configs are planned once)."""
     planned, seen = [], set()
@@ -195,6 +171,7 @@ def plan(spec: dict, extra: list[str] = (), count: int | None = None, seed: int 
         overrides = run_overrides(spec, params, path) + list(extra)
         try:
             cfg = compose(overrides)
+            check_values(cfg)  # ranges that need nothing but the config; --dry-run checks the rest
         except UserError as e:
             raise UserError(f"{path}: run `{' '.join(overrides)}`: {e}") from None
         out = results.run_dir(cfg)

@@ -41,14 +41,9 @@ def wiki_splits():
 
 def compose_config(overrides=()):
     """Compose the packaged Hydra config with ``overrides`` (as the command line would)."""
-    from hydra import compose, initialize_config_dir
+    from kvbench.config import compose
 
-    from kvbench.__main__ import conf_dir
-    from kvbench.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 @pytest.fixture

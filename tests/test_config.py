@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbench.__main__ import check_overrides, conf_dir
+from kvbench.config import check_overrides, conf_dir
 
 CONF = Path(conf_dir())
 YAMLS = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.name != "config.yaml")

@@ -28,10 +28,9 @@ def test_submitit_local_multirun(tmp_path):
 def _launcher(overrides):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.__main__ import conf_dir
-    from kvbench.config import register_configs
+    from kvbench.config import conf_dir, register_configs
 
-    register_configs()
+    register_configs()  # the launcher lives in the Hydra part of the config, which compose() leaves out
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
 

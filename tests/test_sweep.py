@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from kvbench import results, sweep
-from kvbench.__main__ import conf_dir
+from kvbench.config import conf_dir
 from kvbench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -100,7 +100,7 @@ def test_modes(compose, tmp_path, monkeypatch):
     assert tracking.log_run(cfg, {"ppl": 1.0}, tmp_path / "run", reused=True) is None, "a logged run is not re-logged"
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     assert tracking.wandb_mode(cfg) == "online", "a W&B agent's runs must reach its server"
-    from kvbench.__main__ import check_overrides  # the mode is an Enum: refused when composing
+    from kvbench.config import check_overrides  # the mode is an Enum: refused when composing
 
     assert check_overrides(["logging.wandb.mode=sometimes"]).startswith(
         "logging.wandb.mode=sometimes: expected one of offline, online, disabled")

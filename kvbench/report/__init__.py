@@ -116,20 +116,15 @@ def run_missing(commands: list[str]) -> None:
     Each command's overrides are composed exactly as ``python -m kvbench`` would compose them (one
     interpreter start instead of one per run); a failing run stops with its command line.
     """
-    from hydra import compose, initialize_config_dir
     from tqdm.auto import tqdm
 
-    from kvbench.__main__ import conf_dir
-    from kvbench.config import register_configs
+    from kvbench.config import compose
     from kvbench.run import run
 
-    register_configs()
     for cmd in tqdm(commands, desc="missing runs"):
         overrides = shlex.split(cmd)[3:]  # drop `python -m kvbench`
         try:
-            with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-                cfg = compose("config", overrides=overrides)
-            run(cfg)
+            run(compose(overrides))
         except Exception as e:  # noqa: BLE001 - any failure: name the command that failed
             raise UserError(f"this run failed ({type(e).__name__}: {e}): {cmd}") from e
 
