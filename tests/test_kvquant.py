@@ -146,8 +146,11 @@ def test_bad_settings_fail_clearly(compose):
     from kvbench.run import build_method
 
     info = type("I", (), {"head_dim": 16, "num_layers": 2, "num_kv_heads": 2})()
-    for ov, msg in ((["method.key_axis=head"], "key_axis"), (["method.outlier_frac=0.7"], "outlier_frac"),
-                    (["method.nuq=false", "method.qnorm=true"], "qnorm")):
+    from kvbench.config import check_overrides
+
+    assert check_overrides(["method=kvquant", "method.key_axis=head"]) == (
+        "method.key_axis=head: expected one of token, channel.")
+    for ov, msg in ((["method.outlier_frac=0.7"], "outlier_frac"), (["method.nuq=false", "method.qnorm=true"], "qnorm")):
         with pytest.raises(ValueError, match=msg):
             build_method(compose(["method=kvquant", *ov]), info)
 
@@ -184,22 +187,91 @@ def test_ablation_golden_claims():
         assert metrics["ppl"] == pytest.approx(r["ppl"], abs=1e-6) and metrics["avg_bits"] == pytest.approx(r["avg_bits"])
 
 
-@pytest.mark.slow
-def test_embedded_golden(embedded_model, wiki_splits):
-    """Recompute the small golden setting (tests/golden/make_kvquant.py) and check its claims."""
+# Same machine, against tests/reference.py: per-token rows (and fp16) share kvbench's arithmetic up
+# to the fp32 loss reduction (~3e-7); NUQ rows reach pre-RoPE keys through kvbench's RoPE inversion,
+# which moves keys by ~1e-7 and can flip a few codes.
+REFERENCE_RTOL = {"fp16": 1e-6, "int3_token": 1e-6, "nuq3_1pct": 1e-4, "nuq4_1pct": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def small_golden(embedded_model, wiki_splits):
+    """The small golden setting recomputed (tests/golden/make_kvquant.py), with the calibrated states."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_kvquant", GOLDEN / "make_kvquant.py")
     mk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mk)
+    states = {}
+    return mk, mk.small(embedded_model, wiki_splits, states), states
+
+
+@pytest.mark.slow
+def test_embedded_golden_matches_independent_reference(small_golden, embedded_model, wiki_splits):
+    """kvbench against hand-written quantizers hooked into HF's Llama and HF's ``labels=`` loss: per-token
+    min-max on post-RoPE keys and values (first token exact, as ``sink_tokens=1``); NUQ rows apply the
+    calibrated per-channel ranges and codebooks to pre-RoPE keys (``k_proj``) and per-token ranges with
+    1 % dense-and-sparse outliers to values."""
+    from reference import eval_ids, hf_perplexity, keep_sinks, kvquant_keys, kvquant_values, minmax, quantized_kv
+
+    mk, got, states = small_golden
+    model, tok, _ = embedded_model
+    seqlen, n = mk.EVAL["seqlen"], mk.EVAL["max_windows"]
+    ids = eval_ids(tok, wiki_splits, seqlen * n)
+    for row, spec in mk.SMALL_ROWS.items():
+        if spec is None:
+            want = hf_perplexity(model, ids, seqlen, n)
+        elif row == "int3_token":
+            q = keep_sinks(lambda x, layer: minmax(x, spec[0]), 1)
+            with quantized_kv(model, keys=q, values=q):
+                want = hf_perplexity(model, ids, seqlen, n)
+        else:
+            st = states[row]
+            with quantized_kv(model, keys=keep_sinks(kvquant_keys(st), 1), values=keep_sinks(kvquant_values(st, 0.01), 1),
+                              pre_rope=True):
+                want = hf_perplexity(model, ids, seqlen, n)
+        assert got[row]["ppl"] == pytest.approx(want, rel=REFERENCE_RTOL[row]), f"{row}: kvbench {got[row]['ppl']!r}, reference {want!r}"
+
+
+@pytest.mark.slow
+def test_embedded_golden(small_golden):
+    """The small golden setting against tests/golden/kvquant.json, within twice the drift measured across
+    CPU kernel levels (benchmarks/results/cpu_drift.json); bits exactly; and its claims."""
+    from reference import drift_tolerance
+
+    _, got, _ = small_golden
     golden = json.loads((GOLDEN / "kvquant.json").read_text())
-    got = mk.small(embedded_model, wiki_splits)
     for row, want in golden["rows"].items():
-        assert got[row]["ppl"] == pytest.approx(want["ppl"], abs=golden["atol"]), row
+        rel = drift_tolerance(f"kvquant/{row}")
+        assert got[row]["ppl"] == pytest.approx(want["ppl"], rel=rel), f"{row}: tolerance {rel:.2e} (2x measured spread)"
         assert got[row]["avg_bits"] == pytest.approx(want["avg_bits"], abs=1e-6), row
     p = {row: r["ppl"] for row, r in got.items()}
     assert p["nuq4_1pct"] <= 1.02 * p["fp16"]
     assert p["nuq3_1pct"] < p["int3_token"] and math.isfinite(p["nuq3_1pct"])
+
+
+def test_stats_cache_never_serves_eager_attention_statistics(tiny_model, wiki_splits, compose):
+    """Why one KVQuant config gave 15.181 once and 15.104 otherwise: within a sweep, the in-process
+    statistics cache served a KVQuant run the K/V collected for an earlier run that also needed
+    attention probabilities, i.e. collected with *eager* attention. Eager and SDPA attention differ
+    by ~1e-7 (tiny model) to ~3e-5 (SmolLM2) in every layer after the first, so the calibration,
+    and the artifact stored for every later run, depended on which run came first. A request
+    without "attention" is now collected afresh (bit-identical to a fresh process)."""
+    from kvbench.calibrate import _STATS_CACHE, cached_collect, calibration_batches, collect
+
+    model, tok, _ = tiny_model
+    cfg = compose(["model=tiny-llama"])
+    batches = calibration_batches(tok, wiki_splits.joined("calib"), 2, 64, 0)
+    needs = frozenset({"keys", "values", "fisher"})
+    fresh = collect(model, batches, needs, progress=False)
+    _STATS_CACHE.clear()
+    eager = cached_collect(cfg, model, batches, needs | {"attention"})  # e.g. a QoKV run of the sweep
+    assert not torch.equal(eager["keys"][1], fresh["keys"][1]), "eager attention should move layer-1 keys"
+    got = cached_collect(cfg, model, batches, needs)  # the next run, a KVQuant one
+    for name, layers in fresh.items():
+        for i, want in enumerate(layers):
+            assert torch.equal(got[name][i], want), (name, i)
+    assert cached_collect(cfg, model, batches, frozenset({"keys", "values"}))["keys"] is got["keys"]  # reuse stays
+    _STATS_CACHE.clear()
 
 
 def test_every_component_combination(tiny_model, wiki_splits):
@@ -210,10 +282,10 @@ def test_every_component_combination(tiny_model, wiki_splits):
     from kvbench.calibrate import calibration_batches, collect
     from kvbench.config import KVConfig
     from kvbench.patch import patched
-    from kvbench.registry import get_method_class
+    from kvbench.registry import get
 
     model, tok, info = tiny_model
-    cls = get_method_class("kvquant")
+    cls = get("method", "kvquant")
     batches = calibration_batches(tok, wiki_splits.joined("calib"), 2, 64, 0)
     stats = collect(model, batches, frozenset({"keys", "keys_post", "values", "fisher"}), progress=False)
     no_fisher = {k: v for k, v in stats.items() if "fisher" not in k}

@@ -210,10 +210,12 @@ def test_bad_config_is_a_one_line_error(compose, tiny_model, tmp_path):
         _method(compose, info, ["method.group_shares=[0.5,0.9,0.1]"], tmp_path)
     with pytest.raises(UserError, match="one entry per group"):
         _method(compose, info, ["method.key_bit_offsets=[4,0]"], tmp_path)
-    with pytest.raises(UserError, match="grouping"):
-        _method(compose, info, ["method.grouping=sometimes"], tmp_path)
-    with pytest.raises(UserError, match="shift_keys must be one of"):
-        _method(compose, info, ["method.shift_keys=median"], tmp_path)
+    from kvbench.config import check_overrides  # choice fields are Enums: refused when composing
+
+    assert check_overrides(["method=qokv", "method.grouping=sometimes"]).startswith(
+        "method.grouping=sometimes: expected one of online, offline, none")
+    assert "expected one of none, mid, mean. Did you mean 'mean'?" in check_overrides(
+        ["method=qokv", "method.shift_keys=median"])
 
 
 @pytest.mark.slow
@@ -244,21 +246,48 @@ def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embed
 
 
 
-@pytest.mark.slow
-def test_golden_perplexity_of_the_embedded_model(embedded_model, wiki_splits, tmp_path):
-    """Recompute QoKV 4-bit (calibration with the Fisher information + perplexity) against
-    tests/golden/qokv.json, made by tests/golden/make_qokv.py (same settings)."""
+@pytest.fixture(scope="module")
+def golden_measured(embedded_model, wiki_splits, tmp_path_factory):
+    """Every row of tests/golden/qokv.json recomputed by tests/golden/make_qokv.py (same settings)."""
     import sys
 
     sys.path.insert(0, str(GOLDEN.parent))
-    from make_qokv import RUNS, measure
+    from make_qokv import measure
+
+    model, tok, info = embedded_model
+    return measure(model, tok, info, wiki_splits, cache_dir=str(tmp_path_factory.mktemp("calib")))
+
+
+@pytest.mark.slow
+def test_golden_baselines_match_independent_reference(golden_measured, embedded_model, wiki_splits):
+    """The fp16 and uniform int4 rows of the QoKV setting against tests/reference.py (per-token
+    min-max on post-RoPE keys and ``v_proj`` outputs, HF's ``labels=`` loss), same machine."""
+    from reference import eval_ids, hf_perplexity, minmax, quantized_kv
+
+    model, tok, _ = embedded_model
+    ids = eval_ids(tok, wiki_splits, 512)
+    q = lambda x, layer: minmax(x, 4)  # noqa: E731
+    with quantized_kv(model, keys=q, values=q):
+        want4 = hf_perplexity(model, ids, 512, 1)
+    want16 = hf_perplexity(model, ids, 512, 1)
+    # same arithmetic as kvbench; only the fp32 loss reductions differ (~3e-7)
+    assert golden_measured["uniform4"]["ppl"] == pytest.approx(want4, rel=1e-6)
+    assert golden_measured["fp16"]["ppl"] == pytest.approx(want16, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_golden_perplexity_of_the_embedded_model(golden_measured):
+    """Every row against tests/golden/qokv.json (made by tests/golden/make_qokv.py) within twice the
+    spread measured across CPU kernel levels (benchmarks/results/cpu_drift.json); bits exactly."""
+    from reference import drift_tolerance
 
     golden = json.loads(GOLDEN.read_text())["runs"]
-    model, tok, info = embedded_model
-    got = measure(model, tok, info, wiki_splits, {"qokv4": RUNS["qokv4"]}, cache_dir=str(tmp_path))["qokv4"]
-    assert got["ppl"] == pytest.approx(golden["qokv4"]["ppl"], abs=2e-3)
-    assert got["avg_bits"] == pytest.approx(golden["qokv4"]["avg_bits"], abs=1e-9)
-    assert golden["fp16"]["ppl"] < golden["qokv4"]["ppl"] < 1.05 * golden["fp16"]["ppl"]
-    # better than uniform int4 per-token at fewer average bits
-    assert golden["qokv4"]["ppl"] < golden["uniform4"]["ppl"]
-    assert golden["qokv4"]["avg_bits"] < golden["uniform4"]["avg_bits"]
+    for row, want in golden.items():
+        rel = drift_tolerance(f"qokv/{row}")
+        assert golden_measured[row]["ppl"] == pytest.approx(want["ppl"], rel=rel), f"{row}: tolerance {rel:.2e}"
+        assert golden_measured[row]["avg_bits"] == pytest.approx(want["avg_bits"], abs=1e-9), row
+    got = {row: r["ppl"] for row, r in golden_measured.items()}
+    assert got["fp16"] < got["qokv4"] < 1.05 * got["fp16"]
+    # better than uniform int4 per-token at fewer average bits (on this machine's numbers)
+    assert got["qokv4"] < got["uniform4"]
+    assert golden_measured["qokv4"]["avg_bits"] < golden_measured["uniform4"]["avg_bits"]

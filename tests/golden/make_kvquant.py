@@ -33,17 +33,18 @@ SMALL_ROWS = {  # row -> (kv.bits, KVQuantConfig fields); None = fp16
 }
 
 
-def small(embedded_model, splits) -> dict:
-    """Perplexity and average bits of :data:`SMALL_ROWS` in the small setting."""
+def small(embedded_model, splits, states: dict | None = None) -> dict:
+    """Perplexity and average bits of :data:`SMALL_ROWS` in the small setting (``states``, if
+    given, receives each calibrated row's method state, for tests/reference.py)."""
     from kvbench.calibrate import calibration_batches, collect
     from kvbench.config import KVConfig
     from kvbench.eval.ppl import perplexity
     from kvbench.patch import patched
-    from kvbench.registry import get_method_class
+    from kvbench.registry import get
 
     torch.manual_seed(0)
     model, tok, info = embedded_model
-    cls = get_method_class("kvquant")
+    cls = get("method", "kvquant")
     batches = calibration_batches(tok, splits.joined("calib"), CALIB["num_samples"], CALIB["seqlen"], CALIB["seed"])
     stats = collect(model, batches, frozenset({"keys", "values", "fisher"}), progress=False)
     ids = tok(splits.joined("eval"), return_tensors="pt").input_ids[0]
@@ -57,6 +58,8 @@ def small(embedded_model, splits) -> dict:
         m = cls(cls.config_class(**fields), KVConfig(bits=bits), info)
         if m.calibration_needs():
             m.load_state(m.calibrate(stats))
+            if states is not None:
+                states[row] = m.state
         with patched(model, m):
             p = perplexity(model, ids, EVAL["seqlen"], EVAL["max_windows"], progress=False)
         rows[row] = {"ppl": p["ppl"], "avg_bits": m.avg_bits(EVAL["seqlen"])}

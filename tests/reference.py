@@ -1,0 +1,136 @@
+"""Independent references for the golden tests: hand-written quantizers and HF's own loss, no kvbench code.
+
+kvbench routes K/V through its own cache (:mod:`kvbench.patch`); the references here instead hook
+transformers' Llama attention directly: post-RoPE keys by wrapping ``apply_rotary_pos_emb`` of
+``modeling_llama``, pre-RoPE keys at the ``k_proj`` output, values at the ``v_proj`` output, and
+the loss is HF's ``model(ids, labels=ids).loss``. Comparing the two on the same machine checks
+kvbench's plumbing (cache, RoPE inversion, sink tokens, windows, loss) without cross-machine drift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import transformers.models.llama.modeling_llama as llama
+
+DRIFT = Path(__file__).parents[1] / "benchmarks" / "results" / "cpu_drift.json"
+DRIFT_FLOOR = 1e-5  # relative: rows that did not move at any measured level still get float noise room
+
+
+def minmax(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token asymmetric min-max quantize-dequantize over the last axis ``(..., D)``."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    return torch.round((x - lo) / scale).clamp(0, 2**bits - 1) * scale + lo
+
+
+def nearest(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The nearest entry of ``codebook (K,)`` to every element of ``y`` (ties to the lower one)."""
+    return codebook[(y.unsqueeze(-1) - codebook).abs().argmin(-1)]
+
+
+def keep_sinks(fn, sinks: int):
+    """Wrap ``fn(x (B, H, T, D), layer)`` so that the first ``sinks`` tokens pass unchanged."""
+    if sinks == 0:
+        return fn
+    return lambda x, layer: torch.cat([x[:, :, :sinks], fn(x[:, :, sinks:], layer)], dim=2)
+
+
+@contextlib.contextmanager
+def quantized_kv(model, keys=None, values=None, pre_rope: bool = False):
+    """Pass every layer's keys and values through ``keys(k, layer)`` / ``values(v, layer)``.
+
+    Args:
+        model: a transformers Llama model.
+        keys: ``(B, H_kv, T, D), layer -> same`` applied after RoPE (or to ``k_proj``'s output
+            with ``pre_rope``); ``None`` leaves keys exact.
+        values: the same for ``v_proj``'s output.
+    """
+    layers = [blk.self_attn for blk in model.model.layers]
+    current = {}
+    handles = [a.register_forward_pre_hook(lambda m, args: current.update(layer=m.layer_idx)) for a in layers]
+
+    def on_heads(fn, a):
+        def hook(mod, args, out):  # out (B, T, H_kv * D)
+            B, T, _ = out.shape
+            x = out.view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+            return fn(x, a.layer_idx).transpose(1, 2).reshape(B, T, -1)
+        return hook
+
+    for a in layers:
+        if values is not None:
+            handles.append(a.v_proj.register_forward_hook(on_heads(values, a)))
+        if keys is not None and pre_rope:
+            handles.append(a.k_proj.register_forward_hook(on_heads(keys, a)))
+    orig = llama.apply_rotary_pos_emb
+
+    def rope_then_quantize(q, k, cos, sin, *args, **kwargs):
+        q, k = orig(q, k, cos, sin, *args, **kwargs)
+        return q, keys(k, current["layer"])
+
+    if keys is not None and not pre_rope:
+        llama.apply_rotary_pos_emb = rope_then_quantize
+    try:
+        yield model
+    finally:
+        llama.apply_rotary_pos_emb = orig
+        for h in handles:
+            h.remove()
+
+
+def drift_tolerance(row: str, factor: float = 2.0) -> float:
+    """Relative tolerance of a golden row: ``factor`` x the spread (max / min - 1) of its perplexity
+    measured across CPU kernel levels and the machine that wrote the golden
+    (``benchmarks/results/cpu_drift.json``, from ``benchmarks/cpu_drift.py``), at least :data:`DRIFT_FLOOR`."""
+    rows = json.loads(DRIFT.read_text())["rows"]
+    return max(factor * rows[row]["spread"], DRIFT_FLOOR)
+
+
+def eval_ids(tok, splits, n: int) -> torch.Tensor:
+    """The first ``n`` token ids ``(n,)`` of the evaluation text (``"\\n\\n"``-joined documents),
+    tokenizing a character prefix with a wide margin (BPE is local, so the first ``n`` ids are
+    those of the whole text)."""
+    ids = tok(splits.joined("eval")[: 16 * n], return_tensors="pt").input_ids[0]
+    assert ids.numel() >= n, "evaluation text too short for the golden setting"
+    return ids[:n]
+
+
+@torch.no_grad()
+def hf_perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int) -> float:
+    """``exp`` of the mean of HF's ``labels=`` loss over the first non-overlapping windows of ``ids (N,)``."""
+    n = min(ids.numel() // seqlen, max_windows)
+    losses = [model(w[None], labels=w[None]).loss.item() for w in ids[: n * seqlen].view(n, seqlen)]
+    return math.exp(sum(losses) / n)  # every window predicts seqlen - 1 tokens: the plain mean is token-weighted
+
+
+def kvquant_keys(state: dict):
+    """KVQuant's key quantizer from its calibrated state: per-channel ranges ``k_lo/k_hi.{l} (H, D)``,
+    values outside them kept exact (dense-and-sparse), the rest normalized to [-1, 1] and rounded to
+    the layer's codebook ``k_cb.{l}``."""
+    def fn(k, layer):
+        lo, hi = state[f"k_lo.{layer}"][None, :, None, :], state[f"k_hi.{layer}"][None, :, None, :]
+        y = (2 * (k - lo) / (hi - lo) - 1).clamp(-1, 1)
+        k_hat = (nearest(y, state[f"k_cb.{layer}"]) + 1) / 2 * (hi - lo) + lo
+        return torch.where((k < lo) | (k > hi), k, k_hat)
+    return fn
+
+
+def kvquant_values(state: dict, outlier_frac: float):
+    """KVQuant's value quantizer: per token, the ``round(n * frac / 2)`` largest and smallest values
+    over all heads stay exact; each head's remaining range is normalized and rounded to ``v_cb.{l}``."""
+    def fn(v, layer):
+        B, H, T, D = v.shape
+        flat = v.transpose(1, 2).reshape(B, T, H * D)
+        k = int(H * D * outlier_frac / 2 + 0.5)
+        out = torch.zeros_like(flat, dtype=torch.bool)
+        out.scatter_(-1, flat.topk(k, -1).indices, True).scatter_(-1, flat.topk(k, -1, largest=False).indices, True)
+        out = out.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        lo = v.masked_fill(out, math.inf).amin(-1, keepdim=True)
+        hi = v.masked_fill(out, -math.inf).amax(-1, keepdim=True)
+        y = (2 * (v - lo) / (hi - lo) - 1).clamp(-1, 1)
+        return torch.where(out, v, (nearest(y, state[f"v_cb.{layer}"]) + 1) / 2 * (hi - lo) + lo)
+    return fn
