@@ -1,9 +1,11 @@
 """Independent references for the golden tests: hand-written quantizers and HF's own loss, no kvbench code.
 
-kvbench routes K/V through its own cache (:mod:`kvbench.patch`); the references here instead hook
-transformers' Llama attention directly: post-RoPE keys by wrapping ``apply_rotary_pos_emb`` of
-``modeling_llama``, pre-RoPE keys at the ``k_proj`` output, values at the ``v_proj`` output, and
-the loss is HF's ``model(ids, labels=ids).loss``. Comparing the two on the same machine checks
+kvbench routes K/V through its own cache (:mod:`kvbench.cache`); the references here instead hook
+transformers' Llama attention directly: keys by wrapping ``apply_rotary_pos_emb`` of ``modeling_llama``
+(rotated back by hand for pre-RoPE quantization), values at the ``v_proj`` output, and the loss is
+HF's ``model(ids, labels=ids).loss``. Per-token quantized perplexity is chaotic: a 1e-7 change of
+one key flips a rounding and moves int3 perplexity by ~1 %, so a tight reference must follow the same
+arithmetic as the method (same formula, same RoPE round trip), written independently. Comparing the two on the same machine checks
 kvbench's plumbing (cache, RoPE inversion, sink tokens, windows, loss) without cross-machine drift.
 """
 
@@ -29,50 +31,55 @@ def minmax(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def nearest(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The nearest entry of ``codebook (K,)`` to every element of ``y`` (ties to the lower one)."""
-    return codebook[(y.unsqueeze(-1) - codebook).abs().argmin(-1)]
+    """The nearest entry of a sorted ``codebook (K,)`` to every element of ``y``, decided against the
+    midpoints of neighbouring entries (a value on a midpoint takes the lower entry)."""
+    mid = (codebook[1:] + codebook[:-1]) / 2
+    return codebook[(y.unsqueeze(-1) > mid).sum(-1)]
 
 
-def keep_sinks(fn, sinks: int):
-    """Wrap ``fn(x (B, H, T, D), layer)`` so that the first ``sinks`` tokens pass unchanged."""
-    if sinks == 0:
-        return fn
-    return lambda x, layer: torch.cat([x[:, :, :sinks], fn(x[:, :, sinks:], layer)], dim=2)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 @contextlib.contextmanager
-def quantized_kv(model, keys=None, values=None, pre_rope: bool = False):
+def quantized_kv(model, keys=None, values=None, pre_rope: bool = False, sinks: int = 0):
     """Pass every layer's keys and values through ``keys(k, layer)`` / ``values(v, layer)``.
 
     Args:
         model: a transformers Llama model.
-        keys: ``(B, H_kv, T, D), layer -> same`` applied after RoPE (or to ``k_proj``'s output
-            with ``pre_rope``); ``None`` leaves keys exact.
+        keys: ``(B, H_kv, T, D), layer -> same`` applied after RoPE, or with ``pre_rope`` to the
+            keys rotated back (``k cos - rot(k) sin``) and rotated again afterwards; ``None``: exact.
         values: the same for ``v_proj``'s output.
+        sinks: the first ``sinks`` tokens of keys and values stay exact (attention sinks).
     """
     layers = [blk.self_attn for blk in model.model.layers]
     current = {}
     handles = [a.register_forward_pre_hook(lambda m, args: current.update(layer=m.layer_idx)) for a in layers]
 
-    def on_heads(fn, a):
+    def values_hook(a):
         def hook(mod, args, out):  # out (B, T, H_kv * D)
             B, T, _ = out.shape
-            x = out.view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-            return fn(x, a.layer_idx).transpose(1, 2).reshape(B, T, -1)
+            v = out.view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+            v = torch.cat([v[:, :, :sinks], values(v[:, :, sinks:], a.layer_idx)], dim=2)
+            return v.transpose(1, 2).reshape(B, T, -1)
         return hook
 
-    for a in layers:
-        if values is not None:
-            handles.append(a.v_proj.register_forward_hook(on_heads(values, a)))
-        if keys is not None and pre_rope:
-            handles.append(a.k_proj.register_forward_hook(on_heads(keys, a)))
+    if values is not None:
+        handles += [a.v_proj.register_forward_hook(values_hook(a)) for a in layers]
     orig = llama.apply_rotary_pos_emb
 
     def rope_then_quantize(q, k, cos, sin, *args, **kwargs):
         q, k = orig(q, k, cos, sin, *args, **kwargs)
-        return q, keys(k, current["layer"])
+        ks, c, s = k[:, :, sinks:], cos[:, None, sinks:], sin[:, None, sinks:]  # (B, H_kv, T', D), (B, 1, T', D)
+        if pre_rope:
+            kq = keys(ks * c - rotate_half(ks) * s, current["layer"])
+            kq = kq * c + rotate_half(kq) * s
+        else:
+            kq = keys(ks, current["layer"])
+        return q, torch.cat([k[:, :, :sinks], kq], dim=2)
 
-    if keys is not None and not pre_rope:
+    if keys is not None:
         llama.apply_rotary_pos_emb = rope_then_quantize
     try:
         yield model
@@ -105,6 +112,18 @@ def hf_perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int) -> fl
     n = min(ids.numel() // seqlen, max_windows)
     losses = [model(w[None], labels=w[None]).loss.item() for w in ids[: n * seqlen].view(n, seqlen)]
     return math.exp(sum(losses) / n)  # every window predicts seqlen - 1 tokens: the plain mean is token-weighted
+
+
+def normalized_uniform(bits: int):
+    """Per-token quantizer in KVQuant's normalized space: ``[lo, hi]`` of each token's ``D`` channels
+    mapped to [-1, 1] and rounded to the nearest of ``2**bits`` evenly spaced levels: the grid of
+    :func:`minmax` in other float arithmetic, in which rounding-boundary cases fall as KVQuant's do."""
+    grid = torch.linspace(-1, 1, 2**bits)
+
+    def fn(x, layer):
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        return (nearest(2 * (x - lo) / (hi - lo) - 1, grid) + 1) / 2 * (hi - lo) + lo
+    return fn
 
 
 def kvquant_keys(state: dict):

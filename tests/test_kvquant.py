@@ -21,7 +21,7 @@ BASE = ["method=kvquant", "model=tiny-llama", "calib.num_samples=2", "calib.seql
 
 
 def _method(compose, tmp_path, tiny_model, wiki_splits, overrides=()):
-    from kvbench.calibrate import prepare
+    from kvbench.calibration import prepare
     from kvbench.run import build_method
 
     cfg = compose([*BASE, f"calib.cache_dir={tmp_path}", *overrides])
@@ -32,7 +32,7 @@ def _method(compose, tmp_path, tiny_model, wiki_splits, overrides=()):
 
 
 def _logits(model, ids, method=None):
-    from kvbench.patch import patched
+    from kvbench.cache import patched
 
     with torch.no_grad():
         if method is None:
@@ -55,7 +55,7 @@ def test_pre_rope_at_16_bits_reproduces_fp16(tiny_model, wiki_splits, compose, t
 
 def test_pre_rope_keys_are_the_k_proj_outputs(tiny_model, wiki_splits, compose, tmp_path):
     """With pre_rope, quantize_keys sees exactly what k_proj produced (what calibration saw)."""
-    from kvbench.patch import attention_modules
+    from kvbench.model import attention_modules
 
     model, tok, info = tiny_model
     _, method = _method(compose, tmp_path, tiny_model, wiki_splits, ["kv.bits=16", "method.sink_tokens=0"])
@@ -106,7 +106,7 @@ def test_each_component_is_one_override(tiny_model, wiki_splits, compose, tmp_pa
 
 
 def test_calibration_artifact_and_fisher(tiny_model, wiki_splits, compose, tmp_path):
-    from kvbench.calibrate import artifact_path, load_artifact
+    from kvbench.calibration import artifact_path, load_artifact
 
     cfg, m = _method(compose, tmp_path, tiny_model, wiki_splits, ["kv.bits=3"])
     path, key, _ = artifact_path(cfg, m)
@@ -187,10 +187,9 @@ def test_ablation_golden_claims():
         assert metrics["ppl"] == pytest.approx(r["ppl"], abs=1e-6) and metrics["avg_bits"] == pytest.approx(r["avg_bits"])
 
 
-# Same machine, against tests/reference.py: per-token rows (and fp16) share kvbench's arithmetic up
-# to the fp32 loss reduction (~3e-7); NUQ rows reach pre-RoPE keys through kvbench's RoPE inversion,
-# which moves keys by ~1e-7 and can flip a few codes.
-REFERENCE_RTOL = {"fp16": 1e-6, "int3_token": 1e-6, "nuq3_1pct": 1e-4, "nuq4_1pct": 1e-4}
+# Same machine, against tests/reference.py (same arithmetic, written independently): only the fp32 loss
+# reductions differ (measured 3e-8 .. 2e-7 on one window).
+REFERENCE_RTOL = {"fp16": 1e-6, "int3_token": 1e-6, "nuq3_1pct": 1e-5, "nuq4_1pct": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +207,10 @@ def small_golden(embedded_model, wiki_splits):
 @pytest.mark.slow
 def test_embedded_golden_matches_independent_reference(small_golden, embedded_model, wiki_splits):
     """kvbench against hand-written quantizers hooked into HF's Llama and HF's ``labels=`` loss: per-token
-    min-max on post-RoPE keys and values (first token exact, as ``sink_tokens=1``); NUQ rows apply the
-    calibrated per-channel ranges and codebooks to pre-RoPE keys (``k_proj``) and per-token ranges with
-    1 % dense-and-sparse outliers to values."""
-    from reference import eval_ids, hf_perplexity, keep_sinks, kvquant_keys, kvquant_values, minmax, quantized_kv
+    ranges in the normalized space on post-RoPE keys and values (first token exact, as ``sink_tokens=1``);
+    NUQ rows apply the calibrated per-channel ranges and codebooks to pre-RoPE keys and per-token ranges
+    with 1 % dense-and-sparse outliers to values."""
+    from reference import eval_ids, hf_perplexity, kvquant_keys, kvquant_values, normalized_uniform, quantized_kv
 
     mk, got, states = small_golden
     model, tok, _ = embedded_model
@@ -221,13 +220,12 @@ def test_embedded_golden_matches_independent_reference(small_golden, embedded_mo
         if spec is None:
             want = hf_perplexity(model, ids, seqlen, n)
         elif row == "int3_token":
-            q = keep_sinks(lambda x, layer: minmax(x, spec[0]), 1)
-            with quantized_kv(model, keys=q, values=q):
+            q = normalized_uniform(spec[0])
+            with quantized_kv(model, keys=q, values=q, sinks=1):
                 want = hf_perplexity(model, ids, seqlen, n)
         else:
             st = states[row]
-            with quantized_kv(model, keys=keep_sinks(kvquant_keys(st), 1), values=keep_sinks(kvquant_values(st, 0.01), 1),
-                              pre_rope=True):
+            with quantized_kv(model, keys=kvquant_keys(st), values=kvquant_values(st, 0.01), pre_rope=True, sinks=1):
                 want = hf_perplexity(model, ids, seqlen, n)
         assert got[row]["ppl"] == pytest.approx(want, rel=REFERENCE_RTOL[row]), f"{row}: kvbench {got[row]['ppl']!r}, reference {want!r}"
 
@@ -243,7 +241,8 @@ def test_embedded_golden(small_golden):
     for row, want in golden["rows"].items():
         rel = drift_tolerance(f"kvquant/{row}")
         assert got[row]["ppl"] == pytest.approx(want["ppl"], rel=rel), f"{row}: tolerance {rel:.2e} (2x measured spread)"
-        assert got[row]["avg_bits"] == pytest.approx(want["avg_bits"], abs=1e-6), row
+        # avg bits count the *measured* key outliers, whose calibrated thresholds drift too (~3e-4 bits)
+        assert got[row]["avg_bits"] == pytest.approx(want["avg_bits"], abs=2e-3), row
     p = {row: r["ppl"] for row, r in got.items()}
     assert p["nuq4_1pct"] <= 1.02 * p["fp16"]
     assert p["nuq3_1pct"] < p["int3_token"] and math.isfinite(p["nuq3_1pct"])
@@ -256,7 +255,8 @@ def test_stats_cache_never_serves_eager_attention_statistics(tiny_model, wiki_sp
     by ~1e-7 (tiny model) to ~3e-5 (SmolLM2) in every layer after the first, so the calibration,
     and the artifact stored for every later run, depended on which run came first. A request
     without "attention" is now collected afresh (bit-identical to a fresh process)."""
-    from kvbench.calibrate import _STATS_CACHE, cached_collect, calibration_batches, collect
+    from kvbench.calibration import cached_collect, calibration_batches, collect
+    from kvbench.calibration.stats import _STATS_CACHE
 
     model, tok, _ = tiny_model
     cfg = compose(["model=tiny-llama"])
@@ -279,9 +279,9 @@ def test_every_component_combination(tiny_model, wiki_splits):
     combination is fitted and used for a scoring forward; the shared matrix also runs generate())."""
     import itertools
 
-    from kvbench.calibrate import calibration_batches, collect
+    from kvbench.calibration import calibration_batches, collect
     from kvbench.config import KVConfig
-    from kvbench.patch import patched
+    from kvbench.cache import patched
     from kvbench.registry import get
 
     model, tok, info = tiny_model
