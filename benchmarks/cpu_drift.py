@@ -14,11 +14,12 @@ level (one subprocess each: the variables are read when the libraries load) and 
 
 Run from the repo root::
 
-    python benchmarks/cpu_drift.py                 # every level (~3 CPU minutes each)
+    python benchmarks/cpu_drift.py                 # every level (1-10 minutes each on 2 shared cores)
     python benchmarks/cpu_drift.py --levels native aten_default
     python benchmarks/cpu_drift.py --render        # only rebuild the .md from the .json
 
-The golden tests take their tolerances from ``max_rel_dev`` in the JSON (see tests/golden/).
+The golden tests allow twice each row's ``spread`` (max / min - 1 over the levels and the machine that
+wrote tests/golden; tests/reference.py: ``drift_tolerance``).
 """
 
 from __future__ import annotations
