@@ -40,10 +40,10 @@ def main(argv=None) -> dict:
 
 
 def _bench(args) -> dict:
-    from kvbench.calibrate import calibration_batches, collect
+    from kvbench.calibration import calibration_batches, collect
     from kvbench.config import compose
     from kvbench.data import load_splits
-    from kvbench.models import load_model
+    from kvbench.model import load_model
     from kvbench.run import build_method, pick_device
 
     cfg = compose(["method=kvquant", *args.overrides])

@@ -43,7 +43,7 @@ def run_e2e(args, gpu: str) -> dict:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvbench.kernels.cache import PACKED_ATTN, PackedCacheSpec, make_packed_cache, register_packed_attention
+    from kvbench.cache import PACKED_ATTN, PackedCacheSpec, make_packed_cache, register_packed_attention
 
     register_packed_attention()
     B, T, N = args.e2e_batch, args.e2e_context, args.e2e_new

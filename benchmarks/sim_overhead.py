@@ -33,8 +33,8 @@ def one(overrides: list[str], seqlen: int, windows: int) -> dict:
     from kvbench.config import compose
     from kvbench.data import load_splits
     from kvbench.eval.ppl import perplexity, tokenize_prefix
-    from kvbench.models import load_model
-    from kvbench.patch import patched
+    from kvbench.model import load_model
+    from kvbench.cache import patched
     from kvbench.run import build_method
 
     cfg = compose(overrides)

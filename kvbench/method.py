@@ -2,7 +2,7 @@
 
 A method sees the K/V of one attention layer as tensors of shape ``(B, H_kv, T, D)`` and returns
 their quantize-dequantized version of the same shape (simulated quantization). The cache in
-:mod:`kvbench.patch` decides *which* tokens reach the method: the first ``sink_tokens`` tokens
+:mod:`kvbench.cache` decides *which* tokens reach the method: the first ``sink_tokens`` tokens
 (attention sinks, KVQuant) and the ``recent_window`` most recent tokens (KIVI's fp16 residual) are
 kept in full precision by that shared component, for every method.
 """
@@ -18,7 +18,7 @@ from omegaconf import MISSING
 
 if TYPE_CHECKING:
     from kvbench.config import KVConfig
-    from kvbench.models import ModelInfo
+    from kvbench.model import ModelInfo
 
 FP16_BITS = 16
 
@@ -115,7 +115,7 @@ class KVMethod:
         return None
 
     def packed_spec(self):
-        """The :class:`kvbench.kernels.cache.PackedCacheSpec` of this configuration (``kv.backend=kernel``)."""
+        """The :class:`kvbench.cache.packed.PackedCacheSpec` of this configuration (``kv.backend=kernel``)."""
         from kvbench.errors import UserError
 
         raise UserError(f"method {self.name} has no packed (kernel) format yet; use kv.backend=simulated")

@@ -10,7 +10,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from kvbench import results
+from kvbench.tracking import store as results
 
 
 def build_method(cfg, info):
@@ -39,7 +39,7 @@ def pick_device(cfg) -> str:
 
 def evaluate(cfg, model, tok, splits, method) -> dict:
     """Run the configured evaluation (a registered ``eval`` plugin) on the patched model."""
-    from kvbench.patch import patched
+    from kvbench.cache import patched
     from kvbench.registry import get
 
     evaluate_fn = get("eval", cfg.eval.name)
@@ -66,8 +66,8 @@ def compute(cfg, out, checked=None, fingerprints=None) -> dict:
     """The part of :func:`run` done under the run's lock: reuse the finished run in ``out``, or compute,
     save and log it."""
     from kvbench.data import load_splits
-    from kvbench.models import load_model
-    from kvbench.tracking import log_run
+    from kvbench.model import load_model
+    from kvbench.tracking.wandb import log_run
 
     checked = checked or validate(cfg)
     done = results.existing_metrics(out)
@@ -86,7 +86,7 @@ def compute(cfg, out, checked=None, fingerprints=None) -> dict:
     splits = checked.splits or load_splits(cfg.data)
     calibration = None
     if method.calibration_needs():
-        from kvbench.calibrate import prepare
+        from kvbench.calibration import prepare
 
         calibration = prepare(cfg, model, tok, splits, method)
     t1 = time.perf_counter()
@@ -106,9 +106,9 @@ def compute(cfg, out, checked=None, fingerprints=None) -> dict:
 
 def calibrate_only(cfg) -> dict:
     """``python -m kvbench calibrate ...``: compute (or find) the method's calibration artifact."""
-    from kvbench.calibrate import prepare
+    from kvbench.calibration import prepare
     from kvbench.data import load_splits
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     checked = validate(cfg)
     method = checked.method

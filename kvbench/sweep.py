@@ -11,7 +11,7 @@ Each run's Hydra overrides are built from the sweep's ``command`` exactly as ``w
 its argv (the words after ``-m kvbench``, ``${args_no_hyphens}`` expanded), followed by the overrides
 given on this command line (e.g. ``model=tiny-llama``), which win. Every run is composed with
 Hydra before anything runs, so a malformed file fails at once with one line. A run whose results
-already exist (:func:`kvbench.results.run_dir` of its composed config holds ``metrics.json``) is
+already exist (:func:`kvbench.tracking.store.run_dir` of its composed config holds ``metrics.json``) is
 skipped, so a killed sweep resumes where it stopped. Several runners can share one sweep: a run
 another runner is computing (its lock is held) is left to the end and then awaited, and every runner
 exits 0 once every run of the sweep is done. Runs execute in this process, one after the other.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from kvbench import results
+from kvbench.tracking import store as results
 from kvbench.config import compose
 from kvbench.errors import UserError
 from kvbench.validate import check_values

@@ -22,7 +22,7 @@ from kvbench.errors import UserError
 if TYPE_CHECKING:
     from kvbench.data import TextSplits
     from kvbench.method import KVMethod
-    from kvbench.models import ModelInfo
+    from kvbench.model import ModelInfo
 
 
 @dataclass
@@ -49,7 +49,7 @@ def check(cfg) -> Checked:
     Returns:
         :class:`Checked` with the model's shapes, the built method and the data splits.
     """
-    from kvbench.models import info_from_config, model_config
+    from kvbench.model import info_from_config, model_config
     from kvbench.run import build_method
 
     check_values(cfg)
@@ -119,7 +119,7 @@ def check_data(cfg, method) -> "Optional[TextSplits]":
     calibration sample (a calibrating method) must fit. Hub datasets are read later (None)."""
     from kvbench.data import documents, load_splits
     from kvbench.eval.ppl import tokenize_prefix
-    from kvbench.models import load_tokenizer
+    from kvbench.model import load_tokenizer
 
     docs = documents(cfg.data)
     if docs is None:
@@ -175,8 +175,8 @@ def lm_eval_tasks() -> tuple[set, set]:
     import lm_eval
 
     from kvbench.eval.harness import _hub_tasks, task_manager
-    from kvbench.models import cache_root
-    from kvbench.results import atomic_write
+    from kvbench.local import cache_root
+    from kvbench.tracking.store import atomic_write
 
     memo = cache_root() / f"lm_eval_tasks-{lm_eval.__version__}.json"
     try:

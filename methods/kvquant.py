@@ -122,7 +122,7 @@ class KVQuant(KVMethod):
         """Per-channel key thresholds and per-layer codebooks from calibration statistics.
 
         Args:
-            stats: :func:`kvbench.calibrate.collect` output: lists over layers of ``(N, H_kv, T, D)``
+            stats: :func:`kvbench.calibration.collect` output: lists over layers of ``(N, H_kv, T, D)``
                 keys (pre- or post-RoPE), values and, optionally, their squared gradients.
 
         Returns:
@@ -186,7 +186,7 @@ class KVQuant(KVMethod):
         B, H, T, D = x.shape
         if which == "k" and self.cfg.key_axis == "channel":
             if f"k_lo.{layer}" not in self.state:
-                raise RuntimeError("kvquant: per-channel keys need calibration (kvbench.calibrate.prepare)")
+                raise RuntimeError("kvquant: per-channel keys need calibration (kvbench.calibration.prepare)")
             lo = self.state[f"k_lo.{layer}"].to(x)[None, :, None, :]  # (1, H_kv, 1, D)
             hi = self.state[f"k_hi.{layer}"].to(x)[None, :, None, :]
             mask = (x < lo) | (x > hi) if self.cfg.outlier_frac > 0 else torch.zeros_like(x, dtype=torch.bool)
@@ -251,18 +251,18 @@ class KVQuant(KVMethod):
         Raises:
             UserError: for what the format cannot hold (sparse value outliers, per-token keys).
         """
-        from kvbench.kernels.cache import PackedCacheSpec
+        from kvbench.cache import PackedCacheSpec
         from kvbench.kernels.ops import codebook_from_unit
 
         self._check_packable()
         if "k_lo.0" not in self.state:
-            raise RuntimeError("kvquant: the packed cache needs calibration (kvbench.calibrate.prepare)")
+            raise RuntimeError("kvquant: the packed cache needs calibration (kvbench.calibration.prepare)")
         layers = range(self.info.num_layers)
         ranges = [(self.state[f"k_lo.{i}"], self.state[f"k_hi.{i}"]) for i in layers]  # (H_kv, D) each
         like = torch.zeros(0)  # fp32, CPU: the cache moves the codebooks to its device
         return PackedCacheSpec(
             key_bits=self.bits, value_bits=self.bits, value_group_size=self.group, key_block=PACKED_KEY_BLOCK,
-            sink_tokens=self.cfg.sink_tokens, recent_window=self.cfg.recent_window, pre_rope=self.pre_rope,
+            pre_rope=self.pre_rope,
             key_codebooks=[codebook_from_unit(self._codebook("k", i, like), self.bits) for i in layers],
             value_codebooks=[codebook_from_unit(self._codebook("v", i, like), self.bits) for i in layers],
             key_scales=[((hi - lo) / (2**self.bits - 1), lo) for lo, hi in ranges],

@@ -50,7 +50,7 @@ class Uniform(KVMethod):
     def packed_spec(self):
         """Kernel format: per-channel keys in blocks of ``key_block`` tokens, per-token values."""
         from kvbench.errors import UserError
-        from kvbench.kernels.cache import PackedCacheSpec
+        from kvbench.cache import PackedCacheSpec
 
         if (self.cfg.key_axis, self.cfg.value_axis) != ("channel", "token") or self.kv.bits not in (2, 3, 4):
             raise UserError("kv.backend=kernel packs 2/3/4-bit per-channel keys and per-token values: "
@@ -58,7 +58,6 @@ class Uniform(KVMethod):
         return PackedCacheSpec(
             key_bits=self.kv.bits, value_bits=self.kv.bits, key_block=self.key_block,
             value_group_size=self.kv.group_size or self.info.head_dim,
-            sink_tokens=self.cfg.sink_tokens, recent_window=self.cfg.recent_window,
         )
 
     def bits_per_element(self):

@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 def _load(name: str):
     from kvbench.config import ModelConfig
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     return load_model(OmegaConf.structured(ModelConfig(name=name, embedded=name)))
 

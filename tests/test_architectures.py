@@ -9,8 +9,8 @@ import transformers as tf
 
 from kvbench.config import KVConfig
 from kvbench.method import KVMethod, MethodConfig
-from kvbench.models import model_info
-from kvbench.patch import QuantizingCache, patched
+from kvbench.model import model_info
+from kvbench.cache import QuantizingCache, patched
 from kvbench.methods.uniform import Uniform, UniformConfig
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)

@@ -12,7 +12,9 @@ import threading
 import pytest
 import torch
 
-from kvbench import results, tracking
+from kvbench.tracking import store as results
+
+from kvbench.tracking import wandb as tracking
 from test_sweep import write_corpus
 
 
@@ -75,7 +77,7 @@ def test_run_lock_excludes_and_waits(tmp_path, capsys):
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_files_honour_the_umask(tmp_path, umask):
     """Result files and calibration artifacts get ``0o666 & ~umask``, as files made by ``open()``."""
-    from kvbench.calibrate import load_artifact, save_artifact
+    from kvbench.calibration import load_artifact, save_artifact
 
     old = os.umask(umask)
     try:

@@ -103,7 +103,7 @@ def test_golden_fp16_embedded(embedded_model):
 def test_int2_changes_loglikelihoods(tiny_model, compose):
     """Scoring goes through the quantizing cache: int2 moves every log-likelihood, int8 barely."""
     from kvbench.eval.harness import run_tasks
-    from kvbench.patch import patched
+    from kvbench.cache import patched
 
     model, tok, info = tiny_model
     lls = {}
@@ -143,7 +143,7 @@ def load(**kwargs):
 def test_generation_task_decodes_through_quantizing_cache(tiny_model, compose, tmp_path):
     """An lm-eval generate_until task: prefill and every decode step use one QuantizingCache whose K/V are int2."""
     from kvbench.eval.harness import per_task, run_tasks
-    from kvbench.patch import QuantizingCache, patched
+    from kvbench.cache import QuantizingCache, patched
 
     (tmp_path / "probe.yaml").write_text(PROBE_YAML)
     (tmp_path / "probe.py").write_text(PROBE_PY)
@@ -232,7 +232,7 @@ def test_hub_task_while_offline_is_a_clear_error(small_tm, monkeypatch):
 
 def test_cli_run_records_per_task_metrics(compose, tmp_path):
     """``eval=harness`` end to end: per-task metrics with stderr in metrics.json and the results frame."""
-    from kvbench import results
+    from kvbench.tracking import store as results
     from kvbench.run import run
 
     cfg = compose(["model=tiny-llama", "method=uniform", "kv.bits=4", "eval=harness", "eval.tasks=[copa,lambada_openai]",

@@ -88,7 +88,7 @@ def test_decode_attention(case):
     q = torch.randn(B, H * rep, D) * 2
     inv_freq = reference.default_inv_freq(D) if pre else None
     if pre:
-        k = reference.apply_rope(k, torch.arange(T), inv_freq)  # cache receives post-RoPE keys
+        k = reference.rope_at(k, torch.arange(T), inv_freq)  # cache receives post-RoPE keys
     lut = (lambda b: torch.sort(torch.rand(H, D, 2**b) * (2**b - 1), -1).values.half()) if nuq else (lambda b: None)
     clamp = (-1.5 * torch.ones(H, D), 1.5 * torch.ones(H, D)) if ol else None
     kv = ops.build_packed_kv(k, v, kb, vb, 32, grp, sink, rec, lut(kb), lut(vb), clamp, inv_freq, impl="triton")
@@ -133,7 +133,7 @@ def _tiny_llama():
 
 def test_cache_generate_and_memory():
     """generate() with the fused Triton decode (pre-RoPE keys, sink, window) == the reference-kernel cache."""
-    from kvbench.kernels.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
+    from kvbench.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
 
     model = _tiny_llama()
     enable_fused_decode(model)
@@ -159,7 +159,7 @@ def test_cache_generate_and_memory():
 
 def test_cache_decode_matches_dequantized_path():
     """Fused decode logits == logits from SDPA over the dequantized cache (non-fused attention)."""
-    from kvbench.kernels.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
+    from kvbench.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
 
     model = _tiny_llama()
     prompt = torch.randint(0, 97, (1, 30))
@@ -179,7 +179,7 @@ def test_cache_decode_matches_dequantized_path():
 def test_cpu_without_interpreter_fails_clearly(monkeypatch):
     from transformers import LlamaConfig
 
-    from kvbench.kernels.cache import PackedCacheSpec, make_packed_cache
+    from kvbench.cache import PackedCacheSpec, make_packed_cache
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -191,7 +191,7 @@ def test_cpu_without_interpreter_fails_clearly(monkeypatch):
 
 def test_cache_left_padding_falls_back_to_masked_attention():
     """A left-padded batch decodes through the masked (dequantized) path and matches the non-fused cache."""
-    from kvbench.kernels.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
+    from kvbench.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
 
     model = _tiny_llama()
     ids = torch.randint(1, 97, (2, 40))

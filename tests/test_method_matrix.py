@@ -41,7 +41,7 @@ def _ids(entry):
 
 @pytest.mark.parametrize("entry", MATRIX, ids=[_ids(e) for e in MATRIX])
 def test_method_runs(entry, tiny_model, wiki_splits, compose, tmp_path):
-    from kvbench.patch import QuantizingCache, patched
+    from kvbench.cache import QuantizingCache, patched
     from kvbench.run import build_method
 
     name, overrides = entry
@@ -50,7 +50,7 @@ def test_method_runs(entry, tiny_model, wiki_splits, compose, tmp_path):
     model, tok, info = tiny_model
     method = build_method(cfg, info)
     if method.calibration_needs():
-        from kvbench.calibrate import prepare
+        from kvbench.calibration import prepare
 
         prepare(cfg, model, tok, wiki_splits, method)
     ids = tokens(tok)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvbench import results
+from kvbench.tracking import store as results
 from test_sweep import write_corpus
 
 

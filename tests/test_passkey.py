@@ -62,7 +62,7 @@ def test_exact_match():
 def test_grid_on_tiny_model_goes_through_quantizing_cache(tiny_model, compose):
     """The grid covers every (length, depth); decoding with int2 uses the quantizing cache."""
     from kvbench.eval.passkey import passkey_grid
-    from kvbench.patch import QuantizingCache, patched
+    from kvbench.cache import QuantizingCache, patched
     from kvbench.run import build_method
 
     model, tok, info = tiny_model

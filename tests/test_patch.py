@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from conftest import tokens
-from kvbench.patch import QuantizingCache, apply_rope, invert_rope, patched
+from kvbench.cache import QuantizingCache, patched
+from kvbench.model import apply_rope, invert_rope
 
 
 def _method(compose, info, *overrides):

@@ -24,7 +24,7 @@ def _method(compose, info, overrides, tmp_path, model=None, tok=None, splits=Non
                    f"calib.cache_dir={tmp_path}", *overrides])
     method = build_method(cfg, info)
     if method.calibration_needs() and model is not None:
-        from kvbench.calibrate import prepare
+        from kvbench.calibration import prepare
 
         prepare(cfg, model, tok, splits, method)
     return method
@@ -79,8 +79,8 @@ def test_online_scores_equal_eager_attention_received(tiny_model, wiki_splits, c
     """The method's scores from (query, unquantized keys) equal the column means of the eager
     attention probabilities that calibration collects, averaged over heads."""
     import kvbench.methods.qokv as qokv
-    from kvbench.calibrate import collect
-    from kvbench.patch import patched
+    from kvbench.calibration import collect
+    from kvbench.cache import patched
 
     model, tok, info = tiny_model
     method = _method(compose, info, ["kv.bits=4", "method.scale_keys=false", "method.scale_values=false",
@@ -110,7 +110,7 @@ def test_online_scores_equal_eager_attention_received(tiny_model, wiki_splits, c
 
 
 def test_channel_scaling_with_quantization_off_reproduces_fp16_logits(tiny_model, wiki_splits, compose, tmp_path):
-    from kvbench.patch import QuantizingCache, patched
+    from kvbench.cache import QuantizingCache, patched
 
     model, tok, info = tiny_model
     method = _method(compose, info, ["kv.bits=16", "method.key_alpha=1.0"], tmp_path, model, tok, wiki_splits)
@@ -178,7 +178,7 @@ def test_channel_shift_rules_and_what_a_shift_buys():
 
 
 def test_avg_bits_counts_groups_map_and_scales(tiny_model, compose, tmp_path):
-    from kvbench.models import ModelInfo
+    from kvbench.model import ModelInfo
 
     info = ModelInfo("smollm2-135m", 30, 9, 3, 64, 8192, "llama")
     m = _method(compose, info, ["kv.bits=4"], tmp_path)
@@ -223,7 +223,7 @@ def test_initial_and_recent_tokens_land_in_the_top_group_on_real_attention(embed
     """On SmolLM2's real attention (256 Wikipedia tokens, no forcing), the attention-sink first
     token and the most recent tokens are in the top 10 % by received attention in most layers,
     while a middle token is there about as often as chance (10 %)."""
-    from kvbench.patch import patched
+    from kvbench.cache import patched
     from kvbench.run import build_method
 
     model, tok, info = embedded_model

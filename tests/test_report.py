@@ -304,7 +304,7 @@ def test_checked_in_specs_missing_commands_compose():
     """The command printed for each missing cell of every checked-in spec composes, and its run fits the cell."""
     import shlex
 
-    from kvbench import results
+    from kvbench.tracking import store as results
     from kvbench.config import compose
 
     seen = set()

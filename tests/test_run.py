@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kvbench import results
+from kvbench.tracking import store as results
 from kvbench.errors import UserError
 
 TINY = ["model=tiny-llama", "eval.seqlen=64", "eval.max_windows=2", "logging.wandb.mode=disabled", "logging.progress=false"]
@@ -114,7 +114,7 @@ def test_identity_by_content(compose, tmp_path, capsys):
     the commit it was made at; rerun=true recomputes into the same directory."""
     from safetensors.torch import load_file, save_file
 
-    from kvbench.models import embedded_model_path
+    from kvbench.model import embedded_model_path
     from kvbench.run import run
 
     corpus = tmp_path / "corpus.txt"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from kvbench import results, sweep
+from kvbench import sweep
+from kvbench.tracking import store as results
 from kvbench.config import conf_dir
 from kvbench.errors import UserError
 

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from kvbench import results, tracking
+from kvbench.tracking import store as results
+
+from kvbench.tracking import wandb as tracking
 from kvbench.errors import UserError
 from test_sweep import write_corpus
 

@@ -23,7 +23,7 @@ def _n_tokens(text: str) -> int:
     """Independent count: the embedded tokenizer straight from transformers."""
     from transformers import AutoTokenizer
 
-    from kvbench.models import embedded_model_path
+    from kvbench.model import embedded_model_path
 
     return len(AutoTokenizer.from_pretrained(embedded_model_path("smollm2-135m"))(text).input_ids)
 
@@ -82,7 +82,7 @@ def test_bad_input_is_one_line_before_any_load(tmp_path, overrides, env, message
 
 def test_hub_model_offline_fails_in_seconds(monkeypatch, tmp_path):
     """The hub probe answers at once when the endpoint refuses; no minute of retries."""
-    from kvbench import models
+    from kvbench.model import loading as models
     from kvbench.config import ModelConfig
     from omegaconf import OmegaConf
 
@@ -112,7 +112,7 @@ def test_sweep_dry_run_validates_every_run(tmp_path):
 def test_relabelled_artifact_is_refused(compose, tiny_model, tmp_path):
     """3-bit KVQuant codebooks stored under the 4-bit key, checksum and sidecar made to match, are
     refused by shape; a sidecar that disagrees with its tensors is refused too."""
-    from kvbench.calibrate import artifact_path, load_artifact, prepare, save_artifact
+    from kvbench.calibration import artifact_path, load_artifact, prepare, save_artifact
     from kvbench.validate import check
 
     model, tok, _ = tiny_model

@@ -50,7 +50,7 @@ class ModelConfig:
     """Which model to load and how.
 
     Exactly one source is used, in this order: ``path`` (local folder), ``embedded``
-    (a model shipped inside a PyPI package, see :mod:`kvbench.models`), ``hf_id``.
+    (a model shipped inside a PyPI package, see :mod:`kvbench.model`), ``hf_id``.
     """
 
     name: str = MISSING

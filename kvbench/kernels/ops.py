@@ -234,7 +234,7 @@ def build_packed_kv(
     kp, vp = k[:, :, n_sink : n_sink + n_packed], v[:, :, n_sink : n_sink + n_packed]
     if inv_freq is not None:
         pos = torch.arange(n_sink, n_sink + n_packed, device=k.device)
-        kp = reference.apply_rope(kp.float(), pos, -inv_freq.float())  # rotate back: pre-RoPE
+        kp = reference.rope_at(kp.float(), pos, -inv_freq.float())  # rotate back: pre-RoPE
     lo, hi = k_clamp if k_clamp is not None else (None, None)
     kw, ks, kz = quantize_pack_keys(kp, key_bits, key_block, k_lut, lo, hi, impl=impl)
     vw, vs, vz = quantize_pack_values(vp, value_bits, value_group, v_lut, impl=impl)

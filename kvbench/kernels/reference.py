@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.model.anatomy import apply_rope, rope_tables
+
 SCALE_FLOOR = 1e-5  # smallest stored scale (fp16 cannot hold quant.py's 1e-8)
 
 
@@ -224,12 +226,9 @@ def dequantize_values(words, scale, zero, bits: int, lut=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # RoPE and decode attention
 # ----------------------------------------------------------------------------------------------
-def apply_rope(k: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate ``(..., T, D)`` keys at positions ``pos (T,)`` (HF ``rotate_half`` convention)."""
-    ang = pos.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    k1, k2 = k.chunk(2, dim=-1)
-    return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+def rope_at(k: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(..., T, D)`` keys at positions ``pos (T,)`` (the one RoPE of :mod:`kvbench.model.anatomy`)."""
+    return apply_rope(k, *rope_tables(pos, inv_freq))
 
 
 def dequantize_all(kv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +254,7 @@ def dequantize_all(kv) -> tuple[torch.Tensor, torch.Tensor]:
                     )
     if kv.inv_freq is not None:
         pos = torch.arange(kv.n_sink, kv.n_sink + n, device=k.device)
-        k = apply_rope(k, pos, kv.inv_freq)
+        k = rope_at(k, pos, kv.inv_freq)
     keys = torch.cat([kv.sink_k[:, :, : kv.n_sink].float(), k, kv.recent_k[:, :, : kv.n_recent].float()], 2)
     vals = torch.cat([kv.sink_v[:, :, : kv.n_sink].float(), v, kv.recent_v[:, :, : kv.n_recent].float()], 2)
     return keys, vals
@@ -296,7 +295,7 @@ __all__ = [
     "dequantize_keys",
     "dequantize_values",
     "dequantize_all",
-    "apply_rope",
+    "rope_at",
     "decode_attention",
     "default_inv_freq",
 ]

@@ -1,7 +1,7 @@
 """Paper tables (booktabs LaTeX), their Markdown pages and plots, rebuilt from the results store by one command.
 
 ``python -m kvbench.report reports/<spec>.yaml`` (or ``--all`` for every ``reports/*.yaml``) reads the
-results frame (:func:`kvbench.results.load`: one row per run, dotted config columns + ``metrics.*``)
+results frame (:func:`kvbench.tracking.store.load`: one row per run, dotted config columns + ``metrics.*``)
 and writes ``<name>.tex`` and the spec's plots (``.pdf`` + ``.png``) next to the spec, and the same
 table as a Markdown page ``docs/results/<name>.md``; ``--all`` also writes ``paper.tex``, which
 includes every table and figure. Then every ``<!-- include: PATH -->`` block of the Markdown files
@@ -73,7 +73,7 @@ __all__ = ["AMBIGUOUS", "DAGGER", "MISSING", "UNPAIRED", "Cell", "Table", "best_
 
 def load_frame(source: str):
     """The results frame of ``source``: a local results folder, or ``wandb:<entity>/<project>``."""
-    from kvbench import results
+    from kvbench.tracking import store as results
 
     if str(source).startswith("wandb:"):
         return results.load(wandb=str(source).removeprefix("wandb:"))

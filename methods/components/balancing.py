@@ -100,7 +100,7 @@ def fold_channel_scales(model, method) -> None:
     ``K / s`` and ``V / s`` directly. Needs post-RoPE scales tied over rotary pairs (or no RoPE),
     and attention without q/k norms.
     """
-    from kvbench.patch import attention_modules
+    from kvbench.model import attention_modules
 
     for layer, mod in enumerate(attention_modules(model)):
         heads = mod.config.num_attention_heads

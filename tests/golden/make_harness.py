@@ -32,7 +32,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from kvbench.config import ModelConfig
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     torch.manual_seed(0)
     model, tok, _ = load_model(OmegaConf.structured(ModelConfig(name="smollm2-135m", embedded="smollm2-135m")))

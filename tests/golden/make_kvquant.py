@@ -36,10 +36,10 @@ SMALL_ROWS = {  # row -> (kv.bits, KVQuantConfig fields); None = fp16
 def small(embedded_model, splits, states: dict | None = None) -> dict:
     """Perplexity and average bits of :data:`SMALL_ROWS` in the small setting (``states``, if
     given, receives each calibrated row's method state, for tests/reference.py)."""
-    from kvbench.calibrate import calibration_batches, collect
+    from kvbench.calibration import calibration_batches, collect
     from kvbench.config import KVConfig
     from kvbench.eval.ppl import perplexity
-    from kvbench.patch import patched
+    from kvbench.cache import patched
     from kvbench.registry import get
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def ablation() -> dict:
     """The ablation rows of the results store (``reports/runs``), found by their composed configs."""
     import yaml
 
-    from kvbench import results
+    from kvbench.tracking import store as results
     from kvbench.sweep import compose
 
     spec = yaml.safe_load((ROOT / "sweeps" / "kvquant_ablation.yaml").read_text())

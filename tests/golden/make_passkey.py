@@ -26,7 +26,7 @@ def main() -> None:
 
     from kvbench.config import DataConfig, ModelConfig
     from kvbench.data import load_splits
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     model, tok, _ = load_model(OmegaConf.structured(ModelConfig(name="smollm2-135m", embedded="smollm2-135m")))
     text = load_splits(OmegaConf.structured(DataConfig(name="wiki"))).joined("eval")

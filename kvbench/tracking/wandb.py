@@ -8,7 +8,7 @@ the agent's sweep only sees runs that reach its server.
 Each finished run logs:
   * config: the whole resolved Hydra config, flattened to dotted keys (``kv.bits``), plus
     ``run_id`` (the results-store hash) and ``run_dir``: the same columns as
-    :func:`kvbench.results.load`;
+    :func:`kvbench.tracking.store.load`;
   * summary: every metric, flattened (``ppl``, ``ppl_info.context``, ``time.eval_s``, ...);
   * one ``wandb.Table`` per nested metric table (e.g. per-task accuracies);
   * artifacts: the run's results (``config.yaml``, ``metrics.json``, ``env.json``) and, when the
@@ -35,7 +35,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kvbench.errors import UserError
-from kvbench.results import atomic_write, flatten
+from kvbench.tracking.store import atomic_write, flatten
 
 MODES = ("offline", "online", "disabled")
 RESULT_FILES = ("config.yaml", "metrics.json", "env.json")

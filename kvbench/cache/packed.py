@@ -22,12 +22,15 @@ dequantized cache (correct, slow, like transformers' QuantizedCache).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import ops, reference
+from kvbench.errors import UserError
+from kvbench.kernels import ops, reference
+from kvbench.registry import register
 
 PACKED_ATTN = "kvbench_packed"
 
@@ -170,7 +173,7 @@ class PackedLayer(DynamicLayer):
         kq = k
         if self._inv_freq is not None:
             pos = torch.arange(self.n_sink + start, self.n_sink + start + n, device=k.device)
-            kq = reference.apply_rope(k.float(), pos, -self._inv_freq)  # back to pre-RoPE
+            kq = reference.rope_at(k.float(), pos, -self._inv_freq)  # back to pre-RoPE
         lo, hi = self.k_clamp if self.k_clamp is not None else (None, None)
         gs, gz = self.k_given if self.k_given is not None else (None, None)
         # given scales: any block gives the same codes; the largest power of two dividing n (<= key_block)
@@ -393,3 +396,28 @@ def enable_fused_decode(model) -> None:
     """Switch ``model`` to :data:`PACKED_ATTN` so that packed caches decode with the fused kernel."""
     register_packed_attention()
     model.set_attn_implementation(PACKED_ATTN)
+
+
+@register("cache backend", "kernel")
+def packed_cache(model, method, n_layers: int, kernel=None):
+    """``kv.backend=kernel``: a fresh :class:`PackedCache` in ``method.packed_spec()``'s format per forward.
+
+    The shared components (``method.sink_tokens``, ``method.recent_window``) and the kernel choice
+    (``kv.kernel``: ``impl``, ``path``) are applied here, once for every method.
+    """
+    from kvbench.kernels.ops import BACKEND_ERROR, resolve_impl, triton_available
+    from kvbench.registry import plugins, unknown_name_error
+
+    kernel = kernel if kernel is not None else method.kv.kernel
+    impl = resolve_impl(str(kernel.impl), next(model.parameters()).device)
+    if impl == "triton" and not triton_available():
+        raise UserError(BACKEND_ERROR + "; or set kv.kernel.impl=reference")
+    if impl == "triton" and kernel.path != "auto":
+        import kvbench.kernels.triton  # noqa: F401 - registers the decode paths
+
+        if kernel.path not in plugins("kernel path", load=False):
+            raise unknown_name_error("kv.kernel.path", kernel.path, ["auto", *plugins("kernel path", load=False)])
+    spec = dataclasses.replace(method.packed_spec(), impl=impl, path=kernel.path,
+                               sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window)
+    enable_fused_decode(model)
+    return lambda: make_packed_cache(model.config, spec)

@@ -1,0 +1,86 @@
+"""The simulated backend: a transformers ``Cache`` whose layers quantize-dequantize K/V in PyTorch.
+
+Every token attends to the quantized K/V of the earlier tokens, as if read back from a quantized cache.
+Token protection (a shared component of every method): the first ``sink_tokens`` tokens and the
+``recent_window`` most recent tokens stay in full precision; tokens leave the recent window in blocks of
+``method.key_block`` tokens (1 for per-token methods).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvbench.method import KVContext, KVMethod
+from kvbench.model.anatomy import apply_rope, invert_rope
+from kvbench.registry import register
+
+
+class QuantizingLayer(DynamicLayer):
+    """One layer of the quantizing cache.
+
+    ``keys``/``values`` ``(B, H_kv, T, D)`` hold what attention reads: the first ``n_final``
+    tokens are final (sink tokens as they are, the rest quantize-dequantized), the tail is still
+    in full precision (recent window, or a key block not yet full).
+    """
+
+    def __init__(self, method: KVMethod, layer_idx: int):
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+        self.n_final = 0
+        self.cos = self.sin = None  # (B, T, D) rotary tables of the cached tokens
+        self.pending_rope = None  # (cos, sin) of the forward in progress, set by a pre-hook
+        self.query = None  # (B, H_q, T_q, D) post-RoPE queries of the forward in progress
+        self.n_quantized = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.method.pre_rope and self.pending_rope is not None:
+            cos, sin = self.pending_rope
+            self.cos = cos if self.cos is None else torch.cat([self.cos, cos], dim=-2)
+            self.sin = sin if self.sin is None else torch.cat([self.sin, sin], dim=-2)
+        self.pending_rope = None
+        self._finalize(query_start=self.keys.shape[-2] - key_states.shape[-2])
+        self.query = None
+        return self.keys, self.values
+
+    def _finalize(self, query_start: int) -> None:
+        m, cfg = self.method, self.method.cfg
+        total = self.keys.shape[-2]
+        lo = max(self.n_final, min(cfg.sink_tokens, total))
+        n = max(0, total - cfg.recent_window - lo) // m.key_block * m.key_block
+        if n == 0:
+            self.n_final = lo
+            return
+        hi = lo + n
+        ctx = KVContext(start=lo, query=self.query, query_start=query_start, keys=self.keys)
+        k = self.keys[..., lo:hi, :]  # (B, H_kv, n, D)
+        rope = m.pre_rope and self.cos is not None
+        if rope:
+            cos, sin = self.cos[:, lo:hi], self.sin[:, lo:hi]
+            k = invert_rope(k, cos, sin)
+        k_hat, v_hat = m.quantize_kv(k, self.values[..., lo:hi, :], self.layer_idx, ctx)
+        if rope:
+            k_hat = apply_rope(k_hat, cos, sin)
+        self.keys = torch.cat([self.keys[..., :lo, :], k_hat.to(k.dtype), self.keys[..., hi:, :]], dim=-2)
+        self.values = torch.cat([self.values[..., :lo, :], v_hat.to(k.dtype), self.values[..., hi:, :]], dim=-2)
+        self.n_final = hi
+        self.n_quantized += n
+
+
+class QuantizingCache(Cache):
+    """A transformers ``Cache`` whose layers pass K/V through a method (simulated quantization)."""
+
+    def __init__(self, method: KVMethod, num_layers: int):
+        super().__init__(layers=[QuantizingLayer(method, i) for i in range(num_layers)])
+        self.method = method
+
+
+@register("cache backend", "simulated")
+def simulated_cache(model, method: KVMethod, n_layers: int, kernel=None):
+    """``kv.backend=simulated``: a fresh :class:`QuantizingCache` per forward / generation."""
+    return lambda: QuantizingCache(method, n_layers)
