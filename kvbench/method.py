@@ -92,9 +92,10 @@ class KVMethod:
         """
         return self.quantize_keys(k, layer, ctx), self.quantize_values(v, layer, ctx)
 
-    def bits_per_element(self) -> tuple[float, float]:
-        """Average stored bits per key and per value element of a *quantized* token,
-        scales, zero points, codebooks (amortised) and outliers included."""
+    def bits_per_element(self, seq_len: int) -> tuple[float, float]:
+        """Average stored bits per key and per value element of a *quantized* token, scales, zero
+        points and outliers included, and what is stored once per layer (calibrated ranges, codebooks)
+        amortised over a ``seq_len``-token sequence."""
         return float(FP16_BITS), float(FP16_BITS)
 
     def calibration_needs(self) -> frozenset[str]:
@@ -129,7 +130,7 @@ class KVMethod:
     def avg_bits(self, seq_len: int) -> float:
         """Average bits per stored K/V element of a ``seq_len``-token sequence, sink and
         recent-window tokens counted at 16 bits."""
-        kb, vb = self.bits_per_element()
+        kb, vb = self.bits_per_element(seq_len)
         protected = min(seq_len, self.cfg.sink_tokens + self.cfg.recent_window)
         quantized = seq_len - protected
         return (protected * FP16_BITS + quantized * (kb + vb) / 2) / seq_len

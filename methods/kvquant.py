@@ -101,7 +101,6 @@ class KVQuant(KVMethod):
         self.bits = kv.bits
         self.group = kv.group_size or info.head_dim
         self.state: dict[str, torch.Tensor] = {}
-        self.seq_len = 2048  # context that per-layer parameters are amortised over (set by avg_bits)
         self.outlier_count = {"k": 0, "v": 0}  # measured at run time, for honest bit counts
         self.element_count = {"k": 0, "v": 0}
 
@@ -288,20 +287,16 @@ class KVQuant(KVMethod):
         n = self.info.num_kv_heads * self.info.head_dim  # per-token slices span all heads
         return 2 * outliers_per_side(n, self._outlier_frac(which)) / n
 
-    def _bits(self, which: str) -> float:
-        per_layer_elems = self.seq_len * self.info.num_kv_heads * self.info.head_dim
+    def _bits(self, which: str, seq_len: int) -> float:
+        per_layer_elems = seq_len * self.info.num_kv_heads * self.info.head_dim
         codebook = (2**self.bits * FP16_BITS / per_layer_elems) if self.cfg.nuq else 0.0
         if which == "k" and self.cfg.key_axis == "channel":
-            scales = SCALE_ZERO_BITS / self.seq_len  # one (lo, hi) per channel and layer, offline
+            scales = SCALE_ZERO_BITS / seq_len  # one (lo, hi) per channel and layer, offline
         else:
             scales = SCALE_ZERO_BITS / self.group  # one (lo, hi) per token, head and group
         return self.bits + scales + codebook + OUTLIER_BITS * self.outlier_rate(which)
 
-    def bits_per_element(self):
+    def bits_per_element(self, seq_len: int):
         if not self.quantizes:
             return float(FP16_BITS), float(FP16_BITS)
-        return self._bits("k"), self._bits("v")
-
-    def avg_bits(self, seq_len: int) -> float:
-        self.seq_len = seq_len  # offline per-channel ranges and codebooks are amortised over the context
-        return super().avg_bits(seq_len)
+        return self._bits("k", seq_len), self._bits("v", seq_len)

@@ -363,7 +363,7 @@ class QoKV(KVMethod):
         n = self.tokens_per_group.sum()
         return self.tokens_per_group / n if n > 0 else self.shares.double()
 
-    def bits_per_element(self):
+    def bits_per_element(self, seq_len: int):
         if self.kv.bits >= FP16_BITS:
             return float(FP16_BITS), float(FP16_BITS)
         f = self.group_fractions()

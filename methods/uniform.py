@@ -60,5 +60,5 @@ class Uniform(KVMethod):
             value_group_size=self.kv.group_size or self.info.head_dim,
         )
 
-    def bits_per_element(self):
+    def bits_per_element(self, seq_len: int):
         return self._bits(self.cfg.key_axis), self._bits(self.cfg.value_axis)

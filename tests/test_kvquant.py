@@ -86,7 +86,7 @@ def test_all_off_equals_uniform_per_token(tiny_model, wiki_splits, compose, tmp_
     uni = build_method(compose(["method=uniform", "model=tiny-llama", "kv.bits=3"]), info)
     ids = tokens(tok)
     torch.testing.assert_close(_logits(model, ids, kvq), _logits(model, ids, uni), atol=1e-5, rtol=0)
-    assert kvq.bits_per_element() == uni.bits_per_element()
+    assert kvq.bits_per_element(2048) == uni.bits_per_element(2048)
 
 
 SWITCHES = [["method.pre_rope=false"], ["method.key_axis=token"], ["method.nuq=false"], ["calib.fisher=false"],
@@ -135,7 +135,7 @@ def test_outliers_and_honest_bits(tiny_model, wiki_splits, compose, tmp_path):
     assert m.outlier_rate("k") > 0
     T = 2048
     avg = m.avg_bits(T)
-    kb, vb = m.bits_per_element()
+    kb, vb = m.bits_per_element(T)
     cb = 16 * 16 / (T * n)  # a 16-entry fp16 codebook per layer, amortised
     assert kb == pytest.approx(4 + 32 / T + cb + 32 * m.outlier_rate("k"))
     assert vb == pytest.approx(4 + 32 / info.head_dim + cb + 32 * frac)

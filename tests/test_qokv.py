@@ -192,14 +192,14 @@ def test_avg_bits_counts_groups_map_and_scales(tiny_model, compose, tmp_path):
     assert 1 - m.avg_bits(512) / 16 == pytest.approx(0.7203, abs=1e-4)  # the original counts 4.2 bits (73.75 %)
     m3 = _method(compose, info, ["kv.bits=4", "method.group_shares=[0.1,0.4,0.5]",
                                  "method.key_bit_offsets=[4,0,-1]", "method.value_bit_offsets=[0,0,0]"], tmp_path)
-    assert m3.bits_per_element()[0] == pytest.approx(3.9 + 0.5 + 2 / 384, abs=1e-9)  # 8/4/3-bit keys
+    assert m3.bits_per_element(1024)[0] == pytest.approx(3.9 + 0.5 + 2 / 384, abs=1e-9)  # 8/4/3-bit keys
     from kvbench.run import build_method
 
     for g, bits in ((None, 4.5), (32, 5.0)):
         uniform = build_method(compose(["method=uniform", "kv.bits=4", f"kv.group_size={g or 'null'}"]), info)
         assert uniform.avg_bits(512) == pytest.approx(bits)
     off = _method(compose, info, ["kv.bits=16"], tmp_path)
-    assert off.bits_per_element() == (16.0, 16.0)
+    assert off.bits_per_element(1024) == (16.0, 16.0)
 
 
 def test_bad_config_is_a_one_line_error(compose, tiny_model, tmp_path):
