@@ -57,6 +57,10 @@ def check(cfg) -> Checked:
     info = info_from_config(model_config(cfg.model), cfg.model.name, cfg.model.max_context)
     check_shapes(cfg, info)
     method = build_method(cfg, info)
+    if cfg.kv.backend == "kernel" and not method.is_identity and cfg.kv.bits < 16:
+        from kvbench.cache.packed import check_layout
+
+        check_layout(cfg.kv.bits, info.head_dim)
     if cfg.eval.name == "harness":
         check_task_names(list(cfg.eval.tasks))
     return Checked(info, method, check_data(cfg, method))
@@ -69,8 +73,6 @@ def check_values(cfg) -> None:
     kv, ev, cal = cfg.kv, cfg.eval, cfg.calib
     if kv.bits not in SUPPORTED_BITS:
         raise UserError(f"kv.bits={kv.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
-    if kv.backend not in ("simulated", "kernel"):
-        raise UserError(f"kv.backend must be simulated or kernel, got {kv.backend!r}")
     if ev.name not in plugins("eval"):
         raise unknown_name_error("eval", ev.name, plugins("eval"))
     if ev.seqlen < 2:

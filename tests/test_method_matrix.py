@@ -67,3 +67,42 @@ def test_method_runs(entry, tiny_model, wiki_splits, compose, tmp_path):
     else:
         assert isinstance(out.past_key_values, QuantizingCache)
         assert not torch.equal(out.logits, ref), "a quantizing method left the logits unchanged"
+
+
+def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).exp().item()
+
+
+@pytest.mark.parametrize("entry", [e for e in MATRIX if e[0] != "fp16"], ids=[_ids(e) for e in MATRIX if e[0] != "fp16"])
+def test_kernel_backend_matches_simulated_or_refuses(entry, tiny_model, wiki_splits, compose, tmp_path):
+    """The backend axis of the matrix: every configuration either runs on the packed cache (reference
+    kernels) with the simulated backend's perplexity, or is refused in one line naming what the packed
+    format cannot hold, before any calibration."""
+    from kvbench.cache import PackedCache, patched
+    from kvbench.errors import UserError
+    from kvbench.run import build_method
+
+    name, overrides = entry
+    base = [f"method={name}", "model=tiny-llama", "calib.num_samples=2", "calib.seqlen=64", f"calib.cache_dir={tmp_path}",
+            *overrides]
+    model, tok, info = tiny_model
+    ids = tokens(tok)
+    ppl = {}
+    for backend in ("simulated", "kernel"):
+        cfg = compose([*base, f"kv.backend={backend}", "kv.kernel.impl=reference"])
+        try:
+            method = build_method(cfg, info)
+            if method.calibration_needs():
+                from kvbench.calibration import prepare
+
+                prepare(cfg, model, tok, wiki_splits, method)
+            with torch.no_grad(), patched(model, method, backend, cfg.kv.kernel) as patch:
+                logits = model(ids).logits
+                gen = model.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
+        except UserError as e:
+            assert backend == "kernel" and "\n" not in str(e) and ("method." in str(e) or "kv." in str(e)), e
+            return
+        assert gen.shape == (1, 20) and torch.isfinite(logits).all()
+        ppl[backend] = _ppl(logits, ids)
+    assert isinstance(patch.last_cache, PackedCache)
+    assert ppl["kernel"] == pytest.approx(ppl["simulated"], rel=2e-2), ppl

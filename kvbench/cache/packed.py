@@ -398,6 +398,14 @@ def enable_fused_decode(model) -> None:
     model.set_attn_implementation(PACKED_ATTN)
 
 
+def check_layout(bits: int, head_dim: int) -> None:
+    """One-line refusal of a code width the packed layout cannot hold for this head_dim."""
+    try:
+        reference.bit_slices(bits, head_dim)
+    except ValueError as e:
+        raise UserError(f"kv.backend=kernel cannot pack kv.bits={bits} here: {e}") from None
+
+
 @register("cache backend", "kernel")
 def packed_cache(model, method, n_layers: int, kernel=None):
     """``kv.backend=kernel``: a fresh :class:`PackedCache` in ``method.packed_spec()``'s format per forward.
@@ -417,7 +425,10 @@ def packed_cache(model, method, n_layers: int, kernel=None):
 
         if kernel.path not in plugins("kernel path", load=False):
             raise unknown_name_error("kv.kernel.path", kernel.path, ["auto", *plugins("kernel path", load=False)])
+    head_dim = method.info.head_dim
     spec = dataclasses.replace(method.packed_spec(), impl=impl, path=kernel.path,
                                sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window)
+    for bits in {spec.key_bits, spec.value_bits}:
+        check_layout(bits, head_dim)
     enable_fused_decode(model)
     return lambda: make_packed_cache(model.config, spec)
