@@ -122,7 +122,7 @@ def test_choice_is_data_and_forced_paths_are_checked():
                                   impl="reference")
     with pytest.raises(ValueError, match="does not apply"):
         tk.choose(q[:, :1], grouped, "tensor_core")
-    with pytest.raises(ValueError, match="known: auto, split_k"):
+    with pytest.raises(ValueError, match="Known: auto, cuda_core, split_k, tensor_core"):
         tk.choose(q, kv, "fmag")
     with pytest.raises(ValueError, match="unknown tuning keys"):
         tk.choose(q, kv, mode=3)
