@@ -155,8 +155,14 @@ def test_bad_settings_fail_clearly(compose):
             build_method(compose(["method=kvquant", *ov]), info)
 
 
-def test_bench_calib_reports_times(tmp_path):
-    from kvbench.bench_calib import main
+def test_calibration_benchmark_reports_times(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py"
+    spec = importlib.util.spec_from_file_location("calibration_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    main = bench.main
 
     out = tmp_path / "calibration.json"
     r = main(["--out", str(out), "--threads", "1", "model=tiny-llama", "calib.num_samples=2", "calib.seqlen=64",
