@@ -126,6 +126,8 @@ def summarize(cfg, metrics: dict, out) -> None:
     what = cfg.method.name if metrics.get("avg_bits", 0) >= 16 else f"{cfg.method.name} {cfg.kv.bits}-bit"
     parts = [f"{what} on {cfg.model.name}/{cfg.data.name}"]
     if "ppl" in metrics:
-        parts.append(f"ppl {metrics['ppl']:.3f} (token-level, ctx {metrics['ppl_info']['context']})")
+        ci = metrics.get("ppl_ci95")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}] 95 %" if ci else ""
+        parts.append(f"ppl {metrics['ppl']:.3f}{interval} (token-level, ctx {metrics['ppl_info']['context']})")
     parts.append(f"avg bits {metrics['avg_bits']:.2f}")
     print("kvbench | " + " | ".join(parts) + f" | {out}")
