@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from omegaconf import MISSING
 
+from kvbench.methods.components.layer_bits import LayerBits, allocate, candidate_widths, unit_errors
+from kvbench.methods.components.rotation import KVRotation, Rotate, Rotation
+
 if TYPE_CHECKING:
     from kvbench.config import KVConfig
     from kvbench.model import ModelInfo
@@ -40,12 +43,26 @@ class MethodConfig:
         recent_window: most recent tokens kept in fp16 before being quantized (KIVI's residual).
         key_block: tokens whose keys are quantized together. Methods with per-channel online key
             statistics need a block of tokens before they can quantize; per-token methods use 1.
+        rotation: ``hadamard``: a randomized Hadamard transform over head_dim before quantization,
+            undone after dequantization (:mod:`kvbench.methods.components.rotation`).
+        rotate: what is rotated: ``keys``, ``values`` or ``both``.
+        rotation_seed: seed of the rotation's random signs.
+        layer_bits: ``layer`` / ``head``: a code width per layer and K/V (and KV head), chosen at
+            calibration under ``bit_budget`` (:mod:`kvbench.methods.components.layer_bits`).
+        bit_budget: average code width of the allocation (``None``: ``kv.bits``).
+        layer_bit_choices: the widths a unit may get (``None``: ``kv.bits - 1 .. kv.bits + 1``).
     """
 
     name: str = MISSING
     sink_tokens: int = 0
     recent_window: int = 0
     key_block: int = 1
+    rotation: Rotation = Rotation.none
+    rotate: Rotate = Rotate.both
+    rotation_seed: int = 0
+    layer_bits: LayerBits = LayerBits.none
+    bit_budget: Optional[float] = None
+    layer_bit_choices: Optional[list[int]] = None
 
 
 class KVMethod:
@@ -66,12 +83,23 @@ class KVMethod:
     version = 1  # bump when a change invalidates calibration artifacts
     pre_rope = False  # True: quantize_keys receives keys before the rotary embedding
     needs_query = False  # True: the cache stores the layer's post-RoPE queries in ``ctx.query``
+    per_head_bits = False  # True: the quantizer takes a width per KV head (method.layer_bits=head)
 
     def __init__(self, cfg, kv: "KVConfig", info: "ModelInfo"):
+        from kvbench.errors import UserError
+
         self.cfg = cfg
         self.kv = kv
         self.info = info
         self.key_block = cfg.key_block
+        self.rotation = KVRotation(cfg.rotation, cfg.rotate, cfg.rotation_seed, info.head_dim)
+        self.layer_widths: Optional[torch.Tensor] = None  # (L, 2) or (L, 2, H_kv) int64: K, V widths, calibrated
+        if cfg.layer_bits != LayerBits.none:
+            if cfg.layer_bits == LayerBits.head and not self.per_head_bits:
+                raise UserError(f"method {cfg.name} has one code width per layer: set method.layer_bits=layer")
+            self.bit_widths = candidate_widths(kv.bits, cfg.layer_bit_choices)
+        if getattr(kv, "backend", "simulated") == "kernel" and (cfg.rotation != Rotation.none or cfg.layer_bits != LayerBits.none):
+            raise UserError("kv.backend=kernel packs one width and no rotation: set method.rotation=none method.layer_bits=none")
 
     # -- what subclasses override -----------------------------------------------------------
     def quantize_keys(self, k: torch.Tensor, layer: int, ctx: "Optional[KVContext]" = None) -> torch.Tensor:
@@ -125,6 +153,59 @@ class KVMethod:
     def is_identity(self) -> bool:
         """True when the method leaves K/V untouched (the patch then installs nothing)."""
         return False
+
+    # -- shared components: per-layer widths -----------------------------------------------
+    @property
+    def allocates_bits(self) -> bool:
+        """True when ``method.layer_bits`` chooses the widths at calibration."""
+        return self.cfg.layer_bits != LayerBits.none and self.kv.bits < FP16_BITS
+
+    def layer_bits_needs(self) -> frozenset[str]:
+        """Calibration statistics the width allocation reads (keys as the method quantizes them)."""
+        if not self.allocates_bits:
+            return frozenset()
+        return frozenset({"keys" if self.pre_rope else "keys_post", "values", "fisher"})
+
+    def fit_layer_bits(self, stats: dict, proxy) -> dict[str, torch.Tensor]:
+        """Allocate widths from (rotated) calibration statistics; ``proxy(x, which, bits)`` is the
+        method's quantizer without calibrated state. Returns ``{"layer_bits": (L, 2[, H_kv])}`` (or
+        ``{}``) and keeps it on the method."""
+        if not self.allocates_bits:
+            return {}
+        name = "keys" if self.pre_rope else "keys_post"
+        s = self.cfg.sink_tokens  # fp16 at run time: left out
+        per_head = self.cfg.layer_bits == LayerBits.head
+        errs = []
+        for which, xname in (("k", name), ("v", "values")):
+            xs = [x[..., s:, :] for x in stats[xname]]
+            fish = stats.get(f"fisher_{xname}")
+            fish = None if fish is None else [f[..., s:, :] for f in fish]
+            errs.append(unit_errors(xs, fish, self.bit_widths, lambda x, b, w=which: proxy(x, w, b), per_head))
+        budget = self.kv.bits if self.cfg.bit_budget is None else self.cfg.bit_budget
+        self.layer_widths = allocate(torch.stack(errs, 1), self.bit_widths, budget)  # (L, 2[, H_kv])
+        return {"layer_bits": self.layer_widths}
+
+    def layer_bits_shapes(self) -> dict:
+        if not self.allocates_bits:
+            return {}
+        L, H = self.info.num_layers, self.info.num_kv_heads
+        return {"layer_bits": (L, 2, H) if self.cfg.layer_bits == LayerBits.head else (L, 2)}
+
+    def width(self, which: str, layer: int):
+        """Code width of ``which`` (``"k"``/``"v"``) in ``layer``: ``kv.bits``, the layer's calibrated
+        width (int), or ``(H_kv,)`` widths per KV head."""
+        if not self.allocates_bits:
+            return self.kv.bits
+        if self.layer_widths is None:
+            raise RuntimeError(f"{self.name}: method.layer_bits needs calibration (kvbench.calibration.prepare)")
+        w = self.layer_widths[layer, 0 if which == "k" else 1]
+        return int(w) if w.dim() == 0 else w
+
+    def mean_width(self, which: str) -> float:
+        """Average code width of ``which`` over all layers (and heads)."""
+        if not self.allocates_bits or self.layer_widths is None:
+            return float(self.kv.bits) if self.kv.bits < FP16_BITS else float(FP16_BITS)
+        return float(self.layer_widths[:, 0 if which == "k" else 1].double().mean())
 
     # -- shared, final ----------------------------------------------------------------------
     def avg_bits(self, seq_len: int) -> float:

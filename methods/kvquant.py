@@ -45,6 +45,7 @@ from kvbench.quant import (
     SCALE_ZERO_BITS,
     denormalize,
     dequantize_codebook,
+    fake_quantize_affine,
     kmeans_1d,
     normalize,
     outlier_mask,
@@ -111,11 +112,11 @@ class KVQuant(KVMethod):
 
     def calibration_needs(self) -> frozenset[str]:
         if not self.quantizes or (self.cfg.key_axis == "token" and not self.cfg.nuq):
-            return frozenset()
+            return self.layer_bits_needs()
         needs = {"keys" if self.pre_rope else "keys_post"}
         if self.cfg.nuq:
             needs |= {"values", "fisher"}
-        return frozenset(needs)
+        return frozenset(needs) | self.layer_bits_needs()
 
     def calibrate(self, stats: dict) -> dict[str, torch.Tensor]:
         """Per-channel key thresholds and per-layer codebooks from calibration statistics.
@@ -126,12 +127,15 @@ class KVQuant(KVMethod):
 
         Returns:
             ``k_lo.{l}``, ``k_hi.{l}`` ``(H_kv, D)`` (per-channel keys) and ``k_cb.{l}``,
-            ``v_cb.{l}`` ``(2**bits,)`` (NUQ) for every layer ``l``.
+            ``v_cb.{l}`` ``(2**bits,)`` (NUQ) for every layer ``l``; with ``method.layer_bits``,
+            ``layer_bits`` ``(L, 2)`` and codebooks of each layer's width. With ``method.rotation``
+            everything is fitted on the rotated statistics.
         """
+        stats = self.rotation.statistics(stats)
         kname = "keys" if self.pre_rope else "keys_post"
         keys = stats[kname]
         s = self.cfg.sink_tokens  # sink tokens stay fp16 at run time: leave them out
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = self.fit_layer_bits(stats, self._proxy)
         for layer in tqdm(range(len(keys)), desc="kvquant fit", leave=False):
             k = keys[layer][..., s:, :]  # (N, H_kv, T, D)
             if self.cfg.key_axis == "channel":
@@ -145,7 +149,7 @@ class KVQuant(KVMethod):
                 fisher = stats[fkey][layer][..., s:, :] if fkey in stats else None
                 y, dense = self._normalized(x, which, layer)
                 w = fisher[dense] if fisher is not None else None
-                cb = kmeans_1d(y[dense], 2**self.bits, w)
+                cb = kmeans_1d(y[dense], 2 ** self.width(which, layer), w)
                 if self.cfg.qnorm:
                     yd = y[dense]
                     a, b = q_norm(dequantize_codebook(quantize_codebook(yd, cb), cb), yd)
@@ -157,14 +161,16 @@ class KVQuant(KVMethod):
         missing = [n for n in self._state_names() if n not in tensors]
         if missing:
             raise UserError(f"kvquant calibration artifact lacks {missing[:3]} (stale artifact?)")
-        self.state = {n: t.float() for n, t in tensors.items()}
+        self.layer_widths = tensors.get("layer_bits")
+        self.state = {n: t.float() for n, t in tensors.items() if n != "layer_bits"}
 
     def state_shapes(self):
         """What :meth:`calibrate` returns: per-channel key thresholds ``(H_kv, D)`` and codebooks
         ``(2**bits,)`` for every layer."""
-        shapes = {}
+        shapes = self.layer_bits_shapes()  # with it, each layer's codebook has its own width
+        cb = (None,) if shapes else (2**self.bits,)
         for name in self._state_names():
-            shapes[name] = (2**self.bits,) if "_cb." in name else (self.info.num_kv_heads, self.info.head_dim)
+            shapes[name] = cb if "_cb." in name else (self.info.num_kv_heads, self.info.head_dim)
         return shapes
 
     def _state_names(self) -> list[str]:
@@ -216,7 +222,7 @@ class KVQuant(KVMethod):
     def _codebook(self, which: str, layer: int, like: torch.Tensor) -> torch.Tensor:
         if self.cfg.nuq:
             return self.state[f"{which}_cb.{layer}"].to(like)
-        return uniform_codebook(self.bits).to(like)
+        return uniform_codebook(self.width(which, layer)).to(like)
 
     def _quantize(self, x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
         if not self.quantizes:
@@ -231,13 +237,20 @@ class KVQuant(KVMethod):
         self.element_count[which] += mask.numel()
         return x_hat.to(x.dtype)
 
+    def _proxy(self, x: torch.Tensor, which: str, bits: int) -> torch.Tensor:
+        """Uniform stand-in of the quantizer for the width allocation (no calibrated state): per-channel
+        keys with each calibration window's range, per-token ranges otherwise; no outliers."""
+        if which == "k" and self.cfg.key_axis == "channel":
+            return fake_quantize_affine(x, bits, dim=-2)
+        return fake_quantize_affine(x, bits, dim=-1, group_size=self.group)
+
     def quantize_keys(self, k, layer, ctx=None):
         """Keys ``(B, H_kv, T, D)`` (pre-RoPE if ``pre_rope``) -> same shape."""
-        return self._quantize(k, "k", layer)
+        return self.rotation.around("k", k, lambda y: self._quantize(y, "k", layer))
 
     def quantize_values(self, v, layer, ctx=None):
         """Values ``(B, H_kv, T, D)`` -> same shape (per-token ranges)."""
-        return self._quantize(v, "v", layer)
+        return self.rotation.around("v", v, lambda y: self._quantize(y, "v", layer))
 
     def packed_spec(self):
         """The packed format of ``kv.backend=kernel``: the simulated numbers, stored.
@@ -289,12 +302,14 @@ class KVQuant(KVMethod):
 
     def _bits(self, which: str, seq_len: int) -> float:
         per_layer_elems = seq_len * self.info.num_kv_heads * self.info.head_dim
-        codebook = (2**self.bits * FP16_BITS / per_layer_elems) if self.cfg.nuq else 0.0
+        entries = (2 ** self.bits if self.layer_widths is None
+                   else float((2.0 ** self.layer_widths[:, 0 if which == "k" else 1].double()).mean()))
+        codebook = (entries * FP16_BITS / per_layer_elems) if self.cfg.nuq else 0.0
         if which == "k" and self.cfg.key_axis == "channel":
             scales = SCALE_ZERO_BITS / seq_len  # one (lo, hi) per channel and layer, offline
         else:
             scales = SCALE_ZERO_BITS / self.group  # one (lo, hi) per token, head and group
-        return self.bits + scales + codebook + OUTLIER_BITS * self.outlier_rate(which)
+        return self.mean_width(which) + scales + codebook + OUTLIER_BITS * self.outlier_rate(which)
 
     def bits_per_element(self, seq_len: int):
         if not self.quantizes:

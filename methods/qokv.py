@@ -58,6 +58,7 @@ from kvbench.quant import (
     quantize_codebook,
 )
 from kvbench.methods.components.balancing import Shift, channel_scales, channel_shift, fold_channel_scales, search_alpha  # noqa: F401
+from kvbench.methods.components.layer_bits import candidate_widths
 from kvbench.methods.components.grouping import assign_groups, group_counts, received_attention, threshold_groups  # noqa: F401
 from kvbench.registry import register
 
@@ -147,8 +148,11 @@ class QoKV(KVMethod):
         self.shares = torch.tensor(list(cfg.group_shares) if cfg.grouping != "none" else [1.0], dtype=torch.float64)
         offs_k = list(cfg.key_bit_offsets) if cfg.grouping != "none" else [0]
         offs_v = list(cfg.value_bit_offsets) if cfg.grouping != "none" else [0]
+        self.offsets = {"k": offs_k, "v": offs_v}
         self.key_bits = [self._width(o) for o in offs_k]
         self.value_bits = [self._width(o) for o in offs_v]
+        if self.allocates_bits:  # method.layer_bits allocates the base width (kv.bits) of each layer
+            self.bit_widths = candidate_widths(kv.bits, cfg.layer_bit_choices, floor=cfg.min_bits)
         self.key_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
         self.value_scales: Optional[torch.Tensor] = None  # (L, H_kv, D)
         self.key_shifts: Optional[torch.Tensor] = None  # (L, H_kv, D)
@@ -157,10 +161,21 @@ class QoKV(KVMethod):
         self.tokens_per_group = torch.zeros(self.n_groups, dtype=torch.float64)  # realised, for avg bits
         self.codebooks: dict[str, dict[int, torch.Tensor]] = {}  # base=nuq: {"key"|"value": {bits: (L, 2**bits)}}
 
-    def _width(self, offset: int) -> int:
+    def _width(self, offset: int, base: Optional[int] = None) -> int:
         if self.kv.bits >= FP16_BITS:
             return FP16_BITS
-        return int(min(8, max(self.cfg.min_bits, self.kv.bits + offset)))
+        return int(min(8, max(self.cfg.min_bits, (self.kv.bits if base is None else base) + offset)))
+
+    def _widths(self, which: str, layer: int) -> list[int]:
+        """Width of each token group of ``which`` (``"k"``/``"v"``) in ``layer``."""
+        base = self.width(which, layer)
+        return [self._width(o, base) for o in self.offsets[which]]
+
+    def _all_widths(self, which: str) -> list[int]:
+        """Every width ``which`` may take in any layer (the codebooks to learn)."""
+        if not self.allocates_bits:
+            return sorted(set(self.key_bits if which == "k" else self.value_bits))
+        return sorted({self._width(o, b) for b in self.bit_widths for o in self.offsets[which]})
 
     # -- calibration -----------------------------------------------------------------------------
     def calibration_needs(self):
@@ -179,7 +194,7 @@ class QoKV(KVMethod):
             needs |= {"keys" if self.cfg.pre_rope else "keys_post", "values", "fisher"}
         if (self.cfg.scale_keys and self.cfg.key_alpha is None) or (self.cfg.scale_values and self.cfg.value_alpha is None):
             needs.add("fisher")  # dropped by the pipeline when calib.fisher=false (plain squared error)
-        return frozenset(needs)
+        return frozenset(needs) | self.layer_bits_needs()
 
     def _scales(self, xs: list, fisher: Optional[list], alpha: Optional[float], tie: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales ``(L, H_kv, D)`` and strengths ``(L, H_kv)`` of every layer."""
@@ -217,7 +232,9 @@ class QoKV(KVMethod):
         return out
 
     def calibrate(self, stats):
-        out = {}
+        stats = self.rotation.statistics(stats)  # everything below fits what is quantized
+        proxy = lambda x, which, b: fake_quantize_affine(x, b, dim=-1, group_size=self.kv.group_size)  # noqa: E731
+        out = self.fit_layer_bits(stats, proxy)
         tie = self.cfg.tie_rope_pairs and not self.cfg.pre_rope
         name = "keys" if self.cfg.pre_rope else "keys_post"
         keys, values = stats.get(name), stats.get("values")
@@ -232,8 +249,8 @@ class QoKV(KVMethod):
         if self.cfg.scale_values:
             out["value_scales"], out["value_alpha"] = self._scales(values, stats.get("fisher_values"), self.cfg.value_alpha, False)
         if self.cfg.base == "nuq":
-            for which, xs, fish, widths in (("key", keys, stats.get(f"fisher_{name}"), self.key_bits),
-                                            ("value", values, stats.get("fisher_values"), self.value_bits)):
+            for which, xs, fish, widths in (("key", keys, stats.get(f"fisher_{name}"), self._all_widths("k")),
+                                            ("value", values, stats.get("fisher_values"), self._all_widths("v"))):
                 books = self._codebooks(xs, fish, out.get(f"{which}_scales"), widths)
                 out.update({f"{which}_codebook{b}": cb for b, cb in books.items()})
         if self.cfg.grouping == "offline":
@@ -249,20 +266,21 @@ class QoKV(KVMethod):
         """What :meth:`calibrate` returns: shifts and scales ``(L, H_kv, D)``, strengths ``(L, H_kv)``,
         codebooks ``(L, 2**b)`` per width ``b``, offline groups ``(L, T_calib)``."""
         L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
-        out = {}
+        out = self.layer_bits_shapes()
         for which in ("key", "value"):
             if getattr(self.cfg, f"shift_{which}s") != "none":
                 out[f"{which}_shifts"] = (L, H, D)
             if getattr(self.cfg, f"scale_{which}s"):
                 out[f"{which}_scales"], out[f"{which}_alpha"] = (L, H, D), (L, H)
             if self.cfg.base == "nuq":
-                widths = self.key_bits if which == "key" else self.value_bits
+                widths = self._all_widths(which[0])
                 out.update({f"{which}_codebook{b}": (L, 2**b) for b in sorted(set(widths)) if b < FP16_BITS})
         if self.cfg.grouping == "offline":
             out["groups"] = (L, None)
         return out
 
     def load_state(self, tensors):
+        self.layer_widths = tensors.get("layer_bits")
         self.codebooks = {w: {int(k.rsplit("codebook", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{w}_codebook")}
                           for w in ("key", "value")}
         self.key_scales = tensors.get("key_scales")
@@ -340,22 +358,25 @@ class QoKV(KVMethod):
     def _keys(self, k, g, layer):
         ks = self.key_scales[layer] if self.key_scales is not None else None
         kz = self.key_shifts[layer] if self.key_shifts is not None else None
-        return self._quantize(k, g, self.key_bits, ks, kz, "key", layer)
+        return self._quantize(k, g, self._widths("k", layer), ks, kz, "key", layer)
 
     def _values(self, v, g, layer):
         vs = self.value_scales[layer] if self.value_scales is not None else None
         vz = self.value_shifts[layer] if self.value_shifts is not None else None
-        return self._quantize(v, g, self.value_bits, vs, vz, "value", layer)
+        return self._quantize(v, g, self._widths("v", layer), vs, vz, "value", layer)
 
     def quantize_kv(self, k, v, layer, ctx=None):
         g = self._groups_for(k, layer, ctx)  # (B, n): one decision for the chunk's keys and values
-        return self._keys(k, g, layer), self._values(v, g, layer)
+        return (self.rotation.around("k", k, lambda y: self._keys(y, g, layer)),
+                self.rotation.around("v", v, lambda y: self._values(y, g, layer)))
 
     def quantize_keys(self, k, layer, ctx=None):
-        return self._keys(k, self._groups_for(k, layer, ctx), layer)
+        g = self._groups_for(k, layer, ctx)
+        return self.rotation.around("k", k, lambda y: self._keys(y, g, layer))
 
     def quantize_values(self, v, layer, ctx=None):
-        return self._values(v, self._groups_for(v, layer, ctx), layer)
+        g = self._groups_for(v, layer, ctx)
+        return self.rotation.around("v", v, lambda y: self._values(y, g, layer))
 
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
@@ -371,9 +392,16 @@ class QoKV(KVMethod):
         overhead = SCALE_ZERO_BITS / per_group
         if self.n_groups > 1:  # group id of every token of a layer, shared by its K and V of all heads
             overhead += math.ceil(math.log2(self.n_groups)) / (2 * self.info.num_kv_heads * self.info.head_dim)
-        kb = float(sum(fi * b for fi, b in zip(f.tolist(), self.key_bits))) + overhead
-        vb = float(sum(fi * b for fi, b in zip(f.tolist(), self.value_bits))) + overhead
+        kb = float(sum(fi * b for fi, b in zip(f.tolist(), self._mean_widths("k")))) + overhead
+        vb = float(sum(fi * b for fi, b in zip(f.tolist(), self._mean_widths("v")))) + overhead
         return kb, vb
+
+    def _mean_widths(self, which: str) -> list[float]:
+        """Width of each group averaged over the layers (the allocation's, once calibrated)."""
+        if not self.allocates_bits or self.layer_widths is None:
+            return [float(b) for b in (self.key_bits if which == "k" else self.value_bits)]
+        per_layer = [self._widths(which, i) for i in range(self.info.num_layers)]  # (L, G)
+        return torch.tensor(per_layer, dtype=torch.float64).mean(0).tolist()
 
     def avg_bits(self, seq_len: int) -> float:
         """Base accounting plus what is stored once per layer, amortised over the ``seq_len``
@@ -386,5 +414,5 @@ class QoKV(KVMethod):
                                 self.cfg.shift_keys != "none", self.cfg.shift_values != "none")))
         static = vectors * self.info.num_kv_heads * self.info.head_dim
         if self.cfg.base == "nuq":  # one fp16 codebook per layer, K/V and width
-            static += sum(2**b for b in set(self.key_bits)) + sum(2**b for b in set(self.value_bits))
+            static += sum(2**b for b in self._all_widths("k")) + sum(2**b for b in self._all_widths("v"))
         return super().avg_bits(seq_len) + static * FP16_BITS / per_layer

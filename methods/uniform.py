@@ -1,11 +1,14 @@
 """Uniform asymmetric integer quantization of keys and values (the INT-n baselines).
 
 Keys and values each choose their axis: ``token`` (one scale per token and group of
-``kv.group_size`` channels, computed online) or ``channel`` (one scale per channel over a block of
-``key_block`` tokens, KIVI-style). The KVQuant paper's int-n baseline is per-token for both.
+``kv.group_size`` channels -- ``value_group_size`` for values -- computed online) or ``channel`` (one
+scale per channel over a block of ``key_block`` tokens, KIVI-style). The KVQuant paper's int-n
+baseline is per-token for both. The shared components apply: rotation (``method.rotation``) and
+per-layer / per-KV-head widths (``method.layer_bits``, calibrated from the Fisher information).
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,37 +18,78 @@ from kvbench.registry import register
 
 @dataclass
 class UniformConfig(MethodConfig):
+    """Attributes:
+        key_axis: ``token`` or ``channel`` ranges for keys.
+        value_axis: the same for values.
+        value_group_size: channels per value range on the ``token`` axis (``None``: ``kv.group_size``).
+    """
+
     name: str = "uniform"
     key_axis: Axis = Axis.token
     value_axis: Axis = Axis.token
     key_block: int = 128
+    value_group_size: Optional[int] = None
 
 
 @register("method", "uniform")
 class Uniform(KVMethod):
     config_class = UniformConfig
+    per_head_bits = True
 
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)
         if cfg.key_axis == "token" and cfg.value_axis == "token":
             self.key_block = 1  # per-token statistics need no block of tokens
 
-    def _quantize(self, x: torch.Tensor, axis: str) -> torch.Tensor:
-        if axis == "token":  # (B, H_kv, T, D): stats over D, in groups of kv.group_size channels
-            return fake_quantize_affine(x, self.kv.bits, dim=-1, group_size=self.kv.group_size)
-        return fake_quantize_affine(x, self.kv.bits, dim=-2, group_size=self.key_block)  # per channel, per block
+    def _group(self, which: str) -> Optional[int]:
+        """Channels per range on the token axis."""
+        return (self.cfg.value_group_size or self.kv.group_size) if which == "v" else self.kv.group_size
+
+    def _quantize(self, x: torch.Tensor, which: str, bits) -> torch.Tensor:
+        """``x (B, H_kv, T, D)`` at ``bits`` (an int, or ``(H_kv,)`` widths per KV head)."""
+        if isinstance(bits, torch.Tensor):
+            out = torch.empty_like(x)
+            for b in bits.unique().tolist():
+                heads = (bits == b).nonzero().flatten().tolist()
+                out[:, heads] = self._quantize(x[:, heads], which, int(b))
+            return out
+        axis = self.cfg.key_axis if which == "k" else self.cfg.value_axis
+        if axis == "token":  # (B, H_kv, T, D): stats over D, in groups of channels
+            return fake_quantize_affine(x, bits, dim=-1, group_size=self._group(which))
+        return fake_quantize_affine(x, bits, dim=-2, group_size=self.key_block)  # per channel, per block
+
+    def _proxy(self, x: torch.Tensor, which: str, bits: int) -> torch.Tensor:
+        """The quantizer on calibration windows ``(N, H_kv, T, D)`` (a partial last key block stays exact)."""
+        axis = self.cfg.key_axis if which == "k" else self.cfg.value_axis
+        n = x.shape[-2] // self.key_block * self.key_block if axis == "channel" else x.shape[-2]
+        return torch.cat([self._quantize(x[..., :n, :], which, bits), x[..., n:, :]], dim=-2)
 
     def quantize_keys(self, k, layer, ctx=None):
-        return self._quantize(k, self.cfg.key_axis)
+        return self.rotation.around("k", k, lambda y: self._quantize(y, "k", self.width("k", layer)))
 
     def quantize_values(self, v, layer, ctx=None):
-        return self._quantize(v, self.cfg.value_axis)
+        return self.rotation.around("v", v, lambda y: self._quantize(y, "v", self.width("v", layer)))
 
-    def _bits(self, axis: str) -> float:
+    # -- calibration: only for per-layer widths ---------------------------------------------------
+    def calibration_needs(self):
+        return self.layer_bits_needs()
+
+    def calibrate(self, stats):
+        """Widths per layer (and head) from the rotated statistics: ``{"layer_bits": (L, 2[, H_kv])}``."""
+        return self.fit_layer_bits(self.rotation.statistics(stats), self._proxy)
+
+    def load_state(self, tensors):
+        self.layer_widths = tensors.get("layer_bits")
+
+    def state_shapes(self):
+        return self.layer_bits_shapes()
+
+    def _bits(self, which: str) -> float:
         if self.kv.bits >= FP16_BITS:
             return float(FP16_BITS)
-        per_group = (self.kv.group_size or self.info.head_dim) if axis == "token" else self.key_block
-        return self.kv.bits + SCALE_ZERO_BITS / per_group
+        axis = self.cfg.key_axis if which == "k" else self.cfg.value_axis
+        per_group = (self._group(which) or self.info.head_dim) if axis == "token" else self.key_block
+        return self.mean_width(which) + SCALE_ZERO_BITS / per_group
 
     def packed_spec(self):
         """Kernel format: per-channel keys in blocks of ``key_block`` tokens, per-token values."""
@@ -57,8 +101,8 @@ class Uniform(KVMethod):
                             "set method.key_axis=channel method.value_axis=token")
         return PackedCacheSpec(
             key_bits=self.kv.bits, value_bits=self.kv.bits, key_block=self.key_block,
-            value_group_size=self.kv.group_size or self.info.head_dim,
+            value_group_size=self._group("v") or self.info.head_dim,
         )
 
     def bits_per_element(self, seq_len: int):
-        return self._bits(self.cfg.key_axis), self._bits(self.cfg.value_axis)
+        return self._bits("k"), self._bits("v")
