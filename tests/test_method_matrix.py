@@ -32,6 +32,15 @@ MATRIX = [
     ("qokv", ["kv.bits=4", "method.sink_tokens=2", "method.recent_window=8", "method.scale_values=false"]),
     ("qokv", ["kv.bits=3", "method.base=nuq", "method.grouping=none", "calib.fisher=false"]),  # + KVQuant codebooks
     ("qokv", ["kv.bits=4", "method.pre_rope=false", "method.shift_keys=mean", "method.shift_values=mid"]),
+    # frontier components (issue 19): Hadamard rotation, per-layer / per-head widths, the KIVI preset
+    ("uniform", ["kv.bits=3", "method.rotation=hadamard"]),
+    ("uniform", ["kv.bits=2", "method.key_axis=channel", "method.key_block=16", "method.rotation=hadamard",
+                 "method.rotate=keys", "method.layer_bits=head", "method.bit_budget=2.5"]),
+    ("kvquant", ["kv.bits=3", "method.rotation=hadamard", "method.rotate=values", "method.layer_bits=layer"]),
+    ("qokv", ["kv.bits=3", "method.rotation=hadamard", "method.layer_bits=layer", "method.base=nuq"]),
+    ("kivi", ["kv.bits=2", "method.value_group_size=8", "method.key_block=8", "method.recent_window=8"]),
+    ("kivi", ["kv.bits=3", "method.value_group_size=8", "method.key_block=8", "method.recent_window=8",
+              "method.rotation=hadamard", "method.layer_bits=layer"]),
 ]
 
 
