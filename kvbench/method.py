@@ -172,14 +172,11 @@ class KVMethod:
         ``{}``) and keeps it on the method."""
         if not self.allocates_bits:
             return {}
-        name = "keys" if self.pre_rope else "keys_post"
-        s = self.cfg.sink_tokens  # fp16 at run time: left out
+        name = "keys" if self.pre_rope else "keys_post"  # sink tokens already left out (calibration.without_sink)
         per_head = self.cfg.layer_bits == LayerBits.head
         errs = []
         for which, xname in (("k", name), ("v", "values")):
-            xs = [x[..., s:, :] for x in stats[xname]]
-            fish = stats.get(f"fisher_{xname}")
-            fish = None if fish is None else [f[..., s:, :] for f in fish]
+            xs, fish = stats[xname], stats.get(f"fisher_{xname}")
             errs.append(unit_errors(xs, fish, self.bit_widths, lambda x, b, w=which: proxy(x, w, b), per_head))
         budget = self.kv.bits if self.cfg.bit_budget is None else self.cfg.bit_budget
         self.layer_widths = allocate(torch.stack(errs, 1), self.bit_widths, budget)  # (L, 2[, H_kv])
