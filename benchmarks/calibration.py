@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
 
 
 def _bench(args) -> dict:
-    from kvbench.calibration import calibration_batches, collect
+    from kvbench.calibration import calibration_batches, collect, without_sink
     from kvbench.config import compose
     from kvbench.data import load_splits
     from kvbench.model import load_model
@@ -58,7 +58,7 @@ def _bench(args) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     stats = collect(model, batches, frozenset(needs), cfg.logging.progress)
     t2, c2 = time.perf_counter(), time.process_time()
-    tensors = method.calibrate(stats)
+    tensors = method.calibrate(without_sink(stats, method.cfg.sink_tokens))
     t3, c3 = time.perf_counter(), time.process_time()
     result = {
         "what": "KVQuant calibration (statistics incl. Fisher + per-channel thresholds + k-means codebooks)",

@@ -134,19 +134,18 @@ class KVQuant(KVMethod):
         stats = self.rotation.statistics(stats)
         kname = "keys" if self.pre_rope else "keys_post"
         keys = stats[kname]
-        s = self.cfg.sink_tokens  # sink tokens stay fp16 at run time: leave them out
         out: dict[str, torch.Tensor] = self.fit_layer_bits(stats, self._proxy)
         for layer in tqdm(range(len(keys)), desc="kvquant fit", leave=False):
-            k = keys[layer][..., s:, :]  # (N, H_kv, T, D)
+            k = keys[layer]  # (N, H_kv, T, D), sink tokens already left out (calibration.without_sink)
             if self.cfg.key_axis == "channel":
                 flat = k.permute(1, 3, 0, 2).flatten(2)  # (H_kv, D, N*T)
                 out[f"k_lo.{layer}"], out[f"k_hi.{layer}"] = outlier_thresholds(flat, self.cfg.outlier_frac)
                 self.state.update({f"k_lo.{layer}": out[f"k_lo.{layer}"], f"k_hi.{layer}": out[f"k_hi.{layer}"]})
             if not self.cfg.nuq:
                 continue
-            for which, x in (("k", k), ("v", stats["values"][layer][..., s:, :])):
+            for which, x in (("k", k), ("v", stats["values"][layer])):
                 fkey = {"k": f"fisher_{kname}", "v": "fisher_values"}[which]
-                fisher = stats[fkey][layer][..., s:, :] if fkey in stats else None
+                fisher = stats[fkey][layer] if fkey in stats else None
                 y, dense = self._normalized(x, which, layer)
                 w = fisher[dense] if fisher is not None else None
                 cb = kmeans_1d(y[dense], 2 ** self.width(which, layer), w)

@@ -131,7 +131,7 @@ class QoKVConfig(MethodConfig):
 @register("method", "qokv")
 class QoKV(KVMethod):
     config_class = QoKVConfig
-    version = 1
+    version = 2  # 2: fitted without the sink tokens
 
     def __init__(self, cfg, kv, info):
         super().__init__(cfg, kv, info)

@@ -9,7 +9,7 @@ from kvbench.calibration.artifacts import (
     prepare,
     save_artifact,
 )
-from kvbench.calibration.stats import NEEDS, cached_collect, calibration_batches, collect
+from kvbench.calibration.stats import NEEDS, cached_collect, calibration_batches, collect, without_sink
 
 __all__ = ["NEEDS", "artifact_key", "artifact_path", "cached_collect", "calibration_batches", "check_artifact", "collect",
-           "load_artifact", "prepare", "save_artifact"]
+           "load_artifact", "prepare", "save_artifact", "without_sink"]

@@ -23,7 +23,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save
 
 from kvbench.errors import UserError
-from kvbench.calibration.stats import _plain, cached_collect, calibration_batches
+from kvbench.calibration.stats import _plain, cached_collect, calibration_batches, without_sink
 from kvbench.local import cache_root
 
 def artifact_key(cfg, method) -> tuple[str, dict]:
@@ -142,7 +142,7 @@ def prepare(cfg, model, tok, splits, method) -> Path:
             if not cfg.calib.fisher:
                 needs.discard("fisher")
             batches = calibration_batches(tok, splits.joined("calib"), cfg.calib.num_samples, cfg.calib.seqlen, cfg.seed)
-            stats = cached_collect(cfg, model, batches, frozenset(needs))
+            stats = without_sink(cached_collect(cfg, model, batches, frozenset(needs)), method.cfg.sink_tokens)
             save_artifact(path, key, meta, method.calibrate(stats), method)
         method.load_state(load_artifact(path, key, method))
     return path

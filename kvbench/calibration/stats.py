@@ -146,6 +146,19 @@ def cached_collect(cfg, model, batches: torch.Tensor, needs: frozenset[str]) -> 
     return stats
 
 
+def without_sink(stats: dict, n: int) -> dict:
+    """Statistics without the first ``n`` tokens of every calibration window, for every method.
+
+    The sink tokens stay in fp16 at run time (the shared component), so no method fits ranges, scales
+    or codebooks to them (their keys and values are the largest of the sequence). Per-token tensors
+    ``(N, H, T, D)`` lose them; the attention each token receives ``(N, H_q, T)`` keeps every position,
+    since offline token groups are maps by position.
+    """
+    if n <= 0:
+        return stats
+    return {k: v if k == "attention" else [x[..., n:, :] for x in v] for k, v in stats.items()}
+
+
 def _plain(cfg) -> dict:
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)

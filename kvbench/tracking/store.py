@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 NON_RESULT_KEYS = ("logging", "output_dir", "command", "rerun")
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: calibration leaves the sink tokens out for every method (QoKV changed)
 """Part of every run hash. Bump it in the commit whose code change alters numbers (a fixed
 quantizer, another perplexity convention): every stored run then has a new hash and recomputes.
 Changes that alter no number (speed, messages, new options whose default keeps the old behaviour)

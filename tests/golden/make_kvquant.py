@@ -36,7 +36,7 @@ SMALL_ROWS = {  # row -> (kv.bits, KVQuantConfig fields); None = fp16
 def small(embedded_model, splits, states: dict | None = None) -> dict:
     """Perplexity and average bits of :data:`SMALL_ROWS` in the small setting (``states``, if
     given, receives each calibrated row's method state, for tests/reference.py)."""
-    from kvbench.calibration import calibration_batches, collect
+    from kvbench.calibration import calibration_batches, collect, without_sink
     from kvbench.config import KVConfig
     from kvbench.eval.ppl import perplexity
     from kvbench.cache import patched
@@ -57,7 +57,7 @@ def small(embedded_model, splits, states: dict | None = None) -> dict:
         bits, fields = spec
         m = cls(cls.config_class(**fields), KVConfig(bits=bits), info)
         if m.calibration_needs():
-            m.load_state(m.calibrate(stats))
+            m.load_state(m.calibrate(without_sink(stats, m.cfg.sink_tokens)))
             if states is not None:
                 states[row] = m.state
         with patched(model, m):
