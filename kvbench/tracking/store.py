@@ -38,6 +38,9 @@ def result_config(cfg) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
     for k in NON_RESULT_KEYS:
         d.pop(k, None)
+    model = d.get("model")
+    if isinstance(model, dict) and not model.get("random_init", False):  # real weights: their fingerprint says it all
+        d["model"] = {k: v for k, v in model.items() if k not in ("random_init", "init_seed", "architecture")}
     kv = d.get("kv")
     if isinstance(kv, dict) and kv.get("backend", "simulated") == "simulated" and "kernel" in kv:
         d["kv"] = {k: v for k, v in kv.items() if k != "kernel"}
