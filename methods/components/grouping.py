@@ -85,26 +85,43 @@ def threshold_groups(scores: torch.Tensor, thresholds: list[float], forced: Opti
     return groups
 
 
-def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
+def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int,
+                       block_bytes: int = 1 << 30) -> torch.Tensor:
     """Average attention each key in ``[lo, hi)`` receives from the queries that see it.
+
+    Computed in blocks of queries, so no ``(B, H_q, T_q, T)`` tensor exists: each block's causal
+    softmax covers every key its queries see, so blocking is exact (up to summation order). At 32k
+    tokens and 32 heads the dense probabilities would be 137 GB per layer; a block holds about
+    ``block_bytes`` of fp32 logits.
 
     Args:
         query: ``(B, H_q, T_q, D)`` post-RoPE queries at absolute positions
             ``query_start .. query_start + T_q - 1``.
         keys: ``(B, H_kv, T, D)`` post-RoPE keys at positions ``0 .. T - 1`` (GQA: ``H_q % H_kv == 0``).
         lo, hi: the keys to score.
+        block_bytes: fp32 logits per block of queries (memory bound, not a result).
 
     Returns:
         ``(B, hi - lo)``: attention probabilities (causal softmax with scaling ``1/sqrt(D)``) summed
         over the queries at or after each key, divided by their number, averaged over query heads.
     """
     B, H, Tq, D = query.shape
-    T = keys.shape[-2]
-    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H_q, T, D)
-    logits = query.float() @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H_q, T_q, T)
+    H_kv, T = keys.shape[1], keys.shape[-2]
+    g = H // H_kv
+    k = keys.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, D, T)
+    q = query.float().view(B, H_kv, g, Tq, D) / math.sqrt(D)  # (B, H_kv, g, T_q, D)
+    block = max(1, block_bytes // (4 * B * H * max(T, 1)))
+    received = torch.zeros(B, H_kv, g, hi - lo, device=query.device)  # (B, H_kv, g, n)
+    for q0 in range(0, Tq, block):
+        q1 = min(Tq, q0 + block)
+        seen = min(T, query_start + q1)  # keys any query of the block sees
+        if seen <= lo:
+            continue
+        logits = q[..., q0:q1, :] @ k[..., :seen]  # (B, H_kv, g, q1 - q0, seen)
+        qpos = torch.arange(query_start + q0, query_start + q1, device=query.device)
+        visible = torch.arange(seen, device=query.device)[None, :] <= qpos[:, None]  # (q1 - q0, seen)
+        p = torch.softmax(logits.masked_fill_(~visible, -math.inf), dim=-1)
+        received[..., : max(0, min(hi, seen) - lo)] += p[..., lo:hi].sum(-2)
     qpos = torch.arange(query_start, query_start + Tq, device=query.device)
-    kpos = torch.arange(T, device=query.device)
-    visible = kpos[None, :] <= qpos[:, None]  # (T_q, T)
-    p = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)  # (B, H_q, T_q, T)
-    seen_by = visible[:, lo:hi].sum(0).clamp_min(1)  # (n,)
-    return p[..., lo:hi].sum(-2).mean(1) / seen_by  # (B, n)
+    seen_by = (qpos[None, :] >= torch.arange(lo, hi, device=query.device)[:, None]).sum(-1).clamp_min(1)  # (n,)
+    return received.flatten(1, 2).mean(1) / seen_by  # (B, n)

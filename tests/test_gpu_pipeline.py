@@ -1,0 +1,36 @@
+"""Long-context pieces of the GPU pipeline (issue 17), checked on a CPU: QoKV's blockwise received
+attention against the dense formula it replaces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvbench.methods.components.grouping import received_attention
+
+
+def dense_received_attention(query, keys, query_start, lo, hi):
+    """The dense formula (one ``(B, H_q, T_q, T)`` tensor), the pre-issue-17 implementation."""
+    B, H, Tq, D = query.shape
+    T = keys.shape[-2]
+    k = keys.double().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H_q, T, D)
+    logits = query.double() @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H_q, T_q, T)
+    visible = torch.arange(T)[None, :] <= torch.arange(query_start, query_start + Tq)[:, None]
+    p = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
+    return p[..., lo:hi].sum(-2).mean(1) / visible[:, lo:hi].sum(0).clamp_min(1)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 2 * 8 * 40 * 3, 1 << 30])  # 1 query, 3 queries, one block
+@pytest.mark.parametrize("query_start,lo,hi", [(0, 0, 40), (0, 5, 17), (24, 0, 40), (24, 24, 40), (39, 30, 40)])
+def test_blockwise_received_attention_matches_dense(block_bytes, query_start, lo, hi):
+    g = torch.Generator().manual_seed(query_start * 100 + lo + hi)
+    B, H, H_kv, D, T = 2, 8, 2, 16, 40
+    keys = torch.randn(B, H_kv, T, D, generator=g) * 2
+    query = torch.randn(B, H, T - query_start, D, generator=g) * 2
+    got = received_attention(query, keys, query_start, lo, hi, block_bytes=block_bytes)
+    want = dense_received_attention(query, keys, query_start, lo, hi)
+    assert got.shape == (B, hi - lo)
+    err = (got.double() - want).abs().max().item()
+    assert err < 1e-6, f"max abs diff {err:.2e}"
