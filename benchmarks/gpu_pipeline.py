@@ -1,0 +1,280 @@
+"""kvbench's whole pipeline on a GPU at 8B scale: simulated perplexity, calibration, passkey (issue 17).
+
+Runs kvbench itself (``compose`` + the pieces of ``kvbench.run``: validate, load, calibrate, evaluate)
+on a random-weight model of a real architecture (``model.random_init=true``: timing and memory are the
+real model's, accuracy is not measured) and a synthetic corpus (no download), and writes one record per
+(gpu, shape, method, bits, context, what) to ``benchmarks/results/gpu_pipeline.json`` (+ ``.md``):
+
+- ``ppl``: simulated perplexity at 2048 and 32768 tokens for fp16, uniform, kvquant, qokv at 4 bits:
+  ``tokens_per_s``, ``fp16_tokens_per_s``, ``overhead`` (time / fp16 time on the same windows),
+  ``peak_mem_gb`` (``torch.cuda.max_memory_allocated`` during the evaluation, weights included);
+- ``calibration``: KVQuant (and QoKV) calibration with Fisher on 16 x 2048 tokens: ``calib_s``,
+  ``calib_peak_mem_gb``;
+- ``passkey``: ``eval=passkey`` at 32k through ``generate()`` and the quantizing cache;
+- ``agreement``: a scaled-down random-weight model in fp32, perplexity on this machine's CPU and GPU
+  (tests/test_random_init.py pins the CPU value).
+
+    python benchmarks/gpu_pipeline.py                       # on a GPU: the records above (~6 min on an H200)
+    python benchmarks/gpu_pipeline.py --small --device cpu  # the same pipeline on tiny shapes (a CPU check)
+    python benchmarks/gpu_pipeline.py --render              # only re-render the .md from the .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_pipeline.json"
+METHODS = ("fp16", "uniform", "kvquant", "qokv")
+SHAPE = "llama-3-8b"
+# a scaled-down Llama-3-8B (same family, 2 layers): the CPU/GPU agreement model, and --small
+SMALL = ("model.architecture.num_hidden_layers=2", "model.architecture.hidden_size=128",
+         "model.architecture.intermediate_size=256", "model.architecture.num_attention_heads=4",
+         "model.architecture.num_key_value_heads=2", "model.architecture.head_dim=32",
+         "model.architecture.vocab_size=512")
+AGREEMENT = (f"model={SHAPE}", "model.random_init=true", "model.dtype=float32", *SMALL,
+             "method=fp16", "eval.seqlen=512", "eval.max_windows=4")
+WORDS = ("the of and to in is was for on as with by that at from his it an were are which this be "
+         "cache key value token layer head bit quantization attention model memory group channel scale "
+         "perplexity context window sink outlier codebook rotation budget kernel calibration Fisher").split()
+
+
+def synthetic_corpus(n_words: int = 150_000, seed: int = 0) -> str:
+    """Deterministic filler text (sentences of common words, paragraphs), the same on every machine."""
+    rng = random.Random(seed)
+    paras, words = [], 0
+    while words < n_words:
+        sents = []
+        for _ in range(rng.randint(3, 8)):
+            n = rng.randint(6, 18)
+            sents.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
+            words += n
+        paras.append(" ".join(sents))
+    return "\n\n".join(paras) + "\n"
+
+
+def write_corpus(folder: Path) -> Path:
+    path = folder / "corpus.txt"
+    path.write_text(synthetic_corpus())
+    return path
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
+
+
+def reset_peak(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Pipeline:
+    """One loaded model; each step composes a run config and goes through kvbench's own pieces."""
+
+    def __init__(self, base: list[str], device: str):
+        from kvbench.config import compose
+        from kvbench.model import load_model
+
+        self.base, self.device, self.compose = base, device, compose
+        cfg = compose([*base, "method=fp16"])
+        t0 = time.perf_counter()
+        self.model, self.tok, self.info = load_model(cfg.model, device)
+        sync(device)
+        self.load_s = time.perf_counter() - t0
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def checked(self, overrides: list[str]):
+        from kvbench.run import validate
+
+        cfg = self.compose([*self.base, *overrides])
+        return cfg, validate(cfg)
+
+    def calibrate(self, overrides: list[str]) -> dict:
+        """Calibrate (statistics with Fisher + the method's fit, artifact written); time and peak memory."""
+        from kvbench.calibration import prepare
+        from kvbench.calibration.stats import _STATS_CACHE
+
+        cfg, checked = self.checked(overrides)
+        _STATS_CACHE.clear()  # time the whole calibration, not a cached statistic
+        reset_peak(self.device)
+        sync(self.device)
+        t0 = time.perf_counter()
+        prepare(cfg, self.model, self.tok, checked.splits, checked.method)
+        sync(self.device)
+        return {"calib_s": time.perf_counter() - t0, "calib_peak_mem_gb": peak_gb(self.device),
+                "calib_samples": cfg.calib.num_samples, "calib_seqlen": cfg.calib.seqlen, "fisher": cfg.calib.fisher}
+
+    def evaluate(self, overrides: list[str]) -> tuple[dict, float, float | None]:
+        """Calibrate if needed (artifact reused), then the configured evaluation, timed; (metrics, s, peak GB)."""
+        from kvbench.calibration import prepare
+        from kvbench.run import evaluate
+
+        cfg, checked = self.checked(overrides)
+        method = checked.method
+        if method.calibration_needs():
+            prepare(cfg, self.model, self.tok, checked.splits, method)
+        reset_peak(self.device)
+        sync(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            metrics = evaluate(cfg, self.model, self.tok, checked.splits, method)
+        sync(self.device)
+        return metrics, time.perf_counter() - t0, peak_gb(self.device)
+
+
+def gpu_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def agreement_ppl(device: str, corpus: Path, out: Path) -> float:
+    """Perplexity of the scaled-down random-weight model (fp32) on ``device`` (tests pin the CPU value)."""
+    p = Pipeline([*AGREEMENT, "data=text", f"data.path={corpus}", f"output_dir={out}", "logging.progress=false",
+                  "logging.wandb.mode=disabled"], device)
+    metrics, _, _ = p.evaluate([])
+    return metrics["ppl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny shapes and contexts (a CPU check of the script)")
+    ap.add_argument("--parts", default="agreement,calib,ppl,long,passkey")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="only write the .md from the .json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.render:
+        render(out)
+        return
+    parts = set(args.parts.split(","))
+    work = Path(tempfile.mkdtemp(prefix="kvbench_gpu_"))
+    corpus = write_corpus(work)
+    dev = args.device
+    short, long_ctx, calib = (256, 1024, ("calib.num_samples=4", "calib.seqlen=256")) if args.small else \
+        (2048, 32768, ("calib.num_samples=16", "calib.seqlen=2048"))
+    first_calib = ("calib.num_samples=2", "calib.seqlen=128") if args.small else ()  # what the evaluations use
+    base = [f"model={SHAPE}", "model.random_init=true", f"model.max_context={long_ctx}", *(SMALL if args.small else ()),
+            "data=text", f"data.path={corpus}", "data.calib_fraction=0.2", *first_calib, "kv.bits=4", f"eval.seqlen={short}",
+            f"output_dir={work / 'runs'}", f"calib.cache_dir={work / 'calib'}", "logging.progress=false",
+            "logging.wandb.mode=disabled"]
+    common = {"gpu": gpu_name(dev), "shape": SHAPE + (" (scaled down)" if args.small else ""), "torch": torch.__version__}
+    records: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        rec = {**common, **rec}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        save(out, records, common)  # after every record: a run cut short keeps what it measured
+
+    if "agreement" in parts:
+        cpu = agreement_ppl("cpu", corpus, work / "agree")
+        gpu = agreement_ppl(dev, corpus, work / "agree") if dev != "cpu" else cpu
+        emit({"what": "agreement", "method": "fp16", "bits": 16, "context": 512, "dtype": "float32",
+              "shape": SHAPE + " (2 layers, hidden 128)", "cpu_ppl": cpu, "gpu_ppl": gpu, "rel_diff": abs(gpu / cpu - 1)})
+    p = Pipeline(base, dev)
+    common["dtype"] = p.dtype
+    print(f"model built in {p.load_s:.1f} s ({p.dtype}, {p.info.num_layers} layers)", flush=True)
+    if "calib" in parts:  # the calibrations the evaluations below use (calib.* defaults: 16 x 512, Fisher)
+        for m in ("kvquant", "qokv"):
+            c = p.calibrate([f"method={m}"])
+            emit({"what": "calibration", "method": m, "bits": 4, "context": c["calib_seqlen"], **c})
+    p.evaluate(["method=fp16", f"eval.seqlen={short}", "eval.max_windows=1"])  # warm-up (kernels, allocator)
+    for ctx, windows, part in ((short, 8, "ppl"), (long_ctx, 1, "long")):
+        if part not in parts:
+            continue
+        fp16_s = None
+        for m in METHODS:
+            try:
+                met, secs, peak = p.evaluate([f"method={m}", f"eval.seqlen={ctx}", f"eval.max_windows={windows}"])
+            except torch.OutOfMemoryError as e:
+                emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "error": f"OOM: {str(e)[:160]}"})
+                continue
+            tokens = met["ppl_info"]["windows"] * ctx
+            fp16_s = secs if m == "fp16" else fp16_s
+            emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "windows": windows,
+                  "tokens": tokens, "eval_s": secs, "tokens_per_s": tokens / secs,
+                  "fp16_tokens_per_s": tokens / fp16_s if fp16_s else None,
+                  "overhead": secs / fp16_s if fp16_s else None, "peak_mem_gb": peak,
+                  "ppl": met["ppl"], "avg_bits": checked_bits(p, m, ctx)})
+    if "passkey" in parts:
+        for m in METHODS:
+            try:
+                met, secs, peak = p.evaluate([f"method={m}", "eval=passkey", f"eval.passkey_lengths=[{long_ctx}]",
+                                              "eval.passkey_depths=[0.5]", "eval.passkey_trials=1"])
+                emit({"what": "passkey", "method": m, "bits": 16 if m == "fp16" else 4, "context": long_ctx,
+                      "eval_s": secs, "peak_mem_gb": peak, "passkey_acc": met["passkey_acc"]})
+            except torch.OutOfMemoryError as e:
+                emit({"what": "passkey", "method": m, "bits": 16 if m == "fp16" else 4, "context": long_ctx, "error": f"OOM: {str(e)[:160]}"})
+    if "calib" in parts:  # last, the longest: KVQuant with Fisher on 16 x 2048 tokens (the issue's budget)
+        c = p.calibrate(["method=kvquant", *calib])
+        emit({"what": "calibration", "method": "kvquant", "bits": 4, "context": c["calib_seqlen"], **c})
+    print(f"wrote {out}")
+
+
+def checked_bits(p: Pipeline, method: str, ctx: int) -> float:
+    _, checked = p.checked([f"method={method}"])
+    return checked.method.avg_bits(ctx)
+
+
+def save(out: Path, records: list[dict], common: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"generated_by": "python benchmarks/gpu_pipeline.py", "gpu": common["gpu"], "records": records,
+           "note": "random weights of the real architecture (model.random_init=true): time and memory are the "
+                   "model's, perplexities are not accuracy; byte-level tokenizer, synthetic corpus"}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+    render(out)
+
+
+def render(path: Path) -> None:
+    """The Markdown table of a results file (included in README.md's "On a GPU")."""
+    doc = json.loads(path.read_text())
+    recs = doc["records"]
+    f = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["### kvbench on a GPU (random-weight 8B shape)", "",
+             f"Generated by `python benchmarks/gpu_pipeline.py` from `{path.name}`; do not edit. "
+             f"{doc['gpu']}, {recs[-1].get('dtype', '')}, torch {recs[-1].get('torch', '')}; {doc['note']}.", "",
+             "| what | method | bits | context | tokens/s | fp16 tokens/s | overhead | peak GB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        if r["what"] == "agreement":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['what']} | {r['method']} | {r['bits']} | {r['context']} | {r['error'][:60]} | | | | |")
+            continue
+        secs = r.get("calib_s", r.get("eval_s"))
+        peak = r.get("calib_peak_mem_gb", r.get("peak_mem_gb"))
+        lines.append(f"| {r['what']} | {r['method']} | {r['bits']} | {r['context']} | {f(r.get('tokens_per_s'), 0)} | "
+                     f"{f(r.get('fp16_tokens_per_s'), 0)} | {f(r.get('overhead'))} | {f(peak, 1)} | {f(secs, 1)} |")
+    lines += ["", "calibration: with Fisher, 16 samples of `context` tokens (the 512-token ones serve the evaluations); passkey: one 32k prompt "
+              "through `generate()`; overhead: evaluation time / fp16's on the same windows."]
+    for r in recs:
+        if r["what"] == "agreement":
+            lines.append(f"CPU/GPU agreement ({r['shape']}, fp32, {r['context']} tokens x 4): perplexity "
+                         f"{r['cpu_ppl']:.6f} on the CPU, {r['gpu_ppl']:.6f} on the GPU (relative difference {r['rel_diff']:.1e}).")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
