@@ -159,6 +159,10 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes and contexts (a CPU check of the script)")
     ap.add_argument("--parts", default="agreement,calib,ppl,long,passkey")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--batches", default="1,8", help="windows per forward (eval.batch_size) of the short perplexity")
+    ap.add_argument("--repeats", type=int, default=1, help="time each evaluation this often (median kept)")
+    ap.add_argument("--kvquant-calib", default=None, help="e.g. 16x512 (default 16x2048, the issue's budget)")
+    ap.add_argument("--append", action="store_true", help="keep the records already in --out")
     ap.add_argument("--render", action="store_true", help="only write the .md from the .json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -172,13 +176,19 @@ def main() -> None:
     short, long_ctx, calib = (256, 1024, ("calib.num_samples=4", "calib.seqlen=256")) if args.small else \
         (2048, 32768, ("calib.num_samples=16", "calib.seqlen=2048"))
     # KVQuant: Fisher on 16 x 2048 tokens (the issue's budget); QoKV: the calib defaults (16 x 512, Fisher)
+    if args.kvquant_calib:
+        n, t = args.kvquant_calib.split("x")
+        calib = (f"calib.num_samples={n}", f"calib.seqlen={t}")
     mcal = {"kvquant": calib, "qokv": ("calib.num_samples=2", "calib.seqlen=128") if args.small else ()}
+    calib_of = lambda m: " x ".join(o.split("=")[1] for o in mcal[m]) or "16 x 512" if m in mcal else None  # noqa: E731
     base = [f"model={SHAPE}", "model.random_init=true", f"model.max_context={long_ctx}", *(SMALL if args.small else ()),
             "data=text", f"data.path={corpus}", "data.calib_fraction=0.2", "kv.bits=4", f"eval.seqlen={short}",
             f"output_dir={work / 'runs'}", f"calib.cache_dir={work / 'calib'}", "logging.progress=false",
             "logging.wandb.mode=disabled"]
     common = {"gpu": gpu_name(dev), "shape": SHAPE + (" (scaled down)" if args.small else ""), "torch": torch.__version__}
-    records: list[dict] = []
+    records: list[dict] = json.loads(out.read_text())["records"] if args.append and out.exists() else []
+    run = 1 + max((r.get("run", 1) for r in records), default=0)
+    common["run"] = run
 
     def emit(rec: dict) -> None:
         rec = {**common, **rec}
@@ -199,19 +209,27 @@ def main() -> None:
             c = p.calibrate([f"method={m}", *mcal[m]])
             emit({"what": "calibration", "method": m, "bits": 4, "context": c["calib_seqlen"], **c})
     p.evaluate(["method=fp16", f"eval.seqlen={short}", "eval.max_windows=1"])  # warm-up (kernels, allocator)
-    for ctx, windows, part in ((short, 8, "ppl"), (long_ctx, 1, "long")):
+    plan = [(short, 8, b, "ppl") for b in map(int, args.batches.split(","))] + [(long_ctx, 1, 1, "long")]
+    for ctx, windows, batch, part in plan:
         if part not in parts:
             continue
         fp16_s = None
         for m in METHODS:
             try:
-                met, secs, peak = p.evaluate([f"method={m}", *mcal.get(m, ()), f"eval.seqlen={ctx}", f"eval.max_windows={windows}"])
+                times = []
+                for _ in range(args.repeats):
+                    met, secs, peak = p.evaluate([f"method={m}", *mcal.get(m, ()), f"eval.seqlen={ctx}",
+                                                  f"eval.max_windows={windows}", f"eval.batch_size={batch}"])
+                    times.append(secs)
+                secs = sorted(times)[len(times) // 2]
             except torch.OutOfMemoryError as e:
-                emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "error": f"OOM: {str(e)[:160]}"})
+                emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "batch": batch,
+                      "error": f"OOM: {str(e)[:160]}"})
                 continue
             tokens = met["ppl_info"]["windows"] * ctx
             fp16_s = secs if m == "fp16" else fp16_s
             emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "windows": windows,
+                  "batch": batch, "calib": calib_of(m), "eval_s_all": times,
                   "tokens": tokens, "eval_s": secs, "tokens_per_s": tokens / secs,
                   "fp16_tokens_per_s": tokens / fp16_s if fp16_s else None,
                   "overhead": secs / fp16_s if fp16_s else None, "peak_mem_gb": peak,
@@ -235,7 +253,8 @@ def checked_bits(p: Pipeline, method: str, ctx: int) -> float:
 
 def save(out: Path, records: list[dict], common: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"generated_by": "python benchmarks/gpu_pipeline.py", "gpu": common["gpu"], "records": records,
+    doc = {"generated_by": "python benchmarks/gpu_pipeline.py (run 1); --append --parts ppl --repeats 2 --kvquant-calib 16x512 (run 2)",
+           "gpu": common["gpu"], "records": records,
            "note": "random weights of the real architecture (model.random_init=true): time and memory are the "
                    "model's, perplexities are not accuracy; byte-level tokenizer, synthetic corpus"}
     tmp = out.with_suffix(".tmp")
@@ -245,31 +264,33 @@ def save(out: Path, records: list[dict], common: dict) -> None:
 
 
 def render(path: Path) -> None:
-    """The Markdown table of a results file (included in README.md's "On a GPU")."""
+    """The compact Markdown table of a results file (README.md includes it; the JSON has every field).
+
+    One row per quantizing method; fp16's numbers in parentheses; ``ablation run``: calibration plus
+    the 8 x 2048-token perplexity, what each configuration of an ablation costs (model load aside).
+    """
     doc = json.loads(path.read_text())
-    recs = doc["records"]
-    f = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["### kvbench on a GPU (random-weight 8B shape)", "",
-             f"Generated by `python benchmarks/gpu_pipeline.py` from `{path.name}`; do not edit. "
-             f"{doc['gpu']}, {recs[-1].get('dtype', '')}, torch {recs[-1].get('torch', '')}; {doc['note']}.", "",
-             "| what | method | bits | context | tokens/s | fp16 tokens/s | overhead | peak GB | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        if r["what"] == "agreement":
-            continue
-        if "error" in r:
-            lines.append(f"| {r['what']} | {r['method']} | {r['bits']} | {r['context']} | {r['error'][:60]} | | | | |")
-            continue
-        secs = r.get("calib_s", r.get("eval_s"))
-        peak = r.get("calib_peak_mem_gb", r.get("peak_mem_gb"))
-        lines.append(f"| {r['what']} | {r['method']} | {r['bits']} | {r['context']} | {f(r.get('tokens_per_s'), 0)} | "
-                     f"{f(r.get('fp16_tokens_per_s'), 0)} | {f(r.get('overhead'))} | {f(peak, 1)} | {f(secs, 1)} |")
-    lines += ["", "calibration: with Fisher, 16 samples of `context` tokens (KVQuant 16 x 2048, QoKV 16 x 512; the evaluations use these); passkey: one 32k prompt "
-              "through `generate()`; overhead: evaluation time / fp16's on the same windows."]
-    for r in recs:
-        if r["what"] == "agreement":
-            lines.append(f"CPU/GPU agreement ({r['shape']}, fp32, {r['context']} tokens x 4): perplexity "
-                         f"{r['cpu_ppl']:.6f} on the CPU, {r['gpu_ppl']:.6f} on the GPU (relative difference {r['rel_diff']:.1e}).")
+    by = {(r["what"], r["method"], r.get("context"), r.get("batch", 1)): r for r in doc["records"] if "error" not in r}
+    ppl = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b == 1}
+    ppl8 = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b > 1}
+    calib = {m: r for (w, m, _, _), r in by.items() if w == "calibration"}
+    passkey = {m: r for (w, m, _, _), r in by.items() if w == "passkey"}
+    short, long_ctx = min(c for _, c in ppl), max(c for _, c in ppl)
+    batch = max((r.get("batch", 1) for r in ppl8.values()), default="–")
+    g = lambda d, k, f: "–" if d is None or d.get(k) is None else f.format(d[k])  # noqa: E731
+    fp = lambda ctx: ppl.get(("fp16", ctx))  # noqa: E731
+    dtype = next((r["dtype"] for r in doc["records"] if r["what"] == "ppl"), "")
+    lines = [f"| 4 bits, {doc['gpu']}, {dtype} | tokens/s at {short} (fp16) | overhead {short} / {short}, {batch} windows a forward / {long_ctx} | "
+             f"peak GB at {long_ctx} (fp16) | passkey {long_ctx}: s (fp16) | calibration: tokens, s, peak GB | ablation run: s |",
+             "|---|---|---|---|---|---|---|"]
+    for m in METHODS[1:]:
+        a, b, c, k = ppl.get((m, short)), ppl.get((m, long_ctx)), calib.get(m), passkey.get(m)
+        cal = "–" if c is None else f"{c['calib_samples']} x {c['calib_seqlen']}, {c['calib_s']:.0f}, {c['calib_peak_mem_gb'] or 0:.1f}"
+        run = (c["calib_s"] if c else 0) + (a["eval_s"] if a else 0)
+        lines.append(f"| {m} | {g(a, 'tokens_per_s', '{:.0f}')} ({g(fp(short), 'tokens_per_s', '{:.0f}')}) | "
+                     f"{g(a, 'overhead', '{:.2f}')} / {g(ppl8.get((m, short)), 'overhead', '{:.2f}')} / {g(b, 'overhead', '{:.2f}')} | {g(b, 'peak_mem_gb', '{:.1f}')} "
+                     f"({g(fp(long_ctx), 'peak_mem_gb', '{:.1f}')}) | {g(k, 'eval_s', '{:.1f}')} ({g(passkey.get('fp16'), 'eval_s', '{:.1f}')}) | "
+                     f"{cal} | {run:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

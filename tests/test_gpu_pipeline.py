@@ -34,3 +34,26 @@ def test_blockwise_received_attention_matches_dense(block_bytes, query_start, lo
     assert got.shape == (B, hi - lo)
     err = (got.double() - want).abs().max().item()
     assert err < 1e-6, f"max abs diff {err:.2e}"
+
+
+@pytest.mark.parametrize("method", ["fp16", "uniform", "kvquant", "qokv"])
+def test_batched_windows_give_the_same_perplexity(compose, tiny_model, wiki_splits, method, tmp_path):
+    """``eval.batch_size`` windows per forward (what a GPU wants): the same per-block NLLs as one at a time."""
+    from kvbench.run import evaluate, validate
+
+    model, tok, _ = tiny_model
+    got = {}
+    for bs in (1, 3):
+        cfg = compose(["model=tiny-llama", f"method={method}", "kv.bits=4", "eval.seqlen=128", "eval.max_windows=4",
+                       f"eval.batch_size={bs}", "calib.num_samples=2", "calib.seqlen=128", "logging.progress=false",
+                       f"calib.cache_dir={tmp_path}"])
+        checked = validate(cfg)
+        if checked.method.calibration_needs():
+            from kvbench.calibration import prepare
+
+            prepare(cfg, model, tok, checked.splits, checked.method)
+        got[bs] = evaluate(cfg, model, tok, checked.splits, checked.method)
+    a, b = got[1]["ppl_blocks"]["nll"], got[3]["ppl_blocks"]["nll"]
+    assert len(a) == len(b) and got[1]["ppl_blocks"]["tokens"] == got[3]["ppl_blocks"]["tokens"]
+    dev = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert dev < 1e-4, f"ppl {got[1]['ppl']} vs {got[3]['ppl']}: max rel. block deviation {dev:.1e}"

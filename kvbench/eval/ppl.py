@@ -77,7 +77,7 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Te
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, progress: bool = True,
-               block: int = BLOCK) -> dict:
+               block: int = BLOCK, batch_size: int = 1) -> dict:
     """Perplexity of ``model`` on token ids ``(N,)``, with per-block NLL sums and a 95 % interval.
 
     Args:
@@ -88,6 +88,8 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         progress: show a progress bar.
         block: predicted tokens per bootstrap block; each window's ``seqlen - 1`` predictions are cut
             into blocks of ``block`` (the last one shorter), never crossing a window.
+        batch_size: windows per forward (``eval.batch_size``): the same numbers up to float rounding,
+            the method's per-forward cost shared by more tokens (on a GPU).
 
     Returns:
         ``{"ppl", "nll" (mean per token), "tokens", "windows", "seqlen", "ci95": [lo, hi] (None for a single block),
@@ -96,13 +98,14 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     device = next(model.parameters()).device
     chunks = windows(ids, seqlen, max_windows)
     block_nll, block_tokens = [], []
-    for w in tqdm(chunks, desc=f"ppl@{seqlen}", disable=not progress, leave=False):
-        x = w.unsqueeze(0).to(device)  # (1, T)
-        logits = model(x).logits.float()  # (1, T, V)
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="none").double()  # (T-1,)
-        for part in nll.split(block):
-            block_nll.append(part.sum().item())
-            block_tokens.append(part.numel())
+    for x in tqdm(chunks.split(batch_size), desc=f"ppl@{seqlen}", disable=not progress, leave=False):
+        x = x.to(device)  # (b, T)
+        logits = model(x).logits.float()  # (b, T, V)
+        for row in range(x.shape[0]):
+            nll = torch.nn.functional.cross_entropy(logits[row, :-1], x[row, 1:], reduction="none").double()  # (T-1,)
+            for part in nll.split(block):
+                block_nll.append(part.sum().item())
+                block_tokens.append(part.numel())
     count = sum(block_tokens)
     mean = math.fsum(block_nll) / count
     digest = hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
@@ -117,6 +120,6 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
     check_window_args(cfg.eval.seqlen, cfg.eval.max_windows)
     need = None if cfg.eval.max_windows is None else cfg.eval.seqlen * cfg.eval.max_windows
     ids = tokenize_prefix(tok, splits.eval, need)
-    p = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.logging.progress)
+    p = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.logging.progress, batch_size=cfg.eval.batch_size)
     return {"ppl": p["ppl"], "ppl_ci95": p["ci95"], "ppl_blocks": p["blocks"],
             "ppl_info": {"kind": "token", "context": p["seqlen"], "tokens": p["tokens"], "windows": p["windows"]}}
