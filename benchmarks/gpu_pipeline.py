@@ -221,7 +221,7 @@ def main() -> None:
                     met, secs, peak = p.evaluate([f"method={m}", *mcal.get(m, ()), f"eval.seqlen={ctx}",
                                                   f"eval.max_windows={windows}", f"eval.batch_size={batch}"])
                     times.append(secs)
-                secs = sorted(times)[len(times) // 2]
+                secs = sorted(times)[len(times) // 2]  # the (upper) median
             except torch.OutOfMemoryError as e:
                 emit({"what": "ppl", "method": m, "bits": 16 if m == "fp16" else 4, "context": ctx, "batch": batch,
                       "error": f"OOM: {str(e)[:160]}"})
@@ -253,8 +253,8 @@ def checked_bits(p: Pipeline, method: str, ctx: int) -> float:
 
 def save(out: Path, records: list[dict], common: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"generated_by": "python benchmarks/gpu_pipeline.py (run 1); --append --parts ppl --repeats 2 --kvquant-calib 16x512 (run 2)",
-           "gpu": common["gpu"], "records": records,
+    old = json.loads(out.read_text()) if out.exists() else {}
+    doc = {"generated_by": old.get("generated_by", "python benchmarks/gpu_pipeline.py"), "gpu": common["gpu"], "records": records,
            "note": "random weights of the real architecture (model.random_init=true): time and memory are the "
                    "model's, perplexities are not accuracy; byte-level tokenizer, synthetic corpus"}
     tmp = out.with_suffix(".tmp")
@@ -272,6 +272,11 @@ def render(path: Path) -> None:
     doc = json.loads(path.read_text())
     by = {(r["what"], r["method"], r.get("context"), r.get("batch", 1)): r for r in doc["records"] if "error" not in r}
     ppl = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b == 1}
+    spread = {}  # (method, context) -> the batch-1 overheads of every run
+    for r in doc["records"]:
+        if r["what"] == "ppl" and r.get("batch", 1) == 1 and r.get("overhead") is not None:
+            spread.setdefault((r["method"], r["context"]), []).append(r["overhead"])
+    span = lambda m, c: "–" if (m, c) not in spread else "–".join(sorted({f"{min(spread[m, c]):.2f}", f"{max(spread[m, c]):.2f}"}))  # noqa: E731
     ppl8 = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b > 1}
     calib = {m: r for (w, m, _, _), r in by.items() if w == "calibration"}
     passkey = {m: r for (w, m, _, _), r in by.items() if w == "passkey"}
@@ -280,7 +285,7 @@ def render(path: Path) -> None:
     g = lambda d, k, f: "–" if d is None or d.get(k) is None else f.format(d[k])  # noqa: E731
     fp = lambda ctx: ppl.get(("fp16", ctx))  # noqa: E731
     dtype = next((r["dtype"] for r in doc["records"] if r["what"] == "ppl"), "")
-    lines = [f"| 4 bits, {doc['gpu']}, {dtype} | tokens/s at {short} (fp16) | overhead {short} / {short}, {batch} windows a forward / {long_ctx} | "
+    lines = [f"| 4 bits, {doc['gpu']}, {dtype} | tokens/s at {short} (fp16) | overhead {short} (runs) / {short}, {batch} windows a forward / {long_ctx} | "
              f"peak GB at {long_ctx} (fp16) | passkey {long_ctx}: s (fp16) | calibration: tokens, s, peak GB | ablation run: s |",
              "|---|---|---|---|---|---|---|"]
     for m in METHODS[1:]:
@@ -288,7 +293,7 @@ def render(path: Path) -> None:
         cal = "–" if c is None else f"{c['calib_samples']} x {c['calib_seqlen']}, {c['calib_s']:.0f}, {c['calib_peak_mem_gb'] or 0:.1f}"
         run = (c["calib_s"] if c else 0) + (a["eval_s"] if a else 0)
         lines.append(f"| {m} | {g(a, 'tokens_per_s', '{:.0f}')} ({g(fp(short), 'tokens_per_s', '{:.0f}')}) | "
-                     f"{g(a, 'overhead', '{:.2f}')} / {g(ppl8.get((m, short)), 'overhead', '{:.2f}')} / {g(b, 'overhead', '{:.2f}')} | {g(b, 'peak_mem_gb', '{:.1f}')} "
+                     f"{span(m, short)} / {g(ppl8.get((m, short)), 'overhead', '{:.2f}')} / {span(m, long_ctx)} | {g(b, 'peak_mem_gb', '{:.1f}')} "
                      f"({g(fp(long_ctx), 'peak_mem_gb', '{:.1f}')}) | {g(k, 'eval_s', '{:.1f}')} ({g(passkey.get('fp16'), 'eval_s', '{:.1f}')}) | "
                      f"{cal} | {run:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
