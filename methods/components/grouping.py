@@ -5,6 +5,7 @@ Used by ``qokv`` and usable by any method: a score per token, then groups of mix
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -108,8 +109,13 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
     B, H, Tq, D = query.shape
     H_kv, T = keys.shape[1], keys.shape[-2]
     g = H // H_kv
+    # bf16/fp16 on a GPU: TF32 matrix units hold their values exactly (products exact, fp32 sums), so the
+    # logits are fp32's up to summation order when the 1/sqrt(D) scale comes after the product
+    tf32 = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and keys.dtype == query.dtype
     k = keys.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, D, T)
-    q = query.float().view(B, H_kv, g, Tq, D) / math.sqrt(D)  # (B, H_kv, g, T_q, D)
+    q = query.float().view(B, H_kv, g, Tq, D)  # (B, H_kv, g, T_q, D)
+    if not tf32:
+        q = q / math.sqrt(D)
     block = max(1, block_bytes // (4 * B * H * max(T, 1)))
     received = torch.zeros(B, H_kv, g, hi - lo, device=query.device)  # (B, H_kv, g, n)
     for q0 in range(0, Tq, block):
@@ -117,7 +123,10 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
         seen = min(T, query_start + q1)  # keys any query of the block sees
         if seen <= lo:
             continue
-        logits = q[..., q0:q1, :] @ k[..., :seen]  # (B, H_kv, g, q1 - q0, seen)
+        with _tf32_matmul(tf32):
+            logits = q[..., q0:q1, :] @ k[..., :seen]  # (B, H_kv, g, q1 - q0, seen)
+        if tf32:
+            logits.div_(math.sqrt(D))
         qpos = torch.arange(query_start + q0, query_start + q1, device=query.device)
         visible = torch.arange(seen, device=query.device)[None, :] <= qpos[:, None]  # (q1 - q0, seen)
         p = torch.softmax(logits.masked_fill_(~visible, -math.inf), dim=-1)
@@ -125,3 +134,17 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
     qpos = torch.arange(query_start, query_start + Tq, device=query.device)
     seen_by = (qpos[None, :] >= torch.arange(lo, hi, device=query.device)[:, None]).sum(-1).clamp_min(1)  # (n,)
     return received.flatten(1, 2).mean(1) / seen_by  # (B, n)
+
+
+@contextlib.contextmanager
+def _tf32_matmul(on: bool):
+    """TF32 CUDA matmuls inside the block (only for inputs TF32 represents exactly); restored after."""
+    if not on:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
