@@ -63,6 +63,7 @@ def test_batched_windows_give_the_same_perplexity(compose, tiny_model, wiki_spli
 def test_bf16_on_cuda_tf32_path_matches_fp64():
     """bf16 queries/keys on a GPU take TF32 matmuls (exact for bf16 values): fp32 accuracy all the same."""
     g = torch.Generator().manual_seed(0)
+    before = torch.backends.cuda.matmul.allow_tf32
     B, H, H_kv, D, T = 2, 32, 8, 128, 1500
     keys = (torch.randn(B, H_kv, T, D, generator=g) * 2).bfloat16()
     query = (torch.randn(B, H, T, D, generator=g) * 2).bfloat16()
@@ -70,4 +71,4 @@ def test_bf16_on_cuda_tf32_path_matches_fp64():
     want = dense_received_attention(query.float(), keys.float(), 0, 0, T)
     err = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert err < 1e-5, f"max rel. diff {err:.2e}"
-    assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+    assert torch.backends.cuda.matmul.allow_tf32 == before  # restored
