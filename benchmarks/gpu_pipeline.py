@@ -14,7 +14,7 @@ real model's, accuracy is not measured) and a synthetic corpus (no download), an
 - ``agreement``: a scaled-down random-weight model in fp32, perplexity on this machine's CPU and GPU
   (tests/test_random_init.py pins the CPU value).
 
-    python benchmarks/gpu_pipeline.py                       # on a GPU: the records above (~6 min on an H200)
+    python benchmarks/gpu_pipeline.py                       # on a GPU: the records above (~7 min on an H200)
     python benchmarks/gpu_pipeline.py --small --device cpu  # the same pipeline on tiny shapes (a CPU check)
     python benchmarks/gpu_pipeline.py --render              # only re-render the .md from the .json
 """
