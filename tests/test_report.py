@@ -187,6 +187,32 @@ def test_not_significant_and_unpaired_cells(frame, spec):
     assert report.UNPAIRED + ": no paired interval" in tex
 
 
+def test_runs_of_an_older_results_version_are_marked_stale(tmp_path):
+    """A run computed at an older RESULTS_VERSION stays visible, flagged, and the flag is explained."""
+    from kvbench.report import markdown
+    from kvbench.tracking import store
+
+    base = {"model.name": "tiny", "eval.name": "ppl", "seed": 0}
+    frame = pd.DataFrame([
+        {**base, "method.name": "fp16", "metrics.ppl": 10.0, "run_dir": "r/a", "run_id": "a",
+         "results_version": store.RESULTS_VERSION},
+        {**base, "method.name": "uniform", "metrics.ppl": 11.0, "run_dir": "r/b", "run_id": "b",
+         "results_version": store.RESULTS_VERSION - 1}])
+    (tmp_path / "s.yaml").write_text("filters: {eval.name: ppl}\nrows:\n"
+                                     "  - {label: fp16, match: {method.name: fp16}, reference: true}\n"
+                                     "  - {label: int4, match: {method.name: uniform}}\n"
+                                     "columns: [{label: ppl, metric: metrics.ppl}]\n")
+    t = report.build_table(frame, report.load_spec(tmp_path / "s.yaml"))
+    assert [line[0].stale for line in t.cells] == [False, True]
+    tex = report.render_table(t, "cmd", "runs")
+    from kvbench.report import latex
+
+    assert next(x for x in tex.splitlines() if x.startswith("int4")).count(latex.STALE) == 1
+    assert latex.STALE + ": a run of an older results version" in tex
+    page = markdown.render_page(t, "cmd", "runs", tmp_path / "s.md", tmp_path)
+    assert markdown.STALE + ": a run of an older results version" in page
+
+
 def test_harness_cells_show_lm_eval_stderr(tmp_path):
     base = {"model.name": "tiny", "eval.name": "harness", "seed": 0}
     frame = pd.DataFrame([

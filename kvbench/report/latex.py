@@ -20,8 +20,10 @@ MISSING = r"$\emptyset$"
 DAGGER = r"$^\dagger$"
 UNPAIRED = r"$^{*}$"
 AMBIGUOUS = r"\textbf{?}"
+STALE = r"$^\S$"
 STYLE = Style(bold=r"\textbf{%s}", spread=r"{\scriptsize$\pm$%s}", interval=r"{\scriptsize\,[%s, %s]}",
-              unpaired=UNPAIRED, duplicate=DAGGER, ambiguous=AMBIGUOUS, none="--", missing=MISSING)
+              unpaired=UNPAIRED, duplicate=DAGGER, ambiguous=AMBIGUOUS, none="--", missing=MISSING,
+              stale=STALE)
 NOTES = {
     "seeds": r"mean$\pm$std over seeds",
     "ci": r"$\pm$ on one run: half-width of its 95\,\% interval (block bootstrap over tokens)",
@@ -32,6 +34,7 @@ NOTES = {
     "missing": "{marker}: no run yet (the commands are listed in the header of this file)",
     "ambiguous": AMBIGUOUS + ": runs of several configs match (listed in the header of this file)",
     "duplicate": DAGGER + ": duplicate runs that disagree, the newest shown",
+    "stale": STALE + ": a run of an older results version (its code has changed numbers since; rerun to refresh)",
 }
 
 

@@ -30,8 +30,9 @@ MISSING = "∅"
 DAGGER = "†"
 UNPAIRED = r"\*"
 AMBIGUOUS = "**?**"
+STALE = "§"
 STYLE = Style(bold="**%s**", spread=" ± %s", interval=" [%s, %s]", unpaired=UNPAIRED, duplicate=DAGGER,
-              ambiguous=AMBIGUOUS, none="–", missing=MISSING)
+              ambiguous=AMBIGUOUS, none="–", missing=MISSING, stale=STALE)
 NOTES = {
     "seeds": "mean ± std over seeds",
     "ci": "± on one run: half-width of its 95 % interval (block bootstrap over tokens)",
@@ -42,6 +43,7 @@ NOTES = {
     "missing": "{marker}: no run yet (the commands are listed below)",
     "ambiguous": AMBIGUOUS + ": runs of several configs match (listed below)",
     "duplicate": DAGGER + ": duplicate runs that disagree, the newest shown",
+    "stale": STALE + ": a run of an older results version (its code has changed numbers since; rerun to refresh)",
 }
 _SYMBOLS = {"Delta": "Δ", "times": "×", "pm": "±", "emptyset": "∅", "dagger": "†", "approx": "≈", "le": "≤",
             "ge": "≥", "leq": "≤", "geq": "≥", "cdot": "·", "to": "→", "rightarrow": "→", "alpha": "α",

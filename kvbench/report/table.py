@@ -14,8 +14,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvbench.tracking.store import RESULTS_VERSION
+
 # Config columns that never tell two experiments apart.
-BOOKKEEPING = ("run_dir", "run_id", "seed", "output_dir", "command", "source", "experiment")
+BOOKKEEPING = ("run_dir", "run_id", "results_version", "seed", "output_dir", "command", "source", "experiment")
 BOOKKEEPING_PREFIXES = ("logging.", "metrics.", "wandb.")
 HYDRA_GROUPS = ("method", "model", "data", "eval", "kv", "calib", "logging")  # `<group>.name: x` -> `<group>=x`
 DUP_TOL = 1e-9
@@ -33,6 +35,7 @@ class Cell:
     ci: tuple[float, float] | None = None  # one run's 95 % interval; a relative cell's paired interval
     stderr: float | None = None  # one run's standard error (lm-eval)
     blocks: dict | None = None  # one run's per-block NLL sums {"nll", "tokens", "ids"}
+    stale: bool = False  # a run of an older results version (computed by code whose numbers have changed since)
 
     @property
     def missing(self) -> bool:
@@ -171,6 +174,8 @@ def _cell(frame, selector: dict, metric: str, ignore: list[str], spec: dict, whe
         newest = runs.iloc[_newest(runs)]
         cell.values.append(float(newest[metric]))
         cell.runs.append(str(newest.get("run_dir", "")))
+        version = newest.get("results_version")
+        cell.stale |= version is not None and version == version and int(version) < RESULTS_VERSION  # NaN: no record
         if len(cell.values) == 1:
             cell.ci, cell.stderr, cell.blocks = _errors(newest, metric)
         else:  # several seeds: the spread over seeds is the error bar
@@ -343,6 +348,7 @@ class Shown:
     interval: tuple[str, str] | None = None  # a change's paired 95 % interval
     unpaired: bool = False  # a change without a paired interval
     duplicate: bool = False  # disagreeing duplicate runs, the newest shown
+    stale: bool = False  # a run of an older results version
 
 
 def shown(cell: Cell, col: dict, bold: bool) -> Shown:
@@ -359,7 +365,8 @@ def shown(cell: Cell, col: dict, bold: bool) -> Shown:
     scale = 100.0 if col["format"] == "pct" else 1.0
     d = col["decimals"]
     relative = col["kind"] == "relative"
-    out = Shown(value=f"{cell.mean * scale:{'+' if relative else ''}.{d}f}", bold=bold, duplicate=cell.duplicate)
+    out = Shown(value=f"{cell.mean * scale:{'+' if relative else ''}.{d}f}", bold=bold, duplicate=cell.duplicate,
+                stale=cell.stale)
     sp = spread(cell, col)
     if sp is not None:
         out.spread = f"{sp * scale:.{d}f}"
@@ -381,6 +388,7 @@ class Style:
     ambiguous: str
     none: str  # a change with nothing to compare
     missing: str  # a missing run (a spec's ``missing_marker`` replaces it)
+    stale: str = ""  # a run of an older results version
 
 
 def write_cell(cell: Cell, col: dict, bold: bool, style: Style, marker: str | None = None) -> str:
@@ -393,7 +401,8 @@ def write_cell(cell: Cell, col: dict, bold: bool, style: Style, marker: str | No
         text += style.spread % s.spread
     if s.interval:
         text += style.interval % s.interval
-    return text + (style.unpaired if s.unpaired else "") + (style.duplicate if s.duplicate else "")
+    return (text + (style.unpaired if s.unpaired else "") + (style.duplicate if s.duplicate else "")
+            + (style.stale if s.stale else ""))
 
 
 def notes(table: Table) -> list[str]:
@@ -413,6 +422,7 @@ def notes(table: Table) -> list[str]:
                        if col["kind"] != "relative"),
         "ambiguous": any(c.ambiguous for c in flat),
         "duplicate": any(c.duplicate for c in flat),
+        "stale": any(c.stale for c in flat),
     }
     return [k for k, v in wanted.items() if v]
 

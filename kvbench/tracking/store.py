@@ -213,7 +213,7 @@ def existing_metrics(path: Path) -> dict | None:
 def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    env = {}
+    env = {"results_version": RESULTS_VERSION}
     for pkg in ("kvbench", "torch", "transformers", "lm_eval", "triton"):
         try:
             env[pkg] = version(pkg)
@@ -268,8 +268,17 @@ def load(output_dir: str | os.PathLike = "outputs", wandb: str | None = None, fi
         row.update(flatten(json.loads(mfile.read_text()), "metrics."))
         row["run_dir"] = str(run)
         row["run_id"] = run.name
+        row["results_version"] = run_results_version(run)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def run_results_version(run: Path) -> int:
+    """The :data:`RESULTS_VERSION` a stored run was computed at (1: runs from before it was recorded)."""
+    try:
+        return int(json.loads((run / "env.json").read_text()).get("results_version", 1))
+    except (OSError, ValueError):
+        return 1
 
 
 def wandb_row(config: dict, summary: dict) -> dict | None:
