@@ -96,7 +96,9 @@ def compute(cfg, out, checked=None, fingerprints=None) -> dict:
     metrics["avg_bits"] = method.avg_bits(ctx)
     metrics["kv_saving"] = 1 - metrics["avg_bits"] / 16
     metrics["time"] = {"setup_s": t1 - t0, "eval_s": t2 - t1}
-    metrics["model"] = {"layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
+    param = next(model.parameters())  # model.dtype=auto / device=auto resolved on this machine
+    metrics["model"] = {"layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
+                        "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type}
     results.atomic_write(out / "inputs.json", json.dumps(fingerprints or results.inputs(cfg), indent=2, sort_keys=True))
     results.save_run(out, cfg, metrics)
     log_run(cfg, metrics, out, calibration=calibration)
