@@ -112,7 +112,8 @@ def test_wandb_rows_one_per_run():
     cfg = {"method": "uniform", "method.name": "uniform", "kv": {"bits": 4}, "_wandb": {"x": 1}, "run_id": "a", "run_dir": "d/a"}
     summary = {"ppl": 9.0, "_runtime": 3, "table/tasks": {"_type": "table-file"}, "ppl_info": {"context": 64}}
     assert results.wandb_row(cfg, summary) == {"method.name": "uniform", "kv.bits": 4, "metrics.ppl": 9.0,
-                                               "metrics.ppl_info.context": 64, "run_dir": "d/a", "run_id": "a"}
+                                               "metrics.ppl_info.context": 64, "run_dir": "d/a", "run_id": "a",
+                                               "results_version": 1}  # logged before versions were recorded: 1
     assert results.wandb_row({"lr": 0.1}, {"loss": 1.0}) is None, "runs not logged by kvbench are ignored"
     frame = results.load_wandb("me/kvbench", api=FakeApi([(cfg, {"ppl": 8.0}), (cfg, {"ppl": 9.0}), ({"lr": 1}, {})]))
     assert list(frame["metrics.ppl"]) == [8.0], "the newest W&B run of a results-store run wins"

@@ -291,13 +291,14 @@ def wandb_row(config: dict, summary: dict) -> dict | None:
     if "run_id" not in config:
         return None
     config = flatten({k: v for k, v in config.items() if not k.startswith("_")})  # nested or dotted: same keys
-    keys = [k for k in config if k not in ("run_dir", "run_id")]
+    keys = [k for k in config if k not in ("run_dir", "run_id", "results_version")]
     row = {k: config[k] for k in keys if not any(o.startswith(k + ".") for o in keys)}
     metrics = flatten({k: v for k, v in summary.items()
                        if not k.startswith(("_", "table/")) and not (isinstance(v, dict) and "_type" in v)})
     row.update({f"metrics.{k}": metrics[k] for k in sorted(metrics)})
     row["run_dir"] = config["run_dir"]
     row["run_id"] = config["run_id"]
+    row["results_version"] = int(config.get("results_version", 1))
     return row
 
 

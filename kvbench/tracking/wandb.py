@@ -67,11 +67,15 @@ def wandb_mode(cfg) -> str:
 
 
 def logged_config(cfg, run_path) -> dict:
-    """The W&B config of a run: the resolved config with dotted keys, plus its results-store id."""
+    """The W&B config of a run: the resolved config with dotted keys, plus its results-store id and
+    the results version it was computed at (the columns of :func:`kvbench.tracking.store.load`)."""
+    from kvbench.tracking.store import run_results_version
+
     d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     out = flatten(d)
     out["run_dir"] = str(run_path)
     out["run_id"] = Path(run_path).name
+    out["results_version"] = run_results_version(Path(run_path))
     return out
 
 
