@@ -420,15 +420,11 @@ def packed_cache(model, method, n_layers: int, kernel=None):
     impl = resolve_impl(str(kernel.impl), next(model.parameters()).device)
     if impl == "triton" and not triton_available():
         raise UserError(BACKEND_ERROR + "; or set kv.kernel.impl=reference")
-    if impl == "triton" and kernel.path != "auto":
-        import kvbench.kernels.triton  # noqa: F401 - registers the decode paths
-
-        if kernel.path not in plugins("kernel path", load=False):
-            raise unknown_name_error("kv.kernel.path", kernel.path, ["auto", *plugins("kernel path", load=False)])
-    head_dim = method.info.head_dim
+    if impl == "triton" and kernel.path != "auto" and kernel.path not in plugins("kernel path"):
+        raise unknown_name_error("kv.kernel.path", kernel.path, ["auto", *plugins("kernel path")])
     spec = dataclasses.replace(method.packed_spec(), impl=impl, path=kernel.path,
                                sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window)
     for bits in {spec.key_bits, spec.value_bits}:
-        check_layout(bits, head_dim)
+        check_layout(bits, method.info.head_dim)
     enable_fused_decode(model)
     return lambda: make_packed_cache(model.config, spec)
