@@ -43,7 +43,7 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
     from kvbench.registry import get
 
     evaluate_fn = get("eval", cfg.eval.name)
-    with patched(model, method, cfg.kv.backend, cfg.kv.kernel) as patch:
+    with patched(model, method, cfg.kv.backend, cfg.kv.kernel, cfg.kv.prefill) as patch:
         metrics = evaluate_fn(cfg, model, tok, splits, method)
     if hasattr(patch.last_cache, "nbytes_per_token"):  # the packed cache measures its real tensors
         per_layer = patch.last_cache.nbytes_per_token()

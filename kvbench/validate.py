@@ -83,6 +83,9 @@ def check_values(cfg) -> None:
         raise UserError(f"calib.num_samples={cal.num_samples}: calibration needs at least 1 sample")
     if cal.seqlen < 2:
         raise UserError(f"calib.seqlen={cal.seqlen}: a calibration sample needs at least 2 tokens")
+    if kv.prefill == "full" and ev.name == "ppl":
+        raise UserError("kv.prefill=full: perplexity scores the whole window in one prefill forward, so no token would "
+                        "read quantized K/V (it would equal fp16); use kv.prefill=quantized, or a generation eval")
     if ev.name == "harness":
         if ev.limit is not None and ev.limit <= 0:
             raise UserError(f"eval.limit must be positive (< 1: a fraction of each task), got {ev.limit}")

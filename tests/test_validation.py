@@ -44,6 +44,7 @@ CASES = [  # (overrides, env, the error line must contain)
     (["eval.seqlen=1"], {}, "eval.seqlen=1: a window needs at least 2 tokens"),
     (["eval.max_windows=0"], {}, "eval.max_windows=0: use a positive number"),
     (["calib.num_samples=0"], {}, "calib.num_samples=0: calibration needs at least 1 sample"),
+    (["kv.prefill=full"], {}, "kv.prefill=full: perplexity scores the whole window in one prefill forward"),
     (["eval=harness", "eval.tasks=[piqaa]"], {}, "Unknown lm-eval task 'piqaa'. Did you mean 'piqa'?"),
     (["output_dir={tmp}/afile/out"], {}, "output_dir={tmp}/afile/out is not writable"),
     (["data=text", "data.path={tmp}/missing.txt"], {}, "data.path={tmp}/missing.txt is not a readable file"),

@@ -32,10 +32,11 @@ from kvbench.model.anatomy import apply_rope, attention_modules
 from kvbench.registry import get
 
 
-def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=None):
+def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=None, prefill: str = "quantized"):
     """A function that builds an empty cache of ``backend`` (a registered ``cache backend``) for one
-    forward or generation. ``kernel`` is the ``kv.kernel`` config (default: the method's ``kv.kernel``)."""
-    return get("cache backend", str(backend))(model, method, n_layers, kernel)
+    forward or generation. ``kernel`` is the ``kv.kernel`` config (default: the method's ``kv.kernel``);
+    ``prefill`` is ``kv.prefill`` (``quantized`` | ``full``)."""
+    return get("cache backend", str(backend))(model, method, n_layers, kernel, str(prefill))
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ class Patch:
 
 
 @contextlib.contextmanager
-def patched(model, method: KVMethod, backend: str = "simulated", kernel=None):
+def patched(model, method: KVMethod, backend: str = "simulated", kernel=None, prefill: str = "quantized"):
     """Route the model's KV cache through ``method`` while the context is open.
 
     ``backend="simulated"`` quantize-dequantizes in PyTorch (:class:`QuantizingCache`);
@@ -59,6 +60,11 @@ def patched(model, method: KVMethod, backend: str = "simulated", kernel=None):
     (:mod:`kvbench.kernels`; ``kernel`` is the ``kv.kernel`` config). Identity methods (fp16) install
     nothing, so the model is bit-for-bit the unpatched one. Yields a :class:`Patch`, whose
     ``last_cache`` is the cache of the latest forward (its real memory can be measured).
+
+    ``prefill`` (``kv.prefill``): ``quantized``: the first forward a cache sees (a scoring forward,
+    or the prompt of ``generate()``) attends to the quantized K/V of the earlier tokens; ``full``: that
+    forward attends to its full-precision K/V and leaves them quantized in the cache, so only later
+    forwards (decode steps) read quantized K/V.
     """
     patch = Patch()
     if method.is_identity:
@@ -66,7 +72,7 @@ def patched(model, method: KVMethod, backend: str = "simulated", kernel=None):
         return
     attn = attention_modules(model)
     prev_impl = model.config._attn_implementation
-    make = cache_factory(model, method, backend, len(attn), kernel)
+    make = cache_factory(model, method, backend, len(attn), kernel, prefill)
     ours = weakref.WeakSet()  # the caches this patch built: generate() hands them back every step
     current: dict[int, QuantizingLayer | None] = {}  # layer index -> its cache layer in this forward
     handles = []

@@ -61,6 +61,8 @@ class PackedCacheSpec:
             (``kv.kernel.impl``).
         path: Triton decode path, ``"auto"`` or a name in :data:`kvbench.kernels.triton.PATHS`
             (``kv.kernel.path``).
+        full_prefill: ``kv.prefill=full``: the first update (the prefill) returns its K/V as given
+            (full precision) to attention; they are stored packed all the same.
     """
 
     key_bits: int = 4
@@ -77,6 +79,7 @@ class PackedCacheSpec:
     inv_freq: torch.Tensor | None = None
     impl: str = "auto"
     path: str = "auto"
+    full_prefill: bool = False
 
 
 def _per_layer(x, i):
@@ -221,7 +224,8 @@ class PackedLayer(DynamicLayer):
     # ---------------------------------------------------------------- transformers API
     def update(self, key_states, value_states, *args, **kwargs):
         """Append ``(B, H_kv, T, D)`` K/V; return the dequantized cache, or tagged new K/V (fused decode)."""
-        if not self.is_initialized:
+        prefill = not self.is_initialized
+        if prefill:
             self.lazy_initialization(key_states, value_states)
         s = self.spec
         k, v = key_states, value_states
@@ -246,6 +250,8 @@ class PackedLayer(DynamicLayer):
             self.recent_k[:, :, :rest] = ck[:, :, n_flush:]
             self.recent_v[:, :, :rest] = cv[:, :, n_flush:]
             self.n_recent = rest
+        if prefill and s.full_prefill:  # kv.prefill=full: the prompt attends in full precision
+            return key_states, value_states
         if self.fused and key_states.shape[2] == 1:
             key_states._kvbench_packed = self  # read by packed_attention_forward
             return key_states, value_states
@@ -407,11 +413,11 @@ def check_layout(bits: int, head_dim: int) -> None:
 
 
 @register("cache backend", "kernel")
-def packed_cache(model, method, n_layers: int, kernel=None):
+def packed_cache(model, method, n_layers: int, kernel=None, prefill: str = "quantized"):
     """``kv.backend=kernel``: a fresh :class:`PackedCache` in ``method.packed_spec()``'s format per forward.
 
     The shared components (``method.sink_tokens``, ``method.recent_window``) and the kernel choice
-    (``kv.kernel``: ``impl``, ``path``) are applied here, once for every method.
+    (``kv.kernel``: ``impl``, ``path``) and ``kv.prefill`` are applied here, once for every method.
     """
     from kvbench.kernels.ops import BACKEND_ERROR, resolve_impl, triton_available
     from kvbench.registry import plugins, unknown_name_error
@@ -423,7 +429,8 @@ def packed_cache(model, method, n_layers: int, kernel=None):
     if impl == "triton" and kernel.path != "auto" and kernel.path not in plugins("kernel path"):
         raise unknown_name_error("kv.kernel.path", kernel.path, ["auto", *plugins("kernel path")])
     spec = dataclasses.replace(method.packed_spec(), impl=impl, path=kernel.path,
-                               sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window)
+                               sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window,
+                               full_prefill=prefill == "full")
     for bits in {spec.key_bits, spec.value_bits}:
         check_layout(bits, method.info.head_dim)
     enable_fused_decode(model)

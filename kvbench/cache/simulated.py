@@ -21,13 +21,15 @@ class QuantizingLayer(DynamicLayer):
 
     ``keys``/``values`` ``(B, H_kv, T, D)`` hold what attention reads: the first ``n_final``
     tokens are final (sink tokens as they are, the rest quantize-dequantized), the tail is still
-    in full precision (recent window, or a key block not yet full).
+    in full precision (recent window, or a key block not yet full). With ``full_prefill`` the first
+    update (the prefill) returns its K/V unquantized to attention and stores them quantized.
     """
 
-    def __init__(self, method: KVMethod, layer_idx: int):
+    def __init__(self, method: KVMethod, layer_idx: int, full_prefill: bool = False):
         super().__init__()
         self.method = method
         self.layer_idx = layer_idx
+        self.full_prefill = full_prefill
         self.n_final = 0
         self.cos = self.sin = None  # (B, T, D) rotary tables of the cached tokens
         self.pending_rope = None  # (cos, sin) of the forward in progress, set by a pre-hook
@@ -35,7 +37,8 @@ class QuantizingLayer(DynamicLayer):
         self.n_quantized = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
+        prefill = not self.is_initialized
+        if prefill:
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -46,6 +49,8 @@ class QuantizingLayer(DynamicLayer):
         self.pending_rope = None
         self._finalize(query_start=self.keys.shape[-2] - key_states.shape[-2])
         self.query = None
+        if prefill and self.full_prefill:  # kv.prefill=full: the prompt attends in full precision
+            return key_states, value_states
         return self.keys, self.values
 
     def _finalize(self, query_start: int) -> None:
@@ -75,12 +80,12 @@ class QuantizingLayer(DynamicLayer):
 class QuantizingCache(Cache):
     """A transformers ``Cache`` whose layers pass K/V through a method (simulated quantization)."""
 
-    def __init__(self, method: KVMethod, num_layers: int):
-        super().__init__(layers=[QuantizingLayer(method, i) for i in range(num_layers)])
+    def __init__(self, method: KVMethod, num_layers: int, prefill: str = "quantized"):
+        super().__init__(layers=[QuantizingLayer(method, i, prefill == "full") for i in range(num_layers)])
         self.method = method
 
 
 @register("cache backend", "simulated")
-def simulated_cache(model, method: KVMethod, n_layers: int, kernel=None):
+def simulated_cache(model, method: KVMethod, n_layers: int, kernel=None, prefill: str = "quantized"):
     """``kv.backend=simulated``: a fresh :class:`QuantizingCache` per forward / generation."""
-    return lambda: QuantizingCache(method, n_layers)
+    return lambda: QuantizingCache(method, n_layers, prefill)

@@ -14,6 +14,7 @@ from kvbench.config.schema import (
     KVConfig,
     LoggingConfig,
     ModelConfig,
+    Prefill,
     WandbConfig,
     WandbMode,
     register_configs,
@@ -21,6 +22,6 @@ from kvbench.config.schema import (
 
 __all__ = [
     "GROUPS", "SUPPORTED_BITS", "Backend", "CalibConfig", "Config", "DataConfig", "DataSource", "EvalConfig",
-    "KVConfig", "KernelConfig", "KernelImpl", "LoggingConfig", "ModelConfig", "WandbConfig", "WandbMode",
+    "KVConfig", "KernelConfig", "KernelImpl", "LoggingConfig", "ModelConfig", "Prefill", "WandbConfig", "WandbMode",
     "check_overrides", "compose", "conf_dir", "group_options", "register_configs",
 ]

@@ -33,6 +33,19 @@ class KernelImpl(StrEnum):
     reference = "reference"
 
 
+class Prefill(StrEnum):
+    """``kv.prefill``: what the prompt's own attention reads while it is processed.
+
+    ``quantized``: every prompt token attends to the quantized K/V of the earlier prompt tokens (how
+    perplexity and log-likelihoods are scored). ``full``: the prompt attends in full precision and
+    the cache is quantized after the prefill (KIVI's deployment setting); decode steps read the
+    quantized cache in both settings.
+    """
+
+    quantized = "quantized"
+    full = "full"
+
+
 class DataSource(StrEnum):
     embedded = "embedded"
     text = "text"
@@ -88,12 +101,14 @@ class KVConfig:
 
     ``group_size`` is the number of channels of a head that share one scale for
     per-token quantization (``None``: the whole head_dim); it must divide head_dim.
+    ``prefill``: ``quantized`` | ``full`` (see :class:`Prefill`).
     """
 
     bits: int = 4
     group_size: Optional[int] = None
     backend: Backend = Backend.simulated
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    prefill: Prefill = Prefill.quantized
 
 
 @dataclass

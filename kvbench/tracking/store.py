@@ -34,7 +34,8 @@ leave it alone."""
 
 def result_config(cfg) -> dict:
     """The resolved config as a plain dict, without keys that do not change the result (and without
-    ``kv.kernel`` when the simulated backend runs no kernel)."""
+    ``kv.kernel`` when the simulated backend runs no kernel, nor ``kv.prefill`` at its default
+    ``quantized``, so runs made before the option existed keep their hash)."""
     d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
     for k in NON_RESULT_KEYS:
         d.pop(k, None)
@@ -43,7 +44,9 @@ def result_config(cfg) -> dict:
         d["model"] = {k: v for k, v in model.items() if k not in ("random_init", "init_seed", "architecture")}
     kv = d.get("kv")
     if isinstance(kv, dict) and kv.get("backend", "simulated") == "simulated" and "kernel" in kv:
-        d["kv"] = {k: v for k, v in kv.items() if k != "kernel"}
+        d["kv"] = kv = {k: v for k, v in kv.items() if k != "kernel"}
+    if isinstance(kv, dict) and kv.get("prefill") == "quantized":  # the behaviour of every run before kv.prefill existed
+        d["kv"] = {k: v for k, v in kv.items() if k != "prefill"}
     return d
 
 
