@@ -91,6 +91,8 @@ def check_values(cfg) -> None:
             raise UserError(f"eval.limit must be positive (< 1: a fraction of each task), got {ev.limit}")
         if ev.batch_size < 1:
             raise UserError(f"eval.batch_size must be at least 1, got {ev.batch_size}")
+        if not ev.max_seq_lengths or min(ev.max_seq_lengths) < 256:
+            raise UserError(f"eval.max_seq_lengths={list(ev.max_seq_lengths)}: RULER prompt lengths in tokens, each at least 256")
 
 
 def check_output_dir(path: str) -> None:
@@ -153,12 +155,15 @@ def check_data(cfg, method) -> "Optional[TextSplits]":
 def check_task_names(names: list[str]) -> None:
     """Harness task names against kvbench's offline tasks and lm-eval's task index (the index is
     built once per lm-eval version and cached on disk: building it takes seconds)."""
-    from kvbench.eval.harness import hub_offline
-    from kvbench.eval.tasks import OFFLINE_TASKS
+    from kvbench.eval.harness import hub_offline, ruler_qa_refusal
+    from kvbench.eval.tasks import OFFLINE_SUMMARY, OFFLINE_TASKS, RULER_QA
     from kvbench.registry import unknown_name_error
 
     if not names:
-        raise UserError(f"eval=harness needs eval.tasks=[...]; offline tasks: {', '.join(OFFLINE_TASKS)}")
+        raise UserError(f"eval=harness needs eval.tasks=[...]; offline tasks: {OFFLINE_SUMMARY}")
+    for name in names:
+        if name in RULER_QA and hub_offline():
+            raise UserError(ruler_qa_refusal(name))
     if all(n in OFFLINE_TASKS for n in names):
         return
     known, hub = lm_eval_tasks()
@@ -171,7 +176,7 @@ def check_task_names(names: list[str]) -> None:
         if name in hub and hub_offline():
             raise UserError(
                 f"lm-eval task {name!r} needs the Hugging Face hub, which is offline here (HF_HUB_OFFLINE/"
-                f"HF_DATASETS_OFFLINE; embedded models set them). Offline tasks: {', '.join(OFFLINE_TASKS)}")
+                f"HF_DATASETS_OFFLINE; embedded models set them). Offline tasks: {OFFLINE_SUMMARY}")
 
 
 def lm_eval_tasks() -> tuple[set, set]:

@@ -46,6 +46,13 @@ class Prefill(StrEnum):
     full = "full"
 
 
+class RulerHaystack(StrEnum):
+    """``eval.ruler_haystack``: the filler of RULER's essay tasks (``niah_single_2`` ...)."""
+
+    wiki = "wiki"  # the embedded Wikipedia evaluation text (offline)
+    essay = "essay"  # lm-eval's own: Paul Graham's essays from the hub
+
+
 class DataSource(StrEnum):
     embedded = "embedded"
     text = "text"
@@ -74,6 +81,7 @@ class ModelConfig:
     device_map: Optional[str] = None
     max_context: Optional[int] = None
     trust_remote_code: bool = False
+    chat_template: bool = False  # lm-eval prompts through the tokenizer's chat template (eval.chat_template=null)
     # random weights of the named architecture (timing and memory anywhere; no download): see
     # kvbench.model.loading.build_random_model. ``architecture`` holds the transformers config fields
     # (conf/model/<name>.yaml); ``init_seed`` seeds the device-independent weights
@@ -131,8 +139,15 @@ class EvalConfig:
     max_windows: Optional[int] = 8
     tasks: list[str] = field(default_factory=list)
     limit: Optional[float] = None
-    num_fewshot: int = 0
+    num_fewshot: Optional[int] = 0  # null: each lm-eval task's own (gsm8k 5, gsm8k_cot 8, most others 0)
     batch_size: int = 1
+    # RULER (lm-eval's `ruler` tasks): prompt lengths in tokens of the model's tokenizer (lm-eval's `max_seq_lengths`
+    # metadata), and the haystack of its essay tasks: wiki (embedded Wikipedia text, offline) | essay (lm-eval's, hub)
+    max_seq_lengths: list[int] = field(default_factory=lambda: [4096])
+    ruler_haystack: RulerHaystack = RulerHaystack.wiki
+    # lm-eval's apply_chat_template: null follows model.chat_template; system_instruction: the system prompt
+    chat_template: Optional[bool] = None
+    system_instruction: Optional[str] = None
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 2

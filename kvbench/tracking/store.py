@@ -32,6 +32,14 @@ Changes that alter no number (speed, messages, new options whose default keeps t
 leave it alone."""
 
 
+UNHASHED_DEFAULTS = {
+    "eval": {"max_seq_lengths": [4096], "ruler_haystack": "wiki", "chat_template": None, "system_instruction": None},
+    "model": {"chat_template": False},
+}
+"""Config keys left out of the run hash at these values: options added after runs were stored, whose value here
+gives what those runs computed (RULER options touch no other task; no chat template was applied before)."""
+
+
 def result_config(cfg) -> dict:
     """The resolved config as a plain dict, without keys that do not change the result (and without
     ``kv.kernel`` when the simulated backend runs no kernel, nor ``kv.prefill`` at its default
@@ -47,6 +55,10 @@ def result_config(cfg) -> dict:
         d["kv"] = kv = {k: v for k, v in kv.items() if k != "kernel"}
     if isinstance(kv, dict) and kv.get("prefill") == "quantized":  # the behaviour of every run before kv.prefill existed
         d["kv"] = {k: v for k, v in kv.items() if k != "prefill"}
+    for group, defaults in UNHASHED_DEFAULTS.items():  # options added later, at the value that changes nothing
+        sub = d.get(group)
+        if isinstance(sub, dict):
+            d[group] = {k: v for k, v in sub.items() if not (k in defaults and v == defaults[k])}
     return d
 
 
