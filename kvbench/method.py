@@ -149,6 +149,12 @@ class KVMethod:
 
         raise UserError(f"method {self.name} has no packed (kernel) format yet; use kv.backend=simulated")
 
+    def check_packable(self) -> None:
+        """Refuse, in one line naming the component and why, a configuration :meth:`packed_spec` cannot store
+        (``kv.backend=kernel``); run by validation before any weights load. Default: no packed format."""
+        if type(self).packed_spec is KVMethod.packed_spec:
+            self.packed_spec()
+
     @property
     def is_identity(self) -> bool:
         """True when the method leaves K/V untouched (the patch then installs nothing)."""

@@ -61,6 +61,7 @@ def check(cfg) -> Checked:
         from kvbench.cache.packed import check_layout
 
         check_layout(cfg.kv.bits, info.head_dim)
+        method.check_packable()  # the method's own refusals (components its packed format cannot hold)
     if cfg.eval.name == "harness":
         check_task_names(list(cfg.eval.tasks))
     return Checked(info, method, check_data(cfg, method))

@@ -27,13 +27,13 @@ simulated: quantize, then dequantize in fp32. A uniform ``b``-bit quantizer is t
 ``linspace(-1, 1, 2**b)`` in the same normalized space, so turning NUQ off changes nothing else.
 
 ``kv.backend=kernel`` stores the same numbers packed (:meth:`KVQuant.packed_spec`): codes, the
-calibrated per-channel key ranges, the codebooks (Q-Norm is folded into them), CSR key outliers,
-pre-RoPE keys and the sink tokens. It has no sparse value outliers (``method.value_outliers=false``)
-and no per-token keys.
+calibrated per-channel key ranges (or per-token key ranges), the codebooks (Q-Norm is folded into
+them), CSR key and value outliers, pre-RoPE keys and the sink tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,7 @@ class KVQuant(KVMethod):
         if cfg.qnorm and not cfg.nuq:
             raise UserError("method.qnorm=true needs method.nuq=true (Q-Norm corrects the NUQ codebook)")
         if getattr(kv, "backend", "simulated") == "kernel":
-            self._check_packable()  # before calibration, which may take minutes
+            self.check_packable()  # before calibration, which may take minutes
         self.pre_rope = bool(cfg.pre_rope)  # read by the cache
         self.key_block = 1  # key ranges are offline (channel) or per token: no block needed
         self.bits = kv.bits
@@ -255,39 +255,38 @@ class KVQuant(KVMethod):
         """The packed format of ``kv.backend=kernel``: the simulated numbers, stored.
 
         Keys: codes of the calibrated per-channel ranges (``scale = (hi - lo) / (2**bits - 1)``,
-        ``zero = lo``, one copy per :data:`PACKED_KEY_BLOCK` tokens), pre-RoPE if ``pre_rope``, with
-        CSR outliers outside ``[lo, hi]``; values: per-token ranges per ``kv.group_size`` channels.
-        Both index the layer's codebook (uniform, NUQ or Q-Normed), mapped to the code domain.
-
-        Raises:
-            UserError: for what the format cannot hold (sparse value outliers, per-token keys).
+        ``zero = lo``, one copy per :data:`PACKED_KEY_BLOCK` tokens) with CSR outliers outside
+        ``[lo, hi]``, or (``key_axis=token``) per-token ranges per ``kv.group_size`` channels with each
+        token's CSR outliers; pre-RoPE if ``pre_rope``. Values: per-token ranges per ``kv.group_size``
+        channels, with each token's CSR outliers (``value_outliers``). Both index the layer's codebook
+        (uniform, NUQ or Q-Normed), mapped to the code domain.
         """
         from kvbench.cache import PackedCacheSpec
         from kvbench.kernels.ops import codebook_from_unit
 
-        self._check_packable()
-        if "k_lo.0" not in self.state:
+        self.check_packable()
+        channel = self.cfg.key_axis == "channel"
+        if channel and "k_lo.0" not in self.state:
             raise RuntimeError("kvquant: the packed cache needs calibration (kvbench.calibration.prepare)")
         layers = range(self.info.num_layers)
-        ranges = [(self.state[f"k_lo.{i}"], self.state[f"k_hi.{i}"]) for i in layers]  # (H_kv, D) each
         like = torch.zeros(0)  # fp32, CPU: the cache moves the codebooks to its device
-        return PackedCacheSpec(
+        spec = PackedCacheSpec(
             key_bits=self.bits, value_bits=self.bits, value_group_size=self.group, key_block=PACKED_KEY_BLOCK,
             pre_rope=self.pre_rope,
             key_codebooks=[codebook_from_unit(self._codebook("k", i, like), self.bits) for i in layers],
             value_codebooks=[codebook_from_unit(self._codebook("v", i, like), self.bits) for i in layers],
-            key_scales=[((hi - lo) / (2**self.bits - 1), lo) for lo, hi in ranges],
-            key_outlier_thresholds=ranges if self.cfg.outlier_frac > 0 else None,
+            value_outlier_frac=self._outlier_frac("v"),
         )
+        if not channel:
+            return dataclasses.replace(spec, key_axis="token", key_group_size=self.group,
+                                       key_outlier_frac=self._outlier_frac("k"))
+        ranges = [(self.state[f"k_lo.{i}"], self.state[f"k_hi.{i}"]) for i in layers]  # (H_kv, D) each
+        return dataclasses.replace(spec, key_scales=[((hi - lo) / (2**self.bits - 1), lo) for lo, hi in ranges],
+                                   key_outlier_thresholds=ranges if self.cfg.outlier_frac > 0 else None)
 
-    def _check_packable(self) -> None:
+    def check_packable(self) -> None:
         if self.kv.bits not in (2, 3, 4):
             raise UserError(f"kv.backend=kernel packs 2/3/4-bit codes, got kv.bits={self.kv.bits}")
-        if self.cfg.key_axis != "channel":
-            raise UserError("kv.backend=kernel stores keys with per-channel ranges: set method.key_axis=channel")
-        if self.cfg.outlier_frac > 0 and self.cfg.value_outliers:
-            raise UserError("kv.backend=kernel has no sparse value outliers: set method.value_outliers=false "
-                            "(dense-and-sparse keys only) or method.outlier_frac=0")
 
     # -- bits ----------------------------------------------------------------------------------
     def outlier_rate(self, which: str) -> float:

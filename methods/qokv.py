@@ -378,6 +378,43 @@ class QoKV(KVMethod):
         g = self._groups_for(v, layer, ctx)
         return self.rotation.around("v", v, lambda y: self._values(y, g, layer))
 
+    # -- packed format (kv.backend=kernel) --------------------------------------------------------
+    def check_packable(self) -> None:
+        if self.kv.bits >= FP16_BITS:
+            raise UserError(f"kv.backend=kernel packs codes of at most 8 bits, got kv.bits={self.kv.bits}")
+
+    def packed_spec(self):
+        """The packed format: keys and values per token (ranges per ``kv.group_size`` channels) of
+        ``(x - shift) / scale`` with the calibrated channel shifts and scales (the kernel maps keys back in
+        its tile, before RoPE, and folds the values' into its output), pre-RoPE keys if ``pre_rope``, and
+        one store per ``(key width, value width)`` of the token groups, each token in its group's store
+        with its position; the groups are decided as in the simulated backend (:meth:`groups`)."""
+        from kvbench.cache import PackedCacheSpec
+        from kvbench.kernels.ops import codebook_from_unit
+
+        self.check_packable()
+        L, group = self.info.num_layers, self.kv.group_size or self.info.head_dim
+        pairs = list(zip(self.key_bits, self.value_bits))
+
+        def chan(scales, shifts):
+            if scales is None and shifts is None:
+                return None
+            return [(None if scales is None else scales[i], None if shifts is None else shifts[i]) for i in range(L)]
+
+        def books(which):
+            if self.cfg.base != "nuq":
+                return None
+            return [{b: codebook_from_unit(cb[i], b) for b, cb in self.codebooks.get(which, {}).items()} for i in range(L)]
+
+        return PackedCacheSpec(
+            key_bits=pairs[0][0], value_bits=pairs[0][1], key_axis="token", key_group_size=group,
+            value_group_size=group, pre_rope=self.cfg.pre_rope,
+            key_channel=chan(self.key_scales, self.key_shifts), value_channel=chan(self.value_scales, self.value_shifts),
+            key_codebooks=books("key"), value_codebooks=books("value"),
+            group_bits=pairs if self.n_groups > 1 else None,
+            token_groups=self._groups_for if self.n_groups > 1 else None,
+        )
+
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
         """Realised share of tokens per group (declared shares before any token was quantized)."""

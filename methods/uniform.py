@@ -7,6 +7,7 @@ baseline is per-token for both. The shared components apply: rotation (``method.
 per-layer / per-KV-head widths (``method.layer_bits``, calibrated from the Fisher information).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,17 +93,23 @@ class Uniform(KVMethod):
         return self.mean_width(which) + SCALE_ZERO_BITS / per_group
 
     def packed_spec(self):
-        """Kernel format: per-channel keys in blocks of ``key_block`` tokens, per-token values."""
-        from kvbench.errors import UserError
+        """Kernel format: keys per channel in blocks of ``key_block`` tokens, or per token in groups of
+        ``kv.group_size`` channels; values per token."""
         from kvbench.cache import PackedCacheSpec
 
-        if (self.cfg.key_axis, self.cfg.value_axis) != ("channel", "token") or self.kv.bits not in (2, 3, 4):
-            raise UserError("kv.backend=kernel packs 2/3/4-bit per-channel keys and per-token values: "
-                            "set method.key_axis=channel method.value_axis=token")
-        return PackedCacheSpec(
-            key_bits=self.kv.bits, value_bits=self.kv.bits, key_block=self.key_block,
-            value_group_size=self._group("v") or self.info.head_dim,
-        )
+        self.check_packable()
+        spec = PackedCacheSpec(key_bits=self.kv.bits, value_bits=self.kv.bits,
+                               value_group_size=self._group("v") or self.info.head_dim)
+        if self.cfg.key_axis == "channel":
+            return dataclasses.replace(spec, key_block=self.key_block)
+        return dataclasses.replace(spec, key_axis="token", key_group_size=self._group("k") or self.info.head_dim)
+
+    def check_packable(self) -> None:
+        from kvbench.errors import UserError
+
+        if self.cfg.value_axis != "token":
+            raise UserError("kv.backend=kernel reads values with one range per token (the decode kernel scales each "
+                            "value row as it loads it): set method.value_axis=token")
 
     def bits_per_element(self, seq_len: int):
         return self._bits("k"), self._bits("v")

@@ -19,9 +19,11 @@ from kvbench.cache import patched  # noqa: E402
 
 PPL_REL, LOGITS_REL = 1e-3, 2e-2
 CALIB = ["method=kvquant", "model=tiny-llama", "calib.num_samples=2", "calib.seqlen=64"]
-KEYS_ONLY = ["method.value_outliers=false"]  # the packed format has sparse outliers for keys only
+KEYS_ONLY = ["method.value_outliers=false"]  # dense-and-sparse keys only
 CONFIGS = {  # name -> overrides: every component the packed format holds
-    "nuq4-1%": [*KEYS_ONLY],  # NUQ keys + values, pre-RoPE, 1 % key outliers, 1 sink (the paper's defaults)
+    "nuq4-1%": [],  # NUQ keys + values, pre-RoPE, 1 % key and value outliers, 1 sink (the paper's defaults)
+    "nuq4-1%-keys-only": [*KEYS_ONLY],
+    "nuq4-token-keys": ["method.key_axis=token"],  # per-token keys, each token's sparse outliers
     "nuq2-1%-qnorm": [*KEYS_ONLY, "kv.bits=2", "method.qnorm=true"],
     "nuq4-group8": [*KEYS_ONLY, "kv.group_size=8", "method.outlier_frac=0"],
     "int4-post-rope": ["method.nuq=false", "method.pre_rope=false", "method.outlier_frac=0", "method.sink_tokens=0"],
@@ -94,8 +96,10 @@ def test_packed_kvquant_matches_simulated(tiny_model, kvquant, name):
     lay, cfg = cache.layers[0], method.cfg
     assert lay.n_sink == cfg.sink_tokens and lay.n_recent == min(cfg.recent_window, 128)
     assert lay.n_packed == 128 - lay.n_sink - lay.n_recent  # token by token, not in whole key blocks
-    assert (lay.k_lut is not None) and (lay.v_lut is not None) and (lay._inv_freq is not None) == cfg.pre_rope
-    assert hasattr(lay, "ol_ptr") == (cfg.outlier_frac > 0)
+    store = lay.stores[0]
+    assert (store.k_lut is not None) and (store.v_lut is not None) and (lay._inv_freq is not None) == cfg.pre_rope
+    assert ("ol" in store.sparse) == (cfg.outlier_frac > 0)
+    assert ("vol" in store.sparse) == (cfg.outlier_frac > 0 and cfg.value_outliers)
 
 
 def test_packed_kvquant_memory(tiny_model, kvquant):
@@ -136,8 +140,6 @@ def test_packed_kvquant_triton_prefill_and_decode(tiny_model, kvquant):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ([], "kv.backend=kernel has no sparse value outliers: set method.value_outliers=false"),
-    (["method.key_axis=token"], "set method.key_axis=channel"),
     (["kv.bits=8"], "kv.backend=kernel packs 2/3/4-bit codes"),
 ])
 def test_unpackable_kvquant_is_one_line(compose, tiny_model, overrides, message):

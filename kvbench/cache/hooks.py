@@ -26,6 +26,7 @@ import weakref
 
 from transformers.cache_utils import Cache
 
+from kvbench.cache.packed import PackedCache
 from kvbench.cache.simulated import QuantizingCache, QuantizingLayer
 from kvbench.method import KVMethod
 from kvbench.model.anatomy import apply_rope, attention_modules
@@ -91,7 +92,7 @@ def patched(model, method: KVMethod, backend: str = "simulated", kernel=None, pr
 
     def record_rope(module, args, kwargs):
         pkv = kwargs.get("past_key_values")
-        layer = pkv.layers[module.layer_idx] if isinstance(pkv, QuantizingCache) else None
+        layer = pkv.layers[module.layer_idx] if isinstance(pkv, (QuantizingCache, PackedCache)) else None
         current[module.layer_idx] = layer
         if layer is not None:
             layer.pending_rope = kwargs.get("position_embeddings")

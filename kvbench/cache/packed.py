@@ -4,8 +4,11 @@ Per layer (``PackedLayer``) the cache keeps, for each batch row and KV head:
 
 * the first ``sink_tokens`` tokens in the model dtype (post-RoPE keys);
 * the packed store: ``key_bits`` / ``value_bits`` codes plus fp16 scales/zeros (see
-  :mod:`kvbench.kernels`), optional NUQ codebooks and CSR key outliers; with ``pre_rope`` the keys
-  are un-rotated before quantization and rotated back inside the decode kernel;
+  :mod:`kvbench.kernels`), keys per channel (key blocks or calibrated ranges) or per token, optional
+  NUQ codebooks and CSR key and value outliers; with ``pre_rope`` the keys are un-rotated before
+  quantization and rotated back inside the decode kernel; with channel ``(scale, shift)`` the codes
+  are of ``(x - shift) / scale``. With token groups of different widths (``group_bits``, QoKV) the
+  layer holds one store per width pair, each token in its group's store with its position;
 * a recent window in the model dtype: new tokens land there; whenever it holds
   ``recent_window + key_block`` tokens, the oldest ``key_block`` are quantized and packed. With
   calibrated ``key_scales`` no block statistics are needed: every token leaving the window is packed
@@ -23,6 +26,7 @@ dequantized cache (correct, slow, like transformers' QuantizedCache).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +67,20 @@ class PackedCacheSpec:
             (``kv.kernel.path``).
         full_prefill: ``kv.prefill=full``: the first update (the prefill) returns its K/V as given
             (full precision) to attention; they are stored packed all the same.
+        key_axis: ``"channel"`` (ranges per channel over key blocks, or ``key_scales``) or ``"token"``
+            (one range per token and ``key_group_size`` channels, like the values; packed token by token).
+        key_group_size: channels per key range with ``key_axis="token"``.
+        key_outlier_frac, value_outlier_frac: per-token dense-and-sparse split (KVQuant): the top and
+            bottom ``frac / 2`` of each token over all heads and channels are stored sparsely (CSR per
+            key block), the rest quantized on its own range (keys: with ``key_axis="token"``).
+        key_channel, value_channel: optional per-layer channel ``(scale, shift)``, each ``(H_kv, D)`` or
+            ``None``: the cache stores codes of ``(x - shift) / scale`` (QoKV's balancing); the decode
+            kernel maps keys back in its tile and folds the values' affine into its output.
+        group_bits: optional ``(key_bits, value_bits)`` of each token group (QoKV): the layer keeps one
+            store per distinct pair, each token in its group's store with its position.
+        token_groups: with ``group_bits``, ``f(keys (B, H_kv, n, D), layer, ctx) -> (B, n)`` group of
+            every token about to be packed (``ctx``: a :class:`kvbench.method.KVContext` with the layer's
+            queries of the current forward and all its keys so far).
     """
 
     key_bits: int = 4
@@ -80,17 +98,193 @@ class PackedCacheSpec:
     impl: str = "auto"
     path: str = "auto"
     full_prefill: bool = False
+    key_axis: str = "channel"
+    key_group_size: int = 128
+    key_outlier_frac: float = 0.0
+    value_outlier_frac: float = 0.0
+    key_channel: list | None = None
+    value_channel: list | None = None
+    group_bits: list | None = None
+    token_groups: Callable | None = None
+
+    def widths(self) -> set[int]:
+        """Every code width the cache stores."""
+        pairs = self.group_bits or [(self.key_bits, self.value_bits)]
+        return {int(b) for pair in pairs for b in pair}
 
 
 def _per_layer(x, i):
     return None if x is None else x[i]
 
 
-def _lut(cb, H, D, device):
+def _lut(cb, H, D, device, bits):
+    if isinstance(cb, dict):  # one codebook per width (mixed widths)
+        cb = cb.get(bits)
     if cb is None:
         return None
     cb = torch.as_tensor(cb).to(device=device, dtype=torch.float16)
     return cb.expand(H, D, cb.shape[-1]).contiguous()
+
+
+def _chan(pair, H, D, device):
+    """``(2, H, D)`` fp32 channel (scale, shift) of a layer, or None."""
+    if pair is None:
+        return None
+    scale, shift = pair
+    one = torch.ones(H, D, device=device)
+    return torch.stack([one if scale is None else torch.as_tensor(scale).to(device, torch.float32),
+                        0 * one if shift is None else torch.as_tensor(shift).to(device, torch.float32)]).contiguous()
+
+
+class _Store:
+    """The packed tokens of one ``(key_bits, value_bits)`` pair of a layer: codes, fp16 scales/zeros, the
+    optional CSR outliers (keys ``ol_*``, values ``vol_*``) and, in a mixed-width layer, every token's
+    position. ``n`` slots are used in every batch row (a row's surplus slots have position ``-1``)."""
+
+    def __init__(self, spec: PackedCacheSpec, layer_idx: int, bits: tuple[int, int], shape, device, mixed: bool):
+        s = spec
+        B, H, D = shape
+        self.spec, self.B, self.H, self.D, self.device = s, B, H, D, device
+        self.key_bits, self.value_bits = bits
+        self.token_keys = s.key_axis == "token"
+        new = lambda t, w, dt: torch.zeros(B, H, t, w, dtype=dt, device=device)  # noqa: E731
+        wk, wv = reference.words_per_token(self.key_bits, D), reference.words_per_token(self.value_bits, D)
+        ngk = D // s.key_group_size if self.token_keys else D
+        self.k_words, self.v_words = new(0, wk, torch.int32), new(0, wv, torch.int32)
+        self.k_scale, self.k_zero = new(0, ngk, torch.float16), new(0, ngk, torch.float16)
+        self.v_scale, self.v_zero = new(0, D // s.value_group_size, torch.float16), new(0, D // s.value_group_size, torch.float16)
+        self.k_lut = _lut(_per_layer(s.key_codebooks, layer_idx), H, D, device, self.key_bits)
+        self.v_lut = _lut(_per_layer(s.value_codebooks, layer_idx), H, D, device, self.value_bits)
+        ks = _per_layer(s.key_scales, layer_idx)
+        self.k_given = None if ks is None else tuple(torch.as_tensor(t).to(device, torch.float16) for t in ks)
+        th = _per_layer(s.key_outlier_thresholds, layer_idx)
+        self.k_clamp = None if th is None else tuple(torch.as_tensor(t).to(device, torch.float32) for t in th)
+        self.positions = torch.full((B, 0), -1, dtype=torch.int32, device=device) if mixed else None
+        self.sparse = [p for p, on in (("ol", self.k_clamp is not None or (self.token_keys and s.key_outlier_frac > 0)),
+                                       ("vol", s.value_outlier_frac > 0)) if on]
+        for p in self.sparse:
+            setattr(self, f"{p}_ptr", torch.zeros(B, H, 1, dtype=torch.int32, device=device))
+            setattr(self, f"{p}_tok", torch.zeros(B, H, 0, dtype=torch.int32, device=device))
+            setattr(self, f"{p}_ch", torch.zeros(B, H, 0, dtype=torch.int16, device=device))
+            setattr(self, f"{p}_val", torch.zeros(B, H, 0, dtype=torch.float16, device=device))
+            setattr(self, f"{p}_len", torch.zeros(B, H, dtype=torch.int64, device=device))
+        self.n = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        names = ["k_words", "v_words", "k_scale", "k_zero", "v_scale", "v_zero", "k_lut", "v_lut", "positions",
+                 *(f"{p}_{f}" for p in self.sparse for f in ("ptr", "tok", "ch", "val"))]
+        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
+
+    def _grow(self, n_tokens: int) -> None:
+        """Make the store hold ``n_tokens`` (amortised: ~12.5 % slack, whole key blocks)."""
+        kb = self.spec.key_block
+        cap = self.k_words.shape[2]
+        if n_tokens <= cap:
+            return
+        new_cap = -(-(n_tokens + n_tokens // 8) // kb) * kb
+
+        def grow(t, n, fill=0):
+            out = torch.full((*t.shape[:2], n, *t.shape[3:]), fill, dtype=t.dtype, device=t.device)
+            out[:, :, : t.shape[2]] = t
+            return out
+
+        self.k_words, self.v_words = grow(self.k_words, new_cap), grow(self.v_words, new_cap)
+        self.v_scale, self.v_zero = grow(self.v_scale, new_cap), grow(self.v_zero, new_cap)
+        nk = new_cap if self.token_keys else new_cap // kb
+        self.k_scale, self.k_zero = grow(self.k_scale, nk), grow(self.k_zero, nk)
+        if self.positions is not None:
+            self.positions = grow(self.positions[:, None], new_cap, -1)[:, 0]
+        for p in self.sparse:
+            ptr = getattr(self, f"{p}_ptr")
+            setattr(self, f"{p}_ptr", grow(ptr.unsqueeze(-1), new_cap // kb + 1).squeeze(-1))
+
+    def append(self, kq: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Quantize and append ``kq, v (B, H, n, D)`` (keys as stored: pre-RoPE / channel-scaled where the
+        format says so); ``positions (B, n)`` in a mixed-width layer."""
+        s, n = self.spec, kq.shape[2]
+        start = self.n
+        self._grow(start + n)
+        b0, b1 = start // s.key_block, -(-(start + n) // s.key_block)  # key blocks touched
+        k_mask = v_mask = None
+        if self.token_keys:
+            kin = kq
+            if s.key_outlier_frac > 0:
+                k_mask, kin = ops.token_outliers(kq, s.key_outlier_frac, s.key_group_size)
+            kw, ks, kz = ops.quantize_pack_values(kin, self.key_bits, s.key_group_size, self.k_lut, impl=s.impl)
+            self.k_scale[:, :, start : start + n], self.k_zero[:, :, start : start + n] = ks, kz
+        else:
+            lo, hi = self.k_clamp if self.k_clamp is not None else (None, None)
+            gs, gz = self.k_given if self.k_given is not None else (None, None)
+            # given scales: any block gives the same codes; the largest power of two dividing n (<= key_block)
+            qb = min(n & -n, s.key_block) if self.k_given is not None else s.key_block
+            kw, ks, kz = ops.quantize_pack_keys(kq, self.key_bits, qb, self.k_lut, lo, hi, gs, gz, impl=s.impl)
+            if self.k_given is not None:  # one copy of the calibrated scales per block
+                self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks[:, :, :1], kz[:, :, :1]
+            else:
+                self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks, kz
+            if self.k_clamp is not None:
+                k_hat = reference.dequantize_keys(kw, ks, kz, self.key_bits, qb, self.k_lut)
+                k_mask, _ = ops.split_outliers(kq.float(), k_hat, lo, hi)
+        vin = v
+        if s.value_outlier_frac > 0:
+            v_mask, vin = ops.token_outliers(v, s.value_outlier_frac, s.value_group_size)
+        vw, vs, vz = ops.quantize_pack_values(vin, self.value_bits, s.value_group_size, self.v_lut, impl=s.impl)
+        self.k_words[:, :, start : start + n], self.v_words[:, :, start : start + n] = kw, vw
+        self.v_scale[:, :, start : start + n], self.v_zero[:, :, start : start + n] = vs, vz
+        if positions is not None:
+            self.positions[:, start : start + n] = positions
+        if k_mask is not None:
+            if self.token_keys:
+                k_hat = reference.dequantize_values(kw, ks, kz, self.key_bits, self.k_lut)
+            self._append_sparse("ol", k_mask, (kq.float() - k_hat).half(), start, b0, b1)
+        if v_mask is not None:
+            v_hat = reference.dequantize_values(vw, vs, vz, self.value_bits, self.v_lut)
+            self._append_sparse("vol", v_mask, (v.float() - v_hat).half(), start, b0, b1)
+        self.n = start + n
+
+    def _append_sparse(self, p: str, mask, res, start, b0, b1) -> None:
+        """Append the sparse entries ``res[mask]`` of tokens ``start ..`` to the CSR ``p`` (``"ol"``: keys,
+        ``"vol"``: values) and set the offsets of key blocks ``b0 .. b1 - 1``."""
+        s, n = self.spec, mask.shape[2]
+        counts, tok, ch, val, cnt = ops.outlier_csr(mask, res, 1, tok_offset=start)  # counts per token
+        length = getattr(self, f"{p}_len")
+        need = int((length + cnt).max())
+        if need >= getattr(self, f"{p}_tok").shape[2]:  # keep the last slot free: padding entries are parked there
+            cap = need + need // 4 + 16
+            for f in ("tok", "ch", "val"):
+                old = getattr(self, f"{p}_{f}")
+                new = torch.zeros(self.B, self.H, cap, dtype=old.dtype, device=self.device)
+                new[:, :, : old.shape[2]] = old
+                setattr(self, f"{p}_{f}", new)
+        last = getattr(self, f"{p}_tok").shape[2] - 1
+        idx = length[:, :, None] + torch.arange(tok.shape[2], device=self.device)  # (B, H, n_max)
+        valid = torch.arange(tok.shape[2], device=self.device) < cnt[:, :, None]
+        idx = torch.where(valid, idx, last).clamp_max(last)
+        for f, src in (("tok", tok), ("ch", ch), ("val", val)):
+            dst = getattr(self, f"{p}_{f}")
+            cur = torch.gather(dst, 2, idx)
+            dst.scatter_(2, idx, torch.where(valid, src, cur))
+        # ptr[j]: entries of the tokens before min(j * key_block, start + n)
+        before = torch.cat([counts.new_zeros(*counts.shape[:2], 1), counts.cumsum(-1)], -1)  # (B, H, n + 1)
+        ends = (torch.arange(b0 + 1, b1 + 1, device=self.device) * s.key_block).clamp_max(start + n) - start
+        getattr(self, f"{p}_ptr")[:, :, b0 + 1 : b1 + 1] = (length[:, :, None] + before[:, :, ends]).to(torch.int32)
+        length += cnt
+
+    def packed_kv(self, layer: "PackedLayer", first: bool) -> ops.PackedKV:
+        """This store as the kernels' :class:`~kvbench.kernels.ops.PackedKV` (the layer's sink and recent
+        tokens in the ``first`` store only)."""
+        ol, vol = "ol" in self.sparse, "vol" in self.sparse
+        return ops.PackedKV(
+            self.k_words, self.k_scale, self.k_zero, self.v_words, self.v_scale, self.v_zero, self.n,
+            layer.sink_k, layer.sink_v, layer.n_sink if first else 0,
+            layer.recent_k, layer.recent_v, layer.n_recent if first else 0,
+            self.key_bits, self.value_bits, self.spec.key_block, self.k_lut, self.v_lut,
+            self.ol_ptr if ol else None, self.ol_tok if ol else None, self.ol_ch if ol else None,
+            self.ol_val if ol else None, layer._inv_freq, key_axis=self.spec.key_axis, positions=self.positions,
+            k_chan=layer.k_chan, v_chan=layer.v_chan,
+            vol_ptr=self.vol_ptr if vol else None, vol_tok=self.vol_tok if vol else None,
+            vol_ch=self.vol_ch if vol else None, vol_val=self.vol_val if vol else None,
+        )
 
 
 class PackedLayer(DynamicLayer):
@@ -104,7 +298,11 @@ class PackedLayer(DynamicLayer):
         self._inv_freq = inv_freq
         self.n_sink = self.n_packed = self.n_recent = 0
         self.mask_ok = None  # set by packed_attention_forward at the first fused decode step
-        self.unit = 1 if spec.key_scales is not None else spec.key_block  # tokens packed at a time
+        self.pending_rope = self.query = None  # the current forward's rotary tables and queries (set by hooks)
+        token_by_token = spec.key_scales is not None or spec.key_axis == "token"
+        self.unit = 1 if token_by_token else spec.key_block  # tokens packed at a time
+        if spec.group_bits and not token_by_token:
+            raise ValueError("mixed widths need keys packed token by token (key_axis='token' or key_scales)")
 
     # ---------------------------------------------------------------- storage
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -116,110 +314,61 @@ class PackedLayer(DynamicLayer):
         self.sink_k, self.sink_v = new(s.sink_tokens, D, self.dtype), new(s.sink_tokens, D, self.dtype)
         cap_r = s.recent_window + self.unit
         self.recent_k, self.recent_v = new(cap_r, D, self.dtype), new(cap_r, D, self.dtype)
-        wk, wv = reference.words_per_token(s.key_bits, D), reference.words_per_token(s.value_bits, D)
-        ng = D // s.value_group_size
-        self.k_words, self.v_words = new(0, wk, torch.int32), new(0, wv, torch.int32)
-        self.k_scale, self.k_zero = new(0, D, torch.float16), new(0, D, torch.float16)
-        self.v_scale, self.v_zero = new(0, ng, torch.float16), new(0, ng, torch.float16)
-        self.k_lut = _lut(_per_layer(s.key_codebooks, self.layer_idx), H, D, dev)
-        self.v_lut = _lut(_per_layer(s.value_codebooks, self.layer_idx), H, D, dev)
-        ks = _per_layer(s.key_scales, self.layer_idx)
-        self.k_given = None if ks is None else tuple(torch.as_tensor(t).to(dev, torch.float16) for t in ks)
-        th = _per_layer(s.key_outlier_thresholds, self.layer_idx)
-        self.k_clamp = None if th is None else tuple(torch.as_tensor(t).to(dev, torch.float32) for t in th)
-        if self.k_clamp is not None:
-            self.ol_ptr = torch.zeros(B, H, 1, dtype=torch.int32, device=dev)
-            self.ol_tok = torch.zeros(B, H, 0, dtype=torch.int32, device=dev)
-            self.ol_ch = torch.zeros(B, H, 0, dtype=torch.int16, device=dev)
-            self.ol_val = torch.zeros(B, H, 0, dtype=torch.float16, device=dev)
-            self.ol_len = torch.zeros(B, H, dtype=torch.int64, device=dev)
+        self.k_chan = _chan(_per_layer(s.key_channel, self.layer_idx), H, D, dev)
+        self.v_chan = _chan(_per_layer(s.value_channel, self.layer_idx), H, D, dev)
+        groups = [tuple(map(int, g)) for g in s.group_bits] if s.group_bits else [(s.key_bits, s.value_bits)]
+        pairs = sorted(set(groups))
+        self.store_of_group = [pairs.index(g) for g in groups]  # token group -> its store
+        self.stores = [_Store(s, self.layer_idx, pair, (B, H, D), dev, len(pairs) > 1) for pair in pairs]
         if self._inv_freq is not None:
             self._inv_freq = self._inv_freq.to(dev, torch.float32)
         self.keys = self.values = None  # DynamicLayer attributes, unused
         self.is_initialized = True
 
     def _stored(self) -> list[torch.Tensor]:
-        names = ["sink_k", "sink_v", "recent_k", "recent_v", "k_words", "v_words", "k_scale", "k_zero",
-                 "v_scale", "v_zero", "k_lut", "v_lut", "ol_ptr", "ol_tok", "ol_ch", "ol_val"]
-        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
+        own = [self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.k_chan, self.v_chan]
+        return [t for t in own if t is not None] + [t for st in self.stores for t in st.tensors()]
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (allocated, capacity slack included)."""
         return sum(t.numel() * t.element_size() for t in self._stored())
 
-    def _grow(self, n_tokens: int) -> None:
-        """Make the packed store hold ``n_tokens`` (amortised: ~12.5 % slack, whole key blocks)."""
-        kb = self.spec.key_block
-        cap = self.k_words.shape[2]
-        if n_tokens <= cap:
-            return
-        new_cap = -(-(n_tokens + n_tokens // 8) // kb) * kb
-
-        def grow(t, n):
-            out = torch.zeros(*t.shape[:2], n, *t.shape[3:], dtype=t.dtype, device=t.device)
-            out[:, :, : t.shape[2]] = t
-            return out
-
-        self.k_words, self.v_words = grow(self.k_words, new_cap), grow(self.v_words, new_cap)
-        self.v_scale, self.v_zero = grow(self.v_scale, new_cap), grow(self.v_zero, new_cap)
-        self.k_scale, self.k_zero = grow(self.k_scale, new_cap // kb), grow(self.k_zero, new_cap // kb)
-        if self.k_clamp is not None:
-            ptr = torch.zeros(self.B, self.H, new_cap // kb + 1, dtype=torch.int32, device=self.device)
-            ptr[:, :, : self.ol_ptr.shape[2]] = self.ol_ptr
-            self.ol_ptr = ptr
-
-    def _flush(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize and append ``k, v (B, H, n, D)``: ``n`` a multiple of ``self.unit`` tokens."""
-        s, n = self.spec, k.shape[2]
+    def _flush(self, k: torch.Tensor, v: torch.Tensor, ctx=None) -> None:
+        """Quantize and append ``k, v (B, H, n, D)`` (post-RoPE, as the model gives them): ``n`` a multiple of
+        ``self.unit`` tokens. With token groups each token goes to its group's store."""
         start = self.n_packed
-        self._grow(start + n)
+        n = k.shape[2]
         kq = k
         if self._inv_freq is not None:
             pos = torch.arange(self.n_sink + start, self.n_sink + start + n, device=k.device)
             kq = reference.rope_at(k.float(), pos, -self._inv_freq)  # back to pre-RoPE
-        lo, hi = self.k_clamp if self.k_clamp is not None else (None, None)
-        gs, gz = self.k_given if self.k_given is not None else (None, None)
-        # given scales: any block gives the same codes; the largest power of two dividing n (<= key_block)
-        qb = min(n & -n, s.key_block) if self.k_given is not None else s.key_block
-        kw, ks, kz = ops.quantize_pack_keys(kq, s.key_bits, qb, self.k_lut, lo, hi, gs, gz, impl=s.impl)
-        vw, vs, vz = ops.quantize_pack_values(v, s.value_bits, s.value_group_size, self.v_lut, impl=s.impl)
-        b0, b1 = start // s.key_block, -(-(start + n) // s.key_block)  # key blocks touched
-        self.k_words[:, :, start : start + n], self.v_words[:, :, start : start + n] = kw, vw
-        self.v_scale[:, :, start : start + n], self.v_zero[:, :, start : start + n] = vs, vz
-        if self.k_given is not None:  # one copy of the calibrated scales per block
-            self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks[:, :, :1], kz[:, :, :1]
+        if self.k_chan is not None:
+            kq = (kq.float() - self.k_chan[1][:, None]) / self.k_chan[0][:, None]
+        vq = v if self.v_chan is None else (v.float() - self.v_chan[1][:, None]) / self.v_chan[0][:, None]
+        groups = None if self.spec.token_groups is None else self.spec.token_groups(k, self.layer_idx, ctx)
+        if len(self.stores) == 1:
+            self.stores[0].append(kq, vq)
         else:
-            self.k_scale[:, :, b0:b1], self.k_zero[:, :, b0:b1] = ks, kz
-        if self.k_clamp is not None:
-            k_hat = reference.dequantize_keys(kw, ks, kz, s.key_bits, qb, self.k_lut)
-            self._append_outliers(kq, k_hat, start, b0, b1)
+            B, H, _, D = k.shape
+            for j, store in enumerate(self.stores):
+                sel = torch.zeros_like(groups, dtype=torch.bool)
+                for g, sj in enumerate(self.store_of_group):
+                    if sj == j:
+                        sel |= groups == g
+                if not sel.any():
+                    continue
+                idx, pos = ops.select_tokens(sel, self.n_sink + start)  # (B, m)
+                at = idx[:, None, :, None].expand(B, H, idx.shape[1], D)
+                store.append(torch.gather(kq, 2, at), torch.gather(vq, 2, at), pos)
         self.n_packed = start + n
 
-    def _append_outliers(self, kq, k_hat, start, b0, b1) -> None:
-        """Append the sparse part of packed tokens ``start ..`` and set the CSR offsets of blocks ``b0 .. b1 - 1``."""
-        s, n = self.spec, kq.shape[2]
-        mask, res = ops.split_outliers(kq.float(), k_hat, *self.k_clamp)
-        counts, tok, ch, val, cnt = ops.outlier_csr(mask, res, 1, tok_offset=start)  # counts per token
-        need = int((self.ol_len + cnt).max())
-        if need >= self.ol_tok.shape[2]:  # keep the last slot free: padding entries are parked there
-            cap = need + need // 4 + 16
-            for name in ("ol_tok", "ol_ch", "ol_val"):
-                old = getattr(self, name)
-                new = torch.zeros(self.B, self.H, cap, dtype=old.dtype, device=self.device)
-                new[:, :, : old.shape[2]] = old
-                setattr(self, name, new)
-        idx = self.ol_len[:, :, None] + torch.arange(tok.shape[2], device=self.device)  # (B, H, n_max)
-        valid = torch.arange(tok.shape[2], device=self.device) < cnt[:, :, None]
-        idx = torch.where(valid, idx, self.ol_tok.shape[2] - 1).clamp_max(self.ol_tok.shape[2] - 1)
-        for name, src in (("ol_tok", tok), ("ol_ch", ch), ("ol_val", val)):
-            dst = getattr(self, name)
-            cur = torch.gather(dst, 2, idx)
-            dst.scatter_(2, idx, torch.where(valid, src, cur))
-        # ol_ptr[j]: outliers of the tokens before min(j * key_block, start + n)
-        before = torch.cat([counts.new_zeros(*counts.shape[:2], 1), counts.cumsum(-1)], -1)  # (B, H, n + 1)
-        ends = (torch.arange(b0 + 1, b1 + 1, device=self.device) * s.key_block).clamp_max(start + n) - start
-        self.ol_ptr[:, :, b0 + 1 : b1 + 1] = (self.ol_len[:, :, None] + before[:, :, ends]).to(torch.int32)
-        self.ol_len += cnt
+    def _context(self, new_k: torch.Tensor, n_new: int, query):
+        """What a token-group decision sees (as the simulated cache gives it): the queries of this forward
+        and every key so far (post-RoPE; packed ones dequantized), the new ones last."""
+        from kvbench.method import KVContext
+
+        keys = torch.cat([reference.dequantize_all(self.packed_kv())[0].to(new_k.dtype), new_k], 2)
+        return KVContext(start=self.n_sink + self.n_packed, query=query, query_start=keys.shape[2] - n_new, keys=keys)
 
     # ---------------------------------------------------------------- transformers API
     def update(self, key_states, value_states, *args, **kwargs):
@@ -229,6 +378,7 @@ class PackedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         s = self.spec
         k, v = key_states, value_states
+        query, self.query, self.pending_rope = self.query, None, None  # this forward's, read once
         take = min(s.sink_tokens - self.n_sink, k.shape[2])
         if take > 0:
             self.sink_k[:, :, self.n_sink : self.n_sink + take] = k[:, :, :take]
@@ -245,7 +395,8 @@ class PackedLayer(DynamicLayer):
             cv = torch.cat([self.recent_v[:, :, : self.n_recent], v], 2)
             n_flush = (ck.shape[2] - s.recent_window) // self.unit * self.unit
             if n_flush > 0:
-                self._flush(ck[:, :, :n_flush], cv[:, :, :n_flush])
+                ctx = self._context(k, key_states.shape[2], query) if s.token_groups is not None else None
+                self._flush(ck[:, :, :n_flush], cv[:, :, :n_flush], ctx)
             rest = ck.shape[2] - n_flush
             self.recent_k[:, :, :rest] = ck[:, :, n_flush:]
             self.recent_v[:, :, :rest] = cv[:, :, n_flush:]
@@ -258,16 +409,11 @@ class PackedLayer(DynamicLayer):
         keys, values = reference.dequantize_all(self.packed_kv())
         return keys.to(self.dtype), values.to(self.dtype)
 
-    def packed_kv(self) -> ops.PackedKV:
-        """The current state as the kernels' :class:`~kvbench.kernels.ops.PackedKV`."""
-        ol = self.k_clamp is not None
-        return ops.PackedKV(
-            self.k_words, self.k_scale, self.k_zero, self.v_words, self.v_scale, self.v_zero, self.n_packed,
-            self.sink_k, self.sink_v, self.n_sink, self.recent_k, self.recent_v, self.n_recent,
-            self.spec.key_bits, self.spec.value_bits, self.spec.key_block, self.k_lut, self.v_lut,
-            self.ol_ptr if ol else None, self.ol_tok if ol else None, self.ol_ch if ol else None,
-            self.ol_val if ol else None, self._inv_freq,
-        )
+    def packed_kv(self) -> ops.PackedKV | list[ops.PackedKV]:
+        """The current state as the kernels' :class:`~kvbench.kernels.ops.PackedKV` (a list of them, one per
+        store, with mixed widths)."""
+        parts = [st.packed_kv(self, j == 0) for j, st in enumerate(self.stores)]
+        return parts[0] if len(parts) == 1 else parts
 
     def attend(self, q: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
         """Fused decode attention of ``q (B, H_q, D)`` over this layer; returns ``(B, H_q, D)``."""
@@ -431,7 +577,7 @@ def packed_cache(model, method, n_layers: int, kernel=None, prefill: str = "quan
     spec = dataclasses.replace(method.packed_spec(), impl=impl, path=kernel.path,
                                sink_tokens=method.cfg.sink_tokens, recent_window=method.cfg.recent_window,
                                full_prefill=prefill == "full")
-    for bits in {spec.key_bits, spec.value_bits}:
+    for bits in spec.widths():
         check_layout(bits, method.info.head_dim)
     enable_fused_decode(model)
     return lambda: make_packed_cache(model.config, spec)

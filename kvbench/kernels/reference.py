@@ -231,32 +231,73 @@ def rope_at(k: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch
     return apply_rope(k, *rope_tables(pos, inv_freq))
 
 
+def dequantize_stored_keys(kv, words=None) -> torch.Tensor:
+    """Dense part of the packed keys in the stored domain (no outliers, channel affine or RoPE): ``(B, H, n, D)``
+    fp32 of ``words`` (default: the first ``kv.n_packed`` tokens)."""
+    words = kv.k_words[:, :, : kv.n_packed] if words is None else words
+    if kv.key_axis == "token":
+        return dequantize_values(words, kv.k_scale, kv.k_zero, kv.key_bits, kv.k_lut)
+    return dequantize_keys(words, kv.k_scale, kv.k_zero, kv.key_bits, kv.key_block, kv.k_lut)
+
+
+def _add_sparse(x: torch.Tensor, ptr, tok, ch, val, n: int, block: int) -> None:
+    """Add the CSR outliers of the first ``n`` packed tokens to ``x (B, H, n, D)`` in place."""
+    cnt = ptr[:, :, -(-n // block)].long()  # (B, H) entries so far (last block may be partial)
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            c = int(cnt[b, h])
+            if c:
+                x[b, h].index_put_((tok[b, h, :c].long(), ch[b, h, :c].long()), val[b, h, :c].float(), accumulate=True)
+
+
+def dequantize_packed(kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed tokens of one store: ``(keys, values)``, each ``(B, H, n_packed, D)`` fp32, keys post-RoPE
+    (at ``kv.positions`` when set; empty slots are garbage: mask them with ``positions >= 0``)."""
+    n = kv.n_packed
+    k = dequantize_stored_keys(kv)
+    v = dequantize_values(kv.v_words[:, :, :n], kv.v_scale, kv.v_zero, kv.value_bits, kv.v_lut)
+    if n > 0 and kv.ol_ptr is not None:
+        _add_sparse(k, kv.ol_ptr, kv.ol_tok, kv.ol_ch, kv.ol_val, n, kv.key_block)
+    if n > 0 and kv.vol_ptr is not None:
+        _add_sparse(v, kv.vol_ptr, kv.vol_tok, kv.vol_ch, kv.vol_val, n, kv.key_block)
+    if kv.k_chan is not None:
+        k = k * kv.k_chan[0][:, None].float() + kv.k_chan[1][:, None].float()
+    if kv.v_chan is not None:
+        v = v * kv.v_chan[0][:, None].float() + kv.v_chan[1][:, None].float()
+    if kv.inv_freq is not None:
+        if kv.positions is None:
+            k = rope_at(k, torch.arange(kv.n_sink, kv.n_sink + n, device=k.device), kv.inv_freq)
+        else:  # one row at a time: positions differ between rows
+            pos = kv.positions[:, :n].long().clamp_min(0)
+            k = torch.stack([rope_at(k[b], pos[b], kv.inv_freq) for b in range(k.shape[0])])
+    return k, v
+
+
 def dequantize_all(kv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense fp32 K/V of a :class:`~kvbench.kernels.ops.PackedKV`: sink, packed, recent.
+    """Dense fp32 K/V of a :class:`~kvbench.kernels.ops.PackedKV` (or a mixed-width list of them) in token
+    order: sink, packed, recent.
 
     Returns:
         ``(keys, values)``, each ``(B, H, n_sink + n_packed + n_recent, D)`` fp32, keys post-RoPE.
     """
-    n = kv.n_packed
-    k = dequantize_keys(kv.k_words[:, :, :n], kv.k_scale, kv.k_zero, kv.key_bits, kv.key_block, kv.k_lut)
-    v = dequantize_values(kv.v_words[:, :, :n], kv.v_scale, kv.v_zero, kv.value_bits, kv.v_lut)
-    if kv.ol_ptr is not None and n > 0:
-        B, H = k.shape[:2]
-        cnt = kv.ol_ptr[:, :, -(-n // kv.key_block)].long()  # (B, H) entries so far (last block may be partial)
-        for b in range(B):
-            for h in range(H):
-                c = int(cnt[b, h])
-                if c:
-                    k[b, h].index_put_(
-                        (kv.ol_tok[b, h, :c].long(), kv.ol_ch[b, h, :c].long()),
-                        kv.ol_val[b, h, :c].float(),
-                        accumulate=True,
-                    )
-    if kv.inv_freq is not None:
-        pos = torch.arange(kv.n_sink, kv.n_sink + n, device=k.device)
-        k = rope_at(k, pos, kv.inv_freq)
-    keys = torch.cat([kv.sink_k[:, :, : kv.n_sink].float(), k, kv.recent_k[:, :, : kv.n_recent].float()], 2)
-    vals = torch.cat([kv.sink_v[:, :, : kv.n_sink].float(), v, kv.recent_v[:, :, : kv.n_recent].float()], 2)
+    parts = list(kv) if isinstance(kv, (list, tuple)) else [kv]
+    first = parts[0]
+    if first.positions is None and len(parts) == 1:
+        k, v = dequantize_packed(first)
+    else:
+        B, H, _, D = first.sink_k.shape
+        n = int(sum((p.positions[0, : p.n_packed] >= 0).sum() for p in parts))  # every row holds n tokens
+        k = torch.zeros(B, H, n, D, device=first.sink_k.device)
+        v = torch.zeros_like(k)
+        for p in parts:
+            pk, pv = dequantize_packed(p)
+            pos = p.positions[:, : p.n_packed].long()
+            for b in range(B):
+                ok = pos[b] >= 0
+                k[b][:, pos[b][ok] - first.n_sink] = pk[b][:, ok]
+                v[b][:, pos[b][ok] - first.n_sink] = pv[b][:, ok]
+    keys = torch.cat([first.sink_k[:, :, : first.n_sink].float(), k, first.recent_k[:, :, : first.n_recent].float()], 2)
+    vals = torch.cat([first.sink_v[:, :, : first.n_sink].float(), v, first.recent_v[:, :, : first.n_recent].float()], 2)
     return keys, vals
 
 
@@ -265,7 +306,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None) -> torc
 
     Args:
         q: ``(B, H_q, D)`` query of the newest token; ``H_q = n_rep * H_kv`` (GQA/MQA).
-        kv: :class:`~kvbench.kernels.ops.PackedKV`.
+        kv: :class:`~kvbench.kernels.ops.PackedKV`, or a mixed-width list of them.
         sm_scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
@@ -295,6 +336,8 @@ __all__ = [
     "dequantize_keys",
     "dequantize_values",
     "dequantize_all",
+    "dequantize_packed",
+    "dequantize_stored_keys",
     "rope_at",
     "decode_attention",
     "default_inv_freq",

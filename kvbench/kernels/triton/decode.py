@@ -26,7 +26,8 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     """The decode path and launch tuning for ``q (B, H_q, D)`` over ``kv``: ``{"path": ..., **tuning}``.
 
     ``path="auto"`` takes the first rule of the tuning table (for this GPU and shape) whose path applies;
-    a named path must apply. ``overrides`` replace the table's launch parameters."""
+    a named path must apply (formats that are not :attr:`~kvbench.kernels.ops.PackedKV.plain` go to
+    ``split_k``). ``overrides`` replace the table's launch parameters."""
     if path != "auto" and path not in PATHS:
         raise unknown_name_error("kernel path", path, ["auto", *PATHS])
     unknown = set(overrides) - KNOBS
@@ -36,7 +37,7 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     G = Hq // kv.k_words.shape[1]
     gpu = tuning_table.gpu_name(q.device)
     for rule in tuning_table.rules(gpu, G, kv.key_bits, kv.value_bits, D, path):
-        if PATHS[rule["path"]].applies(kv, G):
+        if (kv.plain or rule["path"] == "split_k") and PATHS[rule["path"]].applies(kv, G):
             rule = {**rule, "tile": min(rule["tile"], kv.key_block), **overrides}
             return {**rule, "gpu": gpu, "measured_on": tuning_table.measured_on(gpu)}
     raise ValueError(f"decode path {path!r} does not apply to this packed format (G={G}, {kv.key_bits}/"
@@ -48,7 +49,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
 
     Args:
         q: ``(B, H_q, D)``.
-        kv: the layer's :class:`~kvbench.kernels.ops.PackedKV`.
+        kv: the layer's :class:`~kvbench.kernels.ops.PackedKV`, or a mixed-width list of them (``split_k``).
         sm_scale: softmax scale (default ``D ** -0.5``).
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
@@ -58,7 +59,13 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         ``(B, H_q, D)`` in ``q.dtype``.
     """
     q = q.contiguous()
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    if isinstance(kv, (list, tuple)):  # a mixed-width cache: one split_k launch per store, one reduction
+        launch = choose(q, kv[0], "split_k" if path == "auto" else path, **tuning)
+        if launch["path"] != "split_k":
+            raise ValueError(f"a mixed-width cache is read by the split_k path, not {launch['path']!r}")
+        knobs = {k: v for k, v in launch.items() if k in KNOBS}
+        return reduce_splits(q, split_k.launch_parts(q, kv, scale, **knobs))
     launch = choose(q, kv, path, **tuning)
     knobs = {k: v for k, v in launch.items() if k in KNOBS}
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     return reduce_splits(q, PATHS[launch["path"]].launch(q, kv, scale, **knobs))
