@@ -9,10 +9,18 @@ measures, for Llama-2-7B (32/32 heads) and Llama-3-8B (32/8 heads) head shapes (
   with torch's default backend and with the flash backend, and its relative error against the reference
   twin.
 
-Writes ``benchmarks/results/decode_attention.json`` (one record per GPU, shape, batch, T, bits; rows of
-other GPUs already in the file are kept), ``decode_attention.md`` and a PNG plot where matplotlib is
-installed (``--plot-only`` redraws it from the JSON on any machine). Imports only torch and
-kvbench.kernels.
+``--formats`` picks the packed formats (default ``uniform``): ``uniform`` (uniform codes, keys per channel in
+key blocks, values per token), ``kvquant`` (NUQ codebooks, pre-RoPE keys, 1 % key and value outliers in CSR)
+and ``qokv`` (per-token keys and values, channel shifts/scales, pre-RoPE keys, token groups of 10/60/30 % with
+values at bits + 1 / bits / bits - 1, one store per width). Each record names its ``method`` and its
+``format`` (:func:`kvbench.kernels.records.format_name`, what a run records as ``kv_format``).
+
+Writes ``benchmarks/results/decode_attention.json`` (one record per GPU, shape, batch, T, bits, format; rows
+not measured again are kept), ``decode_attention.md`` and a PNG plot where matplotlib is installed
+(``--plot-only`` redraws it from the JSON on any machine). Imports only torch and kvbench.kernels.
+
+Smoke test on a CPU (Triton interpreter, a tiny shape, CPU timings mean nothing):
+``TRITON_INTERPRET=1 python benchmarks/decode_attention.py --smoke --out /tmp/bench --formats uniform kvquant qokv``.
 """
 
 from __future__ import annotations
@@ -26,17 +34,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from kvbench.kernels import ops  # noqa: E402
+from kvbench.kernels import ops, reference  # noqa: E402
+from kvbench.kernels.records import PLAIN, format_name  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
 
-SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # (H_q, H_kv, D)
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "tiny": (4, 2, 64)}  # (H_q, H_kv, D); tiny: --smoke
+FORMATS = ("uniform", "kvquant", "qokv")
+QOKV_SHARES, QOKV_VALUE_OFFSETS = (0.1, 0.6, 0.3), (1, 0, -1)  # methods/qokv.py defaults (min_bits 2)
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = "cuda"  # "cpu" only with --smoke
 
 
 def bench_us(fn) -> float:
     """Median time of ``fn`` in microseconds (L2 flushed between runs)."""
     import triton.testing as tt
 
+    if not torch.cuda.is_available():  # --smoke on a CPU: wall time of a few calls (meaningless numbers)
+        import time
+
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return sorted(times)[1]
     return tt.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
@@ -54,22 +75,65 @@ def _nbytes(*ts) -> int:
 
 
 def packed_bytes_read(kv) -> int:
-    """Bytes the decode kernel must read: valid codes, scales, zeros, fp16 tokens (q ignored)."""
+    """Bytes the decode kernel must read: valid codes, scales, zeros, fp16 tokens, codebooks, outliers, channel
+    scales, token positions (q ignored); a mixed-width list: the sum over its stores."""
+    if isinstance(kv, (list, tuple)):
+        return sum(packed_bytes_read(part) for part in kv)
     n, nb = kv.n_packed, -(-kv.n_packed // kv.key_block)
+    nk = n if kv.key_axis == "token" else nb
+    sparse = [t for p in ("ol", "vol") if getattr(kv, f"{p}_ptr") is not None
+              for t in (getattr(kv, f"{p}_ptr"), *(getattr(kv, f"{p}_{f}")[:, :, : int(getattr(kv, f"{p}_ptr")[:, :, -1].max())]
+                                                  for f in ("tok", "ch", "val")))]
     return _nbytes(
-        kv.k_words[:, :, :n], kv.v_words[:, :, :n], kv.k_scale[:, :, :nb], kv.k_zero[:, :, :nb],
+        kv.k_words[:, :, :n], kv.v_words[:, :, :n], kv.k_scale[:, :, :nk], kv.k_zero[:, :, :nk],
         kv.v_scale[:, :, :n], kv.v_zero[:, :, :n], kv.sink_k[:, :, : kv.n_sink], kv.sink_v[:, :, : kv.n_sink],
-        kv.recent_k[:, :, : kv.n_recent], kv.recent_v[:, :, : kv.n_recent],
+        kv.recent_k[:, :, : kv.n_recent], kv.recent_v[:, :, : kv.n_recent], kv.k_lut, kv.v_lut, kv.k_chan, kv.v_chan,
+        None if kv.positions is None else kv.positions[:, :n], *sparse,
     )
+
+
+def build_format(fmt: str, k, v, bits: int, args):
+    """The packed cache of ``k, v (B, H, T, D)`` in format ``fmt`` (see the module docstring), the last
+    ``args.recent`` tokens in fp16. Codebooks, thresholds and channel scales are stand-ins with the right shapes
+    and plausible values: the kernels' cost does not depend on them."""
+    B, H, T, D = k.shape
+    if fmt == "uniform":
+        return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
+                                   impl="triton")
+    inv_freq = reference.default_inv_freq(D).to(k.device)
+    if fmt == "kvquant":  # a normal-quantile codebook, thresholds at the 0.5 % / 99.5 % points of N(0, 1)
+        cb = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.5, 2**bits - 0.5, 2**bits) / 2**bits)
+        lut = ops.codebook_from_unit(cb / cb.abs().max(), bits).to(k.device).expand(H, D, 2**bits).contiguous()
+        th = torch.full((H, D), 2.576, device=k.device)
+        return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
+                                   k_lut=lut, v_lut=lut, k_clamp=(-th, th), inv_freq=inv_freq, impl="triton",
+                                   value_outlier_frac=0.01)
+    if fmt == "qokv":
+        g = torch.Generator(device="cpu").manual_seed(0)
+        chan = lambda shift: torch.stack([torch.rand(H, D, generator=g) + 0.5,  # noqa: E731
+                                          torch.randn(H, D, generator=g) * shift]).to(k.device)
+        n = T - args.recent
+        rank = torch.rand(B, n, generator=g).argsort(1).argsort(1).float() / n  # a random order of the tokens
+        groups = torch.bucketize(rank, torch.tensor(QOKV_SHARES).cumsum(0)[:-1] - 1e-9, right=True).to(k.device)
+        group_bits = [(bits, min(8, max(2, bits + o))) for o in QOKV_VALUE_OFFSETS]
+        return ops.build_mixed_kv(k, v, groups, group_bits, n_sink=0, n_recent=args.recent, key_block=args.key_block,
+                                  key_group=D, value_group=D, k_chan=chan(1.0), v_chan=chan(0.0), inv_freq=inv_freq,
+                                  impl="triton")
+    raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
 def rel_err_vs_reference(q, kv, out) -> float:
     """Relative L2 error of ``out`` against the reference twin, one batch row at a time (memory)."""
     num = den = 0.0
+    shared = ("k_lut", "v_lut", "inv_freq", "k_chan", "v_chan")  # no batch axis
+
+    def row_of(part, b):
+        return dataclasses.replace(part, **{f.name: getattr(part, f.name)[b : b + 1] for f in dataclasses.fields(part)
+                                            if isinstance(getattr(part, f.name), torch.Tensor) and f.name not in shared})
+
     for b in range(q.shape[0]):
-        row = {f.name: getattr(kv, f.name)[b : b + 1] for f in dataclasses.fields(kv)
-               if isinstance(getattr(kv, f.name), torch.Tensor) and f.name not in ("k_lut", "v_lut", "inv_freq")}
-        ref = ops.decode_attention(q[b : b + 1], dataclasses.replace(kv, **row), impl="reference").float()
+        row = [row_of(p, b) for p in kv] if isinstance(kv, (list, tuple)) else row_of(kv, b)
+        ref = ops.decode_attention(q[b : b + 1], row, impl="reference").float()
         num += (out[b : b + 1].float() - ref).norm().item() ** 2
         den += ref.norm().item() ** 2
     return (num / den) ** 0.5
@@ -86,12 +150,12 @@ def run(args, copy_bw: float, gpu: str) -> list[dict]:
             for T in args.T:
                 torch.manual_seed(0)
                 try:
-                    k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
+                    k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device=DEVICE)
                     v = torch.randn_like(k)
                 except torch.OutOfMemoryError:
                     print(f"skip {shape} B={batch} T={T}: out of memory")
                     continue
-                q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+                q = torch.randn(batch, hq, d, dtype=torch.float16, device=DEVICE)
                 q4 = q[:, :, None]  # (B, H_q, 1, D)
                 gqa = hq != hkv
                 fp16_us = bench_us(lambda: sdpa(q4, k, v, enable_gqa=gqa))
@@ -102,16 +166,17 @@ def run(args, copy_bw: float, gpu: str) -> list[dict]:
                     flash_us, _ = None, print(f"flash backend failed: {e}")
                 best = min(x for x in (fp16_us, flash_us) if x is not None)
                 fp16_bytes = _nbytes(k, v)
-                for bits in args.bits:
-                    kv = ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0,
-                                             n_recent=args.recent, impl="triton")
-                    launch = tk.choose(q, kv, args.path)
+                for bits, fmt in [(b, f) for b in args.bits for f in args.formats]:
+                    kv = build_format(fmt, k, v, bits, args)
+                    mixed = isinstance(kv, list)
+                    launch = tk.choose(q, kv[0] if mixed else kv, "split_k" if mixed else args.path)
                     fn = lambda: tk.decode_attention(q, kv, path=args.path)  # noqa: E731
                     rel = rel_err_vs_reference(q, kv, fn())
                     us = bench_us(fn)
                     nbytes = packed_bytes_read(kv)
                     rec = dict(
                         gpu=gpu, shape=shape, h_q=hq, h_kv=hkv, head_dim=d, bits=bits, T=T, batch=batch,
+                        method=fmt, format=format_name(kv),
                         path=launch["path"], kernel_us=round(us, 2), fp16_us=round(fp16_us, 2),
                         fp16_flash_us=None if flash_us is None else round(flash_us, 2),
                         speedup=round(fp16_us / us, 3), speedup_vs_best_fp16=round(best / us, 3),
@@ -124,7 +189,7 @@ def run(args, copy_bw: float, gpu: str) -> list[dict]:
                         torch=torch.__version__, triton=__import__("triton").__version__,
                     )
                     records.append(rec)
-                    print(f"{shape:9s} B={batch} T={T:6d} {bits}b {rec['path']:11s} {us:8.1f}us fp16 {fp16_us:8.1f}us "
+                    print(f"{shape:9s} {fmt:8s} B={batch} T={T:6d} {bits}b {rec['path']:11s} {us:8.1f}us fp16 {fp16_us:8.1f}us "
                           f"flash {flash_us or float('nan'):8.1f}us x{rec['speedup']:.2f} (best x"
                           f"{rec['speedup_vs_best_fp16']:.2f}) bw {rec['bandwidth_frac']:.2f} rel {rel:.1e}", flush=True)
                     del kv
@@ -169,11 +234,12 @@ def write_markdown(records: list[dict], path: Path) -> None:
         "(default backend) time / kernel time; `vs best` uses the faster of SDPA default and flash; `bw frac` = "
         "packed bytes read per second / copy bandwidth.",
         "",
-        "| gpu | shape | B | T | bits | path | kernel us | fp16 us | flash us | speedup | vs best | bw frac | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gpu | shape | B | T | bits | method | path | kernel us | fp16 us | flash us | speedup | vs best | bw frac | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append(f"| {r['gpu']} | {r['shape']} | {r['batch']} | {r['T']} | {r['bits']} | {r['path']} | "
+        lines.append(f"| {r['gpu']} | {r['shape']} | {r['batch']} | {r['T']} | {r['bits']} | {r.get('method', 'uniform')} | "
+                     f"{r['path']} | "
                      f"{r['kernel_us']} | {r['fp16_us']} | {r['fp16_flash_us']} | {r['speedup']} | "
                      f"{r['speedup_vs_best_fp16']} | {r['bandwidth_frac']} | {r['rel_err_vs_reference']} |")
     path.write_text("\n".join(lines) + "\n")
@@ -190,10 +256,11 @@ def plot(out_dir: Path) -> None:
     keys = sorted({(r["gpu"], r["shape"], r["batch"]) for r in recs})
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     for ax, (gpu, shape, b) in zip(axes[0], keys):
-        for bits in sorted({r["bits"] for r in recs}):
-            rs = sorted((r for r in recs if (r["gpu"], r["shape"], r["batch"], r["bits"]) == (gpu, shape, b, bits)),
-                        key=lambda r: r["T"])
-            ax.plot([r["T"] for r in rs], [r["speedup_vs_best_fp16"] for r in rs], marker="o", label=f"{bits}-bit")
+        for bits, method in sorted({(r["bits"], r.get("method", "uniform")) for r in recs}):
+            rs = sorted((r for r in recs if (r["gpu"], r["shape"], r["batch"], r["bits"], r.get("method", "uniform"))
+                         == (gpu, shape, b, bits, method)), key=lambda r: r["T"])
+            ax.plot([r["T"] for r in rs], [r["speedup_vs_best_fp16"] for r in rs], marker="o",
+                    label=f"{bits}-bit" if method == "uniform" else f"{method} {bits}-bit")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{gpu}\n{shape}, batch {b}", fontsize=9)
@@ -217,25 +284,36 @@ def main(argv=None) -> None:
     p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens (part of T)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--check", action="store_true", help="first check every path against the reference twin")
+    p.add_argument("--formats", nargs="+", default=["uniform"], choices=FORMATS,
+                   help="packed formats: uniform (the default), kvquant, qokv (see the module docstring)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny shape on a CPU under TRITON_INTERPRET=1 (checks the code path; times are meaningless)")
     args = p.parse_args(argv)
     if args.plot_only:
         plot(args.out)
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/decode_attention.py needs a CUDA GPU")
+    global DEVICE
+    if args.smoke:
+        args.shapes, args.T, args.batch, args.key_block, args.value_group, args.recent = ["tiny"], [160], [1], 32, 64, 32
+        DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode_attention.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name()
-    bw = copy_bandwidth()
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
+    bw = copy_bandwidth() if DEVICE == "cuda" else float("nan")
     print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     if args.check:
         bad = [r for r in check_paths(args.out, gpu) if not r["finite"] or r["rel_err_vs_reference"] > 2e-3]
         if bad:
             raise SystemExit(f"paths off their reference twin: {bad}")
     path = args.out / "decode_attention.json"
-    kept = [r for r in json.loads(path.read_text()) if r["gpu"] != gpu] if path.exists() else []
-    records = kept + run(args, bw, gpu)
-    path.write_text(json.dumps(records, indent=1) + "\n")
-    write_markdown(records, args.out / "decode_attention.md")
+    new = run(args, bw, gpu)
+    key = lambda r: (r["gpu"], r["shape"], r["batch"], r["T"], r["bits"], r.get("format", PLAIN))  # noqa: E731
+    measured = {key(r) for r in new}
+    kept = [r for r in json.loads(path.read_text()) if key(r) not in measured] if path.exists() else []
+    rows = kept + new
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    write_markdown(rows, args.out / "decode_attention.md")
     try:
         plot(args.out)
     except ImportError:

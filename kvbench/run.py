@@ -48,7 +48,22 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
     if hasattr(patch.last_cache, "nbytes_per_token"):  # the packed cache measures its real tensors
         per_layer = patch.last_cache.nbytes_per_token()
         metrics["kv_memory"] = {"bytes_per_token": sum(per_layer), "bytes_per_token_per_layer": per_layer}
+        metrics["kv_bytes_per_token"] = sum(per_layer)
+        metrics.update(decode_cost(cfg, method, patch.last_cache))
     return metrics
+
+
+def decode_cost(cfg, method, cache) -> dict:
+    """The packed format's name (``kv_format``) and the decode attention time per token at the last cache's
+    context, measured on a GPU or looked up in the checked-in benchmark (``decode_us_source`` says which)."""
+    from kvbench.kernels.records import decode_cost as cost, format_name
+
+    kvs = [layer.packed_kv() for layer in cache.layers]
+    out = {"kv_format": format_name(kvs[0])}
+    with torch.no_grad():
+        out.update(cost(kvs, method.info.num_heads, cfg.kv.bits, cache.get_seq_length(), str(cfg.kv.kernel.impl),
+                        str(cfg.kv.kernel.path)))
+    return out
 
 
 def run(cfg) -> dict:

@@ -35,6 +35,9 @@ A spec (YAML) declares the table::
       - {label: C4, match: {data.name: c4}, optional: true}   # left out when no run has it
       - {label: avg bits, metric: metrics.avg_bits, match: {data.name: wiki}, best: none}
       - {label: Avg., average: true}          # mean of the plain metric columns before it
+      - {label: speedup, metric: metrics.decode_speedup.llama3-8b.32k, missing: no GPU record}
+                                     # a derived column (kvbench.report.cost); `missing:` the words of an
+                                     # empty cell, which is then not a run to compute
     plots:
       - {name: pareto, kind: pareto, x: metrics.avg_bits, y: metrics.ppl, series: [method.name]}
       - {name: drop, kind: drop}             # reference minus each row, per metric column
@@ -58,6 +61,7 @@ import shlex
 from pathlib import Path
 
 from kvbench.errors import UserError
+from kvbench.report.cost import add_cost_columns
 from kvbench.report.latex import AMBIGUOUS, DAGGER, MISSING, UNPAIRED, compile_pdf, format_cell, render_paper, \
     render_table, tex_escape
 from kvbench.report.markdown import refresh_includes, render_page, tex_to_md
@@ -95,7 +99,7 @@ def build(spec: dict, frame=None, out: Path | None = None, source: str | None = 
         ``{"tex", "page", "plots", "missing", "duplicates", "table"}``.
     """
     source = source or spec["runs"]
-    frame = load_frame(source) if frame is None else frame
+    frame = add_cost_columns(load_frame(source) if frame is None else frame)
     out = Path(out or spec["path"].parent)
     pages = Path(pages or out)
     for folder in (out, pages):

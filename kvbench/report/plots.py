@@ -28,7 +28,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_pareto(frame, spec: dict, plot: dict, out: Path) -> list[Path]:
     """``y`` against ``x`` for every matching run (seeds averaged), with the Pareto front of each series.
 
-    Points at ``x >= 16`` (unquantized) are drawn as horizontal reference lines.
+    Unquantized runs (``metrics.avg_bits >= 16``; without that column, ``x >= 16``) are drawn as horizontal
+    reference lines.
     """
     import matplotlib
 
@@ -42,15 +43,16 @@ def plot_pareto(frame, spec: dict, plot: dict, out: Path) -> list[Path]:
         sub = sub[sub[x].notna() & sub[y].notna()]
         ident = [c for c in identity_columns(sub, []) if c in sub.columns]
         key = [repr(tuple(norm(v) for v in r)) for r in sub[ident].itertuples(index=False)]
+        bits = "metrics.avg_bits" if "metrics.avg_bits" in sub.columns else x
         pts = sub.assign(_k=key).groupby("_k").agg(
-            {x: "mean", y: "mean", **{k: "first" for k in plot["series"] if k in sub.columns}})
+            {x: "mean", y: "mean", bits: "mean", **{k: "first" for k in plot["series"] if k in sub.columns}})
         labels = pts.apply(lambda r: _series_label(r, plot["series"]), axis=1) if len(pts) else []
         for i, (name, g) in enumerate(pts.groupby(list(labels), sort=True)):
             color = f"C{i % 10}"
-            ref = g[g[x] >= 16]
+            ref = g[g[bits] >= 16]
             if len(ref):
                 ax.axhline(ref[y].mean(), color=color, ls="--", lw=1, label=f"{name} (16 bits)")
-            g = g[g[x] < 16].sort_values([x, y])
+            g = g[g[bits] < 16].sort_values([x, y])
             if g.empty:
                 continue
             ax.scatter(g[x], g[y], color=color, s=14, alpha=0.45)

@@ -12,7 +12,7 @@ SPEC_KEYS = {"name", "caption", "label", "runs", "filters", "overrides", "metric
              "ignore", "seeds", "sections", "rows", "columns", "plots", "missing_marker", "row_header", "order"}
 ROW_KEYS = {"label", "match", "expand", "reference", "ignore"}
 COLUMN_KEYS = {"label", "group", "match", "metric", "decimals", "best", "format", "relative", "average", "ignore",
-               "optional"}
+               "optional", "missing"}
 PLOT_KEYS = {"name", "kind", "x", "y", "series", "match", "caption", "label", "logy", "width", "xlabel", "ylabel"}
 
 
@@ -80,7 +80,7 @@ def _column(c: dict, i: int, spec: dict) -> dict:
             "metric": c.get("metric", spec["metric"]), "decimals": c.get("decimals", spec["decimals"]),
             "best": c.get("best", spec["best"]), "format": c.get("format"),
             "relative": c.get("relative"), "average": c.get("average"), "ignore": c.get("ignore") or [],
-            "optional": bool(c.get("optional"))}
+            "optional": bool(c.get("optional")), "missing": c.get("missing")}
 
 
 def _plot(p: dict, i: int, spec: dict) -> dict:

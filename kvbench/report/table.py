@@ -246,7 +246,7 @@ def build_table(frame, spec: dict) -> Table:
             ignore = list(spec["ignore"]) + r["ignore"] + c["ignore"]
             where = f"({r['label']}, {c['label']})"
             base[i, j] = cell = _cell(frame, sel, c["metric"], ignore, spec, where, duplicates)
-            wanted = spec["seeds"] or ([None] if cell.missing else [])
+            wanted = spec["seeds"] or ([None] if cell.missing and not c["missing"] else [])  # own text: not a run
             have = set()
             if spec["seeds"] and not frame.empty and cell.runs:
                 have = {norm(s) for s in frame.set_index("run_dir").loc[cell.runs, "seed"]}
@@ -394,6 +394,8 @@ class Style:
 def write_cell(cell: Cell, col: dict, bold: bool, style: Style, marker: str | None = None) -> str:
     """One cell in a renderer's style (see :func:`shown`)."""
     s = shown(cell, col, bold)
+    if s.mark == "missing" and col.get("missing"):  # a column's own words for an empty cell
+        return col["missing"]
     if s.mark:
         return marker if s.mark == "missing" and marker else getattr(style, s.mark)
     text = style.bold % s.value if s.bold else s.value
@@ -419,7 +421,7 @@ def notes(table: Table) -> list[str]:
         "paired": any(c.ci for c in relative),
         "unpaired": any(not c.ci for c in relative),
         "missing": any(c.missing for line in table.cells for c, col in zip(line, table.columns)
-                       if col["kind"] != "relative"),
+                       if col["kind"] != "relative" and not col.get("missing")),
         "ambiguous": any(c.ambiguous for c in flat),
         "duplicate": any(c.duplicate for c in flat),
         "stale": any(c.stale for c in flat),

@@ -1,0 +1,84 @@
+"""The cost of a run (issue 16): format names, the benchmark lookup, the derived report columns, and the decode
+benchmark's ``--formats`` smoke run on a CPU (Triton interpreter)."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from kvbench.kernels import ops, reference  # noqa: E402
+from kvbench.kernels.records import PLAIN, decode_cost, format_name, lookup  # noqa: E402
+from kvbench.report.cost import add_cost_columns  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kv(**kw):
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)
+    return k, v, ops.build_packed_kv(k, v, 4, 4, 32, 64, impl="reference", **kw)
+
+
+def test_format_names():
+    _, _, plain = _kv()
+    assert format_name(plain) == PLAIN
+    _, _, kvq = _kv(inv_freq=reference.default_inv_freq(64), value_outlier_frac=0.02,
+                    k_lut=ops.codebook_from_unit(torch.linspace(-1, 1, 16), 4).expand(2, 64, 16).contiguous(),
+                    k_clamp=(torch.full((2, 64), -2.0), torch.full((2, 64), 2.0)))
+    assert format_name(kvq) == "k-channel+nuq+pre-rope+k-outliers+v-outliers"
+    k, v, _ = _kv()
+    mixed = ops.build_mixed_kv(k, v, torch.arange(64)[None] % 3, [(4, 5), (4, 4), (4, 3)], key_block=32,
+                               key_group=64, value_group=64, impl="reference",
+                               k_chan=torch.stack([torch.ones(2, 64), torch.zeros(2, 64)]))
+    assert format_name(mixed) == "k-token+channel-affine+mixed-4:3/4:4/4:5"
+
+
+def test_lookup_and_cpu_decode_cost():
+    """On a CPU the decode time comes from a record of the same format, shape, bits and context, or is None
+    with the reason; the checked-in H200 rows (no ``format`` field) are the plain format."""
+    rows = json.loads((ROOT / "benchmarks/results/decode_attention.json").read_text())
+    rec = lookup(rows, PLAIN, 4, 32, 8, 128, 32768)
+    assert rec is not None and rec["shape"] == "llama3-8b" and "H200" in rec["gpu"]
+    assert lookup(rows, "k-token", 4, 32, 8, 128, 32768) is None
+    _, _, kv = _kv()
+    fake = [{"format": PLAIN, "bits": 4, "h_q": 4, "h_kv": 2, "head_dim": 64, "T": 64, "batch": 1, "gpu": "G",
+             "kernel_us": 7.0}]
+    got = decode_cost([kv, kv, kv], 4, 4, 64, records=fake)
+    assert got["decode_us_per_token"] == 21.0 and got["decode_us_source"].startswith("decode_attention.json (G)")
+    none = decode_cost([kv], 4, 3, 64, records=fake)
+    assert none["decode_us_per_token"] is None and none["decode_us_source"].startswith("none:")
+
+
+def test_cost_columns():
+    frame = pd.DataFrame({
+        "method.name": ["fp16", "uniform", "qokv"], "kv.bits": [16, 4, 4],
+        "metrics.kv_format": [None, PLAIN, "k-token+mixed-4:3/4:4"],
+        "metrics.kv_bytes_per_token": [None, 30.0, 40.0],
+        "metrics.model.layers": [2] * 3, "metrics.model.kv_heads": [2] * 3, "metrics.model.head_dim": [8] * 3})
+    records = [{"shape": "s", "T": 32768, "batch": 1, "bits": 4, "speedup_vs_best_fp16": 1.5}]
+    out = add_cost_columns(frame, records)
+    assert out["metrics.kv_bytes_per_token"].tolist()[0] == 4 * 2 * 2 * 8
+    assert out["metrics.kv_bytes_saving"].tolist()[1] == 1 - 30 / 128
+    speed = out["metrics.decode_speedup.s.32k"].tolist()
+    assert speed[:2] == [1.0, 1.5] and pd.isna(speed[2])  # no record of QoKV's format: an empty cell
+
+
+def test_benchmark_formats_smoke(tmp_path):
+    """``benchmarks/decode_attention.py --smoke --formats ...`` on a CPU: one record per format and width, each
+    naming its method and format, the kernel within the reference twin's tolerance."""
+    spec = importlib.util.spec_from_file_location("decode_attention", ROOT / "benchmarks/decode_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path), "--formats", "uniform", "kvquant", "qokv", "--bits", "4", "3"])
+    rows = json.loads((tmp_path / "decode_attention.json").read_text())
+    assert sorted((r["method"], r["bits"]) for r in rows) == sorted(
+        (m, b) for m in ("uniform", "kvquant", "qokv") for b in (4, 3))
+    by = {(r["method"], r["bits"]): r for r in rows}
+    assert by["qokv", 4]["format"] == "k-token+pre-rope+channel-affine+mixed-4:3/4:4/4:5"
+    assert by["kvquant", 3]["format"] == "k-channel+nuq+pre-rope+k-outliers+v-outliers"
+    assert all(r["rel_err_vs_reference"] < 2e-3 and r["path"] == "split_k" for r in rows if r["method"] != "uniform")
