@@ -62,6 +62,9 @@ def check(cfg) -> Checked:
 
         check_layout(cfg.kv.bits, info.head_dim)
         method.check_packable()  # the method's own refusals (components its packed format cannot hold)
+        if cfg.eval.name == "harness" and cfg.eval.batch_size > 1:
+            raise UserError(f"kv.backend=kernel packs the padding of a batch with the tokens, so scores would depend on "
+                            f"eval.batch_size={cfg.eval.batch_size}: use eval.batch_size=1 (or kv.backend=simulated)")
     if cfg.eval.name == "harness":
         check_task_names(list(cfg.eval.tasks))
     return Checked(info, method, check_data(cfg, method))

@@ -45,6 +45,8 @@ CASES = [  # (overrides, env, the error line must contain)
     (["eval.max_windows=0"], {}, "eval.max_windows=0: use a positive number"),
     (["calib.num_samples=0"], {}, "calib.num_samples=0: calibration needs at least 1 sample"),
     (["kv.prefill=full"], {}, "kv.prefill=full: perplexity scores the whole window in one prefill forward"),
+    (["kv.backend=kernel", "method.key_axis=channel", "eval=harness", "eval.tasks=[piqa]", "eval.batch_size=4"], {},
+     "kv.backend=kernel packs the padding of a batch with the tokens"),
     (["eval=harness", "eval.tasks=[piqaa]"], {}, "Unknown lm-eval task 'piqaa'. Did you mean 'piqa'?"),
     (["output_dir={tmp}/afile/out"], {}, "output_dir={tmp}/afile/out is not writable"),
     (["data=text", "data.path={tmp}/missing.txt"], {}, "data.path={tmp}/missing.txt is not a readable file"),

@@ -40,6 +40,21 @@ def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=N
     return get("cache backend", str(backend))(model, method, n_layers, kernel, str(prefill))
 
 
+def padding_spans(mask) -> list[tuple[int, int]] | None:
+    """The real tokens ``[(start, end)]`` of each row of a padded batch, from a ``(B, T)`` attention mask
+    (1 = token, 0 = padding, left or right); ``None`` without padding (or without a 2-D mask)."""
+    if mask is None or mask.dim() != 2 or bool(mask.bool().all()):
+        return None
+    spans = []
+    for row in mask.bool():
+        idx = row.nonzero().flatten()
+        s, e = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0)
+        if not bool(row[s:e].all()):
+            raise ValueError("kvbench: padding inside a sequence (only left or right padding is supported)")
+        spans.append((s, e))
+    return spans
+
+
 @dataclasses.dataclass
 class Patch:
     """What :func:`patched` yields: the caches it hands the model, for the caller to inspect.
@@ -84,7 +99,7 @@ def patched(model, method: KVMethod, backend: str = "simulated", kernel=None, pr
             return None
         if pkv is not None and pkv.get_seq_length() > 0:
             raise RuntimeError("kvbench: a non-empty cache of another type was passed to a patched model")
-        patch.last_cache = cache = make()
+        patch.last_cache = cache = make(padding_spans(kwargs.get("attention_mask")))
         ours.add(cache)
         kwargs["past_key_values"] = cache
         kwargs["use_cache"] = True

@@ -580,4 +580,4 @@ def packed_cache(model, method, n_layers: int, kernel=None, prefill: str = "quan
     for bits in spec.widths():
         check_layout(bits, method.info.head_dim)
     enable_fused_decode(model)
-    return lambda: make_packed_cache(model.config, spec)
+    return lambda spans=None: make_packed_cache(model.config, spec)  # padded rows share blocks: see validate.py

@@ -4,6 +4,10 @@ Every token attends to the quantized K/V of the earlier tokens, as if read back 
 Token protection (a shared component of every method): the first ``sink_tokens`` tokens and the
 ``recent_window`` most recent tokens stay in full precision; tokens leave the recent window in blocks of
 ``method.key_block`` tokens (1 for per-token methods).
+
+A padded batch (``spans``: the real tokens of each row in the first forward) is cached row by row, each
+row over its own tokens only, so padding enters no block statistics, recent window, sink or token group
+and a row's K/V are quantized as at batch size 1.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ class QuantizingLayer(DynamicLayer):
     update (the prefill) returns its K/V unquantized to attention and stores them quantized.
     """
 
-    def __init__(self, method: KVMethod, layer_idx: int, full_prefill: bool = False):
+    def __init__(self, method: KVMethod, layer_idx: int, full_prefill: bool = False, spans=None):
         super().__init__()
         self.method = method
         self.layer_idx = layer_idx
         self.full_prefill = full_prefill
+        self.spans = spans  # [(start, end)] of each row's real tokens in the first forward; None: no padding
+        self.rows = None if spans is None else [QuantizingLayer(method, layer_idx, full_prefill) for _ in spans]
         self.n_final = 0
         self.cos = self.sin = None  # (B, T, D) rotary tables of the cached tokens
         self.pending_rope = None  # (cos, sin) of the forward in progress, set by a pre-hook
@@ -37,6 +43,8 @@ class QuantizingLayer(DynamicLayer):
         self.n_quantized = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.rows is not None:
+            return self._update_rows(key_states, value_states)
         prefill = not self.is_initialized
         if prefill:
             self.lazy_initialization(key_states, value_states)
@@ -52,6 +60,29 @@ class QuantizingLayer(DynamicLayer):
         if prefill and self.full_prefill:  # kv.prefill=full: the prompt attends in full precision
             return key_states, value_states
         return self.keys, self.values
+
+    def _update_rows(self, key_states, value_states):
+        """A padded batch ``(B, H_kv, T, D)``: each row's real tokens go to its own one-row layer; padding
+        is kept as it came (attention masks it). Returns the rows reassembled at their positions."""
+        prefill = not self.is_initialized
+        if prefill:
+            self.lazy_initialization(key_states, value_states)
+        elif any(e < max(e for _, e in self.spans) for _, e in self.spans):
+            raise NotImplementedError("kvbench: a right-padded batch cannot be extended (generate() pads on the left)")
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.keys.clone(), self.values.clone()
+        for b, (row, (s, e)) in enumerate(zip(self.rows, self.spans)):
+            new = slice(s, e) if prefill else slice(None)
+            if self.pending_rope is not None:  # (B or 1, T, D) rotary tables
+                row.pending_rope = tuple(t[b if t.shape[0] > 1 else 0][None, new] for t in self.pending_rope)
+            if self.query is not None:
+                row.query = self.query[b : b + 1, :, new]
+            k, v = row.update(key_states[b : b + 1, :, new], value_states[b : b + 1, :, new])  # (1, H_kv, n_b, D)
+            keys[b, :, s : s + k.shape[-2]], values[b, :, s : s + k.shape[-2]] = k[0], v[0]
+        self.pending_rope = self.query = None
+        self.n_quantized = sum(row.n_quantized for row in self.rows)
+        return keys, values
 
     def _finalize(self, query_start: int) -> None:
         m, cfg = self.method, self.method.cfg
@@ -80,12 +111,13 @@ class QuantizingLayer(DynamicLayer):
 class QuantizingCache(Cache):
     """A transformers ``Cache`` whose layers pass K/V through a method (simulated quantization)."""
 
-    def __init__(self, method: KVMethod, num_layers: int, prefill: str = "quantized"):
-        super().__init__(layers=[QuantizingLayer(method, i, prefill == "full") for i in range(num_layers)])
+    def __init__(self, method: KVMethod, num_layers: int, prefill: str = "quantized", spans=None):
+        super().__init__(layers=[QuantizingLayer(method, i, prefill == "full", spans) for i in range(num_layers)])
         self.method = method
 
 
 @register("cache backend", "simulated")
 def simulated_cache(model, method: KVMethod, n_layers: int, kernel=None, prefill: str = "quantized"):
-    """``kv.backend=simulated``: a fresh :class:`QuantizingCache` per forward / generation."""
-    return lambda: QuantizingCache(method, n_layers, prefill)
+    """``kv.backend=simulated``: a fresh :class:`QuantizingCache` per forward / generation; ``spans``:
+    the real tokens ``[(start, end)]`` of each row of a padded batch (see :func:`kvbench.cache.hooks.padding_spans`)."""
+    return lambda spans=None: QuantizingCache(method, n_layers, prefill, spans)
