@@ -47,7 +47,8 @@ def evaluate(cfg, model, tok, splits, method) -> dict:
         metrics = evaluate_fn(cfg, model, tok, splits, method)
     if hasattr(patch.last_cache, "nbytes_per_token"):  # the packed cache measures its real tensors
         per_layer = patch.last_cache.nbytes_per_token()
-        metrics["kv_memory"] = {"bytes_per_token": sum(per_layer), "bytes_per_token_per_layer": per_layer}
+        metrics["kv_memory"] = {"bytes_per_token": sum(per_layer), "bytes_per_token_per_layer": per_layer,
+                                "allocated_bytes_per_token": sum(patch.last_cache.nbytes_per_token(used=False))}
         metrics["kv_bytes_per_token"] = sum(per_layer)
         metrics.update(decode_cost(cfg, method, patch.last_cache))
     return metrics

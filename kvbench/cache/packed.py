@@ -170,10 +170,21 @@ class _Store:
             setattr(self, f"{p}_len", torch.zeros(B, H, dtype=torch.int64, device=device))
         self.n = 0
 
-    def tensors(self) -> list[torch.Tensor]:
-        names = ["k_words", "v_words", "k_scale", "k_zero", "v_scale", "v_zero", "k_lut", "v_lut", "positions",
-                 *(f"{p}_{f}" for p in self.sparse for f in ("ptr", "tok", "ch", "val"))]
-        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
+    def tensors(self, used: bool = False) -> list[torch.Tensor]:
+        """Every stored tensor; ``used``: only the parts holding the ``n`` tokens (and their key blocks and
+        sparse entries), without the capacity kept for later tokens."""
+        n, nb = self.n, -(-self.n // self.spec.key_block)
+        per_token = {"k_words": n, "v_words": n, "v_scale": n, "v_zero": n, "k_scale": n if self.token_keys else nb,
+                     "k_zero": n if self.token_keys else nb,
+                     **{f"{p}_{f}": int(getattr(self, f"{p}_len").max()) for p in self.sparse
+                        for f in ("tok", "ch", "val")}, **{f"{p}_ptr": nb + 1 for p in self.sparse}}
+        out = [t if not used or name not in per_token else t[:, :, : per_token[name]]
+               for name, t in ((m, getattr(self, m)) for m in ("k_words", "v_words", "k_scale", "k_zero", "v_scale",
+                               "v_zero", *(f"{p}_{f}" for p in self.sparse for f in ("ptr", "tok", "ch", "val"))))]
+        out += [t for t in (self.k_lut, self.v_lut) if t is not None]
+        if self.positions is not None:
+            out.append(self.positions[:, :n] if used else self.positions)
+        return out
 
     def _grow(self, n_tokens: int) -> None:
         """Make the store hold ``n_tokens`` (amortised: ~12.5 % slack, whole key blocks)."""
@@ -325,13 +336,17 @@ class PackedLayer(DynamicLayer):
         self.keys = self.values = None  # DynamicLayer attributes, unused
         self.is_initialized = True
 
-    def _stored(self) -> list[torch.Tensor]:
-        own = [self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.k_chan, self.v_chan]
-        return [t for t in own if t is not None] + [t for st in self.stores for t in st.tensors()]
+    def _stored(self, used: bool = False) -> list[torch.Tensor]:
+        own = [self.sink_k, self.sink_v, self.recent_k, self.recent_v]
+        if used:
+            own = [t[:, :, :n] for t, n in zip(own, (self.n_sink, self.n_sink, self.n_recent, self.n_recent))]
+        own += [t for t in (self.k_chan, self.v_chan) if t is not None]
+        return own + [t for st in self.stores for t in st.tensors(used)]
 
-    def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (allocated, capacity slack included)."""
-        return sum(t.numel() * t.element_size() for t in self._stored())
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes of the tensors this layer holds: the parts that hold its tokens (``used``), or everything
+        allocated (capacity for later tokens included)."""
+        return sum(t.numel() * t.element_size() for t in self._stored(used))
 
     def _flush(self, k: torch.Tensor, v: torch.Tensor, ctx=None) -> None:
         """Quantize and append ``k, v (B, H, n, D)`` (post-RoPE, as the model gives them): ``n`` a multiple of
@@ -452,16 +467,17 @@ class PackedCache(Cache):
     def __init__(self, layers: list[PackedLayer]):
         super().__init__(layers=layers)
 
-    def nbytes_per_token(self) -> list[float]:
-        """Measured bytes per cached token of one sequence, per layer (all KV heads, K and V, every stored
-        tensor including sink/recent buffers and capacity slack), i.e. ``nbytes / (batch * seq_len)``.
-        fp16 K/V would be ``2 * H_kv * head_dim * 2``."""
-        return [lay.nbytes() / max(lay.get_seq_length() * lay.B, 1) if lay.is_initialized else 0.0
+    def nbytes_per_token(self, used: bool = True) -> list[float]:
+        """Measured bytes per cached token of one sequence, per layer (all KV heads, K and V: codes, scales,
+        codebooks, outliers, token positions, channel scales, sink and recent tokens), i.e.
+        ``nbytes / (batch * seq_len)``; ``used=False``: everything allocated (capacity kept for later tokens
+        included). fp16 K/V would be ``2 * H_kv * head_dim * 2``."""
+        return [lay.nbytes(used) / max(lay.get_seq_length() * lay.B, 1) if lay.is_initialized else 0.0
                 for lay in self.layers]
 
-    def nbytes(self) -> int:
-        """Total bytes held by all layers."""
-        return sum(lay.nbytes() for lay in self.layers)
+    def nbytes(self, used: bool = True) -> int:
+        """Total bytes held by all layers (see :meth:`nbytes_per_token`)."""
+        return sum(lay.nbytes(used) for lay in self.layers)
 
 
 def _inv_freq(cfg, spec: PackedCacheSpec) -> torch.Tensor:
