@@ -67,6 +67,10 @@ def check(cfg) -> Checked:
                             f"eval.batch_size={cfg.eval.batch_size}: use eval.batch_size=1 (or kv.backend=simulated)")
     if cfg.eval.name == "harness":
         check_task_names(list(cfg.eval.tasks))
+        ruler = [t for t in cfg.eval.tasks if t.startswith(("niah_", "ruler_"))]
+        if ruler and max(cfg.eval.max_seq_lengths) > info.max_context:
+            raise UserError(f"eval.max_seq_lengths={list(cfg.eval.max_seq_lengths)}: {ruler[0]} prompts of "
+                            f"{max(cfg.eval.max_seq_lengths)} tokens exceed {cfg.model.name}'s context of {info.max_context}")
     return Checked(info, method, check_data(cfg, method))
 
 
