@@ -1,10 +1,10 @@
 """End-to-end decode benchmark: ``generate`` tokens/s at a long context, fp16 caches vs the packed cache.
 
-``python benchmarks/e2e.py [--layers 8 --context 32768 --batch 8 --new 32 --bits 4 2]`` runs a random-weight
-Llama-2-7B-shaped model (the 7B layer shape with only ``--layers`` layers, so that the fp16 cache of the
-baseline fits on one GPU) with the fp16 DynamicCache / StaticCache and the packed cache (decode path chosen by
-the tuning table), and writes ``benchmarks/results/e2e.json`` (named by its GPU). Needs torch, transformers
-and kvbench.kernels only.
+``python benchmarks/e2e.py [--shape llama3-8b --layers 8 --context 32768 --batch 8 --new 32 --bits 4 2]`` runs a
+random-weight model of a real layer shape (Llama-2-7B: 32/32 heads; Llama-3-8B: 32/8 heads, GQA) with only
+``--layers`` layers, so that the fp16 cache of the baseline fits on one GPU, with the fp16 DynamicCache /
+StaticCache and the packed cache (decode path chosen by the tuning table), and adds its record to
+``benchmarks/results/e2e.json`` (one per GPU and shape). Needs torch, transformers and kvbench.kernels only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {  # layer shapes of the real models (vocabulary included: the LM head is read every step)
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, rope_theta=500000.0),
+}
 
 
 class _StepTimer:
@@ -36,19 +42,15 @@ class _StepTimer:
 
 
 def run_e2e(args, gpu: str) -> dict:
-    """Decode tokens/s of ``generate`` at a long context on a random-weight Llama-2-7B-shaped model.
-
-    The model keeps the 7B layer shape (hidden 4096, 32 heads, 32 KV heads, MLP 11008) with only
-    ``--e2e-layers`` layers so that the fp16 cache of the baseline fits on one GPU.
-    """
+    """Decode tokens/s of ``generate`` at a long context on a random-weight model of ``args.shape``'s layer
+    shape with only ``--layers`` layers (so that the fp16 cache of the baseline fits on one GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvbench.cache import PACKED_ATTN, PackedCacheSpec, make_packed_cache, register_packed_attention
 
     register_packed_attention()
     B, T, N = args.e2e_batch, args.e2e_context, args.e2e_new
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.e2e_layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=T + N + 256)
+    cfg = LlamaConfig(**MODELS[args.shape], num_hidden_layers=args.e2e_layers, max_position_embeddings=T + N + 256)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
@@ -117,7 +119,7 @@ def run_e2e(args, gpu: str) -> dict:
         r["speedup_vs_fp16_dynamic"] = round(base["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
         r["speedup_vs_best_fp16"] = round(best["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
         r["kv_mem_reduction_vs_fp16"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
-    return dict(gpu=gpu, model="random-weight Llama-2-7B shape",
+    return dict(gpu=gpu, shape=args.shape, model=f"random-weight {args.shape} layer shape",
                 layers=args.e2e_layers, batch=B, context=T, new_tokens=N, key_block=args.key_block,
                 value_group=args.value_group, recent=args.recent, quantized_cache=qc_status, runs=runs)
 
@@ -125,6 +127,7 @@ def run_e2e(args, gpu: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    p.add_argument("--shape", choices=list(MODELS), default="llama3-8b")
     p.add_argument("--layers", dest="e2e_layers", type=int, default=8)
     p.add_argument("--context", dest="e2e_context", type=int, default=32768)
     p.add_argument("--batch", dest="e2e_batch", type=int, default=8)
@@ -138,7 +141,10 @@ def main(argv=None) -> None:
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU")
     res = run_e2e(args, torch.cuda.get_device_name())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    old = json.loads(args.out.read_text()) if args.out.exists() else []
+    old = [old] if isinstance(old, dict) else old
+    kept = [r for r in old if (r["gpu"], r.get("shape", "llama2-7b")) != (res["gpu"], res["shape"])]
+    args.out.write_text(json.dumps(kept + [res], indent=1) + "\n")
 
 
 if __name__ == "__main__":

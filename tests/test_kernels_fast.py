@@ -51,15 +51,17 @@ def _check(q, kv, path, **tuning_kw):
         ("cuda_core", 4, 4, 8, 1, 2, 32, {"tile": 8}),
         ("tensor_core", 4, 4, 4, 0, 3, 64, {"tile": 16}),
         ("tensor_core", 2, 2, 4, 2, 5, 96, {"tile": 16}),
-        ("tensor_core", 4, 4, 2, 1, 0, 64, {"tile": 32}),
-        ("tensor_core", 2, 2, 8, 0, 2, 64, {"tile": 16}),
+        ("tensor_core", 3, 3, 2, 1, 0, 64, {"tile": 32}),  # two bit slices (2 + 1)
+        ("tensor_core", 3, 3, 8, 0, 2, 64, {"tile": 16}),
+        ("tensor_core", 4, 4, 2, 1, 1, 64, {"tile": 32}),  # G = 2
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
         ("split_k", 2, 2, 1, 2, 5, 64, {"tile": 16}),
         ("split_k", 4, 4, 8, 0, 3, 64, {"tile": 32}),
     ],
 )
 def test_path_matches_reference(path, kbits, vbits, rep, sink, recent, n_packed, kw):
-    q, kv = _case(kbits, vbits, rep, sink, recent, n_packed, seed=kbits * 10 + vbits + rep)
+    D = 128 if path == "tensor_core" else 64  # tensor_core: 16 slice elements per token (one dot's K)
+    q, kv = _case(kbits, vbits, rep, sink, recent, n_packed, value_group=D, D=D, seed=kbits * 10 + vbits + rep)
     _check(q, kv, path, n_splits=2, **kw)
 
 
@@ -81,13 +83,14 @@ def test_head_dim_128_uneven_splits_large_scores():
         (3, 1, "cuda_core", {"tile": 8}),
         (4, 4, "tensor_core", {}),  # tile 64: the second (only partial) tile of the second key block
         (2, 4, "tensor_core", {"tile": 16}),
-        (2, 4, "split_k", {}),
+        (3, 4, "tensor_core", {"tile": 16}),
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):
     """n_packed not a multiple of the tile or the key block (calibrated scales pack token by token); the
     scales / words past n_packed are garbage (NaN scales) and must not leak into the result."""
-    q, full = _case(bits, bits, rep, 0, 3, 128, key_block=64, B=1, seed=bits + rep)
+    D = 128 if path == "tensor_core" else 64
+    q, full = _case(bits, bits, rep, 0, 3, 128, key_block=64, value_group=D, D=D, B=1, seed=bits + rep)
     n_packed = 64 + 23  # second key block partial, last tile partial for tiles 8 / 16 / 64
     vs = full.v_scale.clone()
     vs[:, :, n_packed:] = float("nan")
@@ -97,23 +100,23 @@ def test_partial_last_tile(bits, rep, path, kw):
 @pytest.mark.parametrize(
     "kbits,vbits,rep,value_group,path",
     [
-        (4, 4, 1, 64, "cuda_core"),
-        (3, 3, 1, 64, "cuda_core"),
-        (2, 2, 1, 64, "cuda_core"),
-        (4, 4, 4, 64, "tensor_core"),
-        (2, 2, 8, 64, "tensor_core"),
-        (2, 2, 32, 64, "cuda_core"),  # G > 16: tensor_core does not apply, 2-bit stays on CUDA cores
-        (3, 3, 4, 64, "split_k"),
+        (4, 4, 1, 128, "cuda_core"),
+        (3, 3, 1, 128, "cuda_core"),
+        (2, 2, 1, 128, "cuda_core"),
+        (4, 4, 4, 128, "tensor_core"),
+        (2, 2, 8, 128, "tensor_core"),
+        (3, 3, 4, 128, "tensor_core"),
+        (2, 2, 32, 128, "cuda_core"),  # G > 16: tensor_core does not apply, 2-bit stays on CUDA cores
         (4, 4, 1, 32, "split_k"),  # two value groups per token
     ],
 )
 def test_auto_choice(kbits, vbits, rep, value_group, path):
-    q, kv = _case(kbits, vbits, rep, 0, 0, 32, value_group=value_group, B=1, H=1)
+    q, kv = _case(kbits, vbits, rep, 0, 0, 32, value_group=value_group, D=128, B=1, H=1)
     assert tk.choose(q, kv)["path"] == path
 
 
 def test_choice_is_data_and_forced_paths_are_checked():
-    q, kv = _case(4, 4, 4, 0, 0, 32, B=1, H=1)
+    q, kv = _case(4, 4, 4, 0, 0, 32, value_group=128, D=128, B=1, H=1)
     rule = tk.choose(q, kv, tile=16)
     assert rule["path"] == "tensor_core" and rule["tile"] == 16 and rule["gpu"] == "cpu"
     assert rule["measured_on"] == tuning.table()["default"]["measured_on"]

@@ -1,72 +1,111 @@
-"""Decode path ``tensor_core``: GQA (G >= 2 query heads per KV head) on uniform 1-slice codes (2/4/8 bits).
+"""Decode path ``tensor_core``: GQA (2 <= G <= 16 query heads per KV head) on uniform codes of 2, 3 or 4 bits,
+head_dim 128.
 
-One program per KV head and split; the G query heads (padded to 16 columns) share every word tile through
-``tl.dot``. Codes come out of the words as exact fp16 by the fp16x2 magic number (one shift, one LOP3 and
-one ``sub.f16x2`` per two codes, no conversion); the key scales are folded into the query, the value
-scales into the probabilities, the zero points into bias terms. The next tile's words are loaded before
-the current one is computed (register prefetch)."""
+One program per KV head and split; the G query heads (padded to 16 rows) are the M dimension of every
+``tl.dot``. The channels are cut into ``NJ`` groups (4 at 4 bits, 8 at 2 and 3 bits): group ``j`` holds channels
+``NJ * c + j``, which in the word layout of :mod:`kvbench.kernels` is field ``j`` of int16 half-word ``c`` of a
+token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes of group ``j`` are therefore an
+*elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
+shared memory into the tensor cores' operand layout (2 or 4 bits per code, not 16) and unpacks in registers:
+one shift, one LOP3 (mask, OR under the exponent of 1024) and one ``sub.f16x2`` per two codes give exact fp16
+codes. Per tile of ``BT`` tokens:
+
+* scores ``(GP, BT) = sum_j dot(q_j * k_scale_j, codes_j(keys))`` plus the zero-point bias ``q . k_zero``;
+* values ``acc_j (GP, D / NJ) += dot(p * v_scale / max(v_scale), codes_j(values)) * max(v_scale)`` (the
+  per-tile max keeps the fp16 products out of the subnormal range), and ``sum_t p * v_zero`` is added to
+  every channel at the end.
+"""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .common import (
-    LOG2E, fp16_split, launch_args, magic_bits, split_plan, store_partial, uniform_per_token,
-    use_inline_ptx,
-)
+from .common import LOG2E, fp16_split, launch_args, split_plan, uniform_per_token, use_inline_ptx
+
+# One shift, one LOP3 (mask, OR under the exponent of 1024) and one sub.f16x2 per two codes of one field.
+_ASM = "{ .reg .b32 t, m; mov.b32 m, 0x64006400; shr.b32 t, $1, %d; lop3.b32 t, t, %s, m, 0xEA; sub.f16x2 $0, t, m; }"
+ASM4 = tl.constexpr(tuple(_ASM % (4 * j, "0x000F000F") for j in range(4)))
+ASM2 = tl.constexpr(tuple(_ASM % (2 * j, "0x00030003") for j in range(8)))
+ASM1 = tl.constexpr(tuple(_ASM % (j, "0x00010001") for j in range(8)))
 
 
 @triton.jit
-def _codes16(words, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
-    """fp16 exact codes of fields ``J`` and ``J + 16 // WIDTH`` of uint32 ``words`` (``(lo, hi)``)."""
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $2, c; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r", [magic_bits(words, J, WIDTH)], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:  # the same values in plain Triton (interpreter)
-        x = words >> (J * WIDTH)
-        lo = (x & ((1 << WIDTH) - 1)).to(tl.float16)
-        hi = ((x >> 16) & ((1 << WIDTH) - 1)).to(tl.float16)
-    return lo, hi
-
-
-@triton.jit
-def _codes16_joined(words, J0: tl.constexpr, STEP: tl.constexpr, CNT: tl.constexpr, WIDTH: tl.constexpr,
-                    ASM: tl.constexpr):
-    if CNT == 2:  # STEP == 16 // WIDTH here: one magic pair
-        lo, hi = _codes16(words, J0, WIDTH, ASM)
-        return tl.join(lo, hi)
+def _elems(words_ptr, rows, tm, W_OFF: tl.constexpr, ETYPE: tl.constexpr, NC: tl.constexpr,
+           TOKENS_FIRST: tl.constexpr):
+    """Elements ``0..NC-1`` (int16 half-words, or int8 bytes) of a bit slice starting at word ``W_OFF`` of the
+    token rows ``rows`` (word offsets): ``(BT, NC)`` if ``TOKENS_FIRST`` else ``(NC, BT)``."""
+    R: tl.constexpr = 2 if ETYPE == tl.int16 else 4  # elements per word
+    base = words_ptr.to(tl.pointer_type(ETYPE)) + R * W_OFF
+    c = tl.arange(0, NC)
+    if TOKENS_FIRST:
+        return tl.load(base + R * rows[:, None] + c[None, :], mask=tm[:, None], other=0)
     else:
-        return tl.join(_codes16_joined(words, J0, 2 * STEP, CNT // 2, WIDTH, ASM),
-                       _codes16_joined(words, J0 + STEP, 2 * STEP, CNT // 2, WIDTH, ASM))
+        return tl.load(base + R * rows[None, :] + c[:, None], mask=tm[None, :], other=0)
 
 
 @triton.jit
-def _codes16_tile(words, WIDTH: tl.constexpr, R: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr):
-    """``(R, NW)`` int32 words -> ``(R, NW * CPW)`` fp16 exact codes (channel ``w * CPW + j``)."""
-    CPW: tl.constexpr = 32 // WIDTH
-    f = _codes16_joined(words.to(tl.uint32, bitcast=True), 0, 1, CPW, WIDTH, ASM)
-    return tl.reshape(f, (R, NW * CPW))
+def _field(h, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
+    """Exact fp16 codes of field ``J`` of every int16 ``h`` (inline PTX on a GPU, two codes per register: the
+    tensor-core operand's K pairs; plain Triton in the interpreter)."""
+    if ASM:
+        if WIDTH == 4:
+            asm: tl.constexpr = ASM4[J]
+        elif WIDTH == 2:
+            asm: tl.constexpr = ASM2[J]
+        else:
+            asm: tl.constexpr = ASM1[J]
+        return tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16)
 
 
 @triton.jit
-def _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end, NWK: tl.constexpr, NWV: tl.constexpr):
-    """Key and value words ``(BT, NW*)`` and value scale / zero ``(BT,)`` of the token rows ``offs_t``."""
-    tm = offs_t < t_end
-    kw = tl.load(kw_ptr + (n * T_CAP + offs_t)[:, None] * NWK + tl.arange(0, NWK)[None, :], mask=tm[:, None], other=0)
-    vw = tl.load(vw_ptr + (n * T_CAP + offs_t)[:, None] * NWV + tl.arange(0, NWV)[None, :], mask=tm[:, None], other=0)
-    vs = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0)
-    vz = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0)
-    return kw, vw, vs, vz
+def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRST: tl.constexpr):
+    """The packed elements of one tile: ``(main, low)``; ``low`` (the 1-bit slice, bytes widened to int16)
+    only at 3 bits."""
+    main = _elems(words_ptr, rows, tm, 0, tl.int16, NC, TOKENS_FIRST)
+    if BITS == 3:
+        low = _elems(words_ptr, rows, tm, NC // 2, tl.int8, NC, TOKENS_FIRST).to(tl.int16)
+    else:
+        low = main
+    return main, low
+
+
+@triton.jit
+def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Exact fp16 codes of channel group ``J``."""
+    if BITS == 3:
+        return _field(main, J, 2, ASM) + _field(low, J, 1, ASM) * 4.0
+    else:
+        return _field(main, J, BITS, ASM)
+
+
+@triton.jit
+def _score_part(s, bias, qj, kb, zb, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Channel group ``J``'s part of the scores ``(GP, BT)`` and of the zero-point bias ``(GP,)``; ``qj``
+    is the query's channel group ``J`` ``(GP, D / NJ)`` fp32, scaled."""
+    bias += tl.sum(qj * tl.load(zb + J).to(tl.float32)[None, :], axis=1)
+    s = tl.dot((qj * tl.load(kb + J).to(tl.float32)[None, :]).to(tl.float16), _codes(main, low, J, BITS, ASM), s)
+    return s, bias
+
+
+@triton.jit
+def _value_part(acc, a, pv, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    return acc * a + tl.dot(pv, _codes(main, low, J, BITS, ASM)) * vmax
+
+
+@triton.jit
+def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
+    tl.store(out + J, acc * inv + cz, mask=om)
 
 
 @triton.jit
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KB: tl.constexpr,
-    BT: tl.constexpr, ASM: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -74,48 +113,105 @@ def _tensor_core_kernel(
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, n_recent, sm_scale, G, GP, D, 32)
     else:
-        NWK: tl.constexpr = D * KW // 32
-        NWV: tl.constexpr = D * VW // 32
+        NJ: tl.constexpr = 4 if BITS == 4 else 8  # channel groups = codes per int16
+        NC: tl.constexpr = D // NJ  # channels per group (one dot's K)
+        NW: tl.constexpr = D * BITS // 32  # words per token row
         offs_g = tl.arange(0, GP)
         g_mask = offs_g < G
-        offs_d = tl.arange(0, D)
+        c = tl.arange(0, NC)
         rows = n * G + offs_g
-        qT = tl.load(q_ptr + rows[None, :] * D + offs_d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
-        qT = qT * (sm_scale * LOG2E)  # (D, GP), log2 domain
+        S1 = n_splits + 1
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         corr = tl.zeros((GP,), tl.float32)  # sum p * value zero
-        acc = tl.zeros((GP, D), tl.float32)
+        acc0 = tl.zeros((GP, NC), tl.float32)
+        acc1 = tl.zeros((GP, NC), tl.float32)
+        acc2 = tl.zeros((GP, NC), tl.float32)
+        acc3 = tl.zeros((GP, NC), tl.float32)
+        acc4 = tl.zeros((GP, NC), tl.float32)
+        acc5 = tl.zeros((GP, NC), tl.float32)
+        acc6 = tl.zeros((GP, NC), tl.float32)
+        acc7 = tl.zeros((GP, NC), tl.float32)
+        q_rows = q_ptr + rows[:, None] * D + NJ * c[None, :]  # (GP, NC): channel NJ * c of each query row
+        qscale = sm_scale * LOG2E  # log2 domain
+        q0 = tl.load(q_rows + 0, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+        q1 = tl.load(q_rows + 1, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+        q2 = tl.load(q_rows + 2, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+        q3 = tl.load(q_rows + 3, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+        q4 = q0  # (unused below 8 groups)
+        q5 = q0
+        q6 = q0
+        q7 = q0
+        if NJ == 8:
+            q4 = tl.load(q_rows + 4, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+            q5 = tl.load(q_rows + 5, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+            q6 = tl.load(q_rows + 6, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+            q7 = tl.load(q_rows + 7, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
         ar = tl.arange(0, BT)
-        kwn, vwn, vsn, vzn = _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, t_begin + ar, t_end, NWK, NWV)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
-            kwc, vwc, vsc, vzp = kwn, vwn, vsn.to(tl.float32), vzn.to(tl.float32)
-            kwn, vwn, vsn, vzn = _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t + BT, t_end, NWK, NWV)
-            kb = (n * NB_CAP + t0 // KB) * D
-            ksc = tl.load(ks_ptr + kb + offs_d).to(tl.float32)[:, None]  # (D, 1)
-            kzp = tl.load(kz_ptr + kb + offs_d).to(tl.float32)[:, None]
-            bias = tl.sum(qT * kzp, axis=0)  # (GP,)
-            sT = tl.dot(_codes16_tile(kwc, KW, BT, NWK, ASM), (qT * ksc).to(tl.float16))  # (BT, GP)
-            sT = tl.where(tm[:, None], sT + bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+            kb = ks_ptr + (n * NB_CAP + t0 // KB) * D + NJ * c
+            zb = kz_ptr + (n * NB_CAP + t0 // KB) * D + NJ * c
+            kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
+            s = tl.zeros((GP, BT), tl.float32)
+            bias = tl.zeros((GP,), tl.float32)
+            s, bias = _score_part(s, bias, q0, kb, zb, kmain, klow, 0, BITS, ASM)
+            s, bias = _score_part(s, bias, q1, kb, zb, kmain, klow, 1, BITS, ASM)
+            s, bias = _score_part(s, bias, q2, kb, zb, kmain, klow, 2, BITS, ASM)
+            s, bias = _score_part(s, bias, q3, kb, zb, kmain, klow, 3, BITS, ASM)
+            if NJ == 8:
+                s, bias = _score_part(s, bias, q4, kb, zb, kmain, klow, 4, BITS, ASM)
+                s, bias = _score_part(s, bias, q5, kb, zb, kmain, klow, 5, BITS, ASM)
+                s, bias = _score_part(s, bias, q6, kb, zb, kmain, klow, 6, BITS, ASM)
+                s, bias = _score_part(s, bias, q7, kb, zb, kmain, klow, 7, BITS, ASM)
+            s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
-            pT = tl.exp2(sT - m_new[None, :])  # (BT, GP)
-            l_i = l_i * alpha + tl.sum(pT, axis=0)
-            corr = corr * alpha + tl.sum(pT * vzp[:, None], axis=0)
-            pv = (pT * vsc[:, None]).to(tl.float16)
-            acc = acc * alpha[:, None] + tl.dot(tl.trans(pv), _codes16_tile(vwc, VW, BT, NWV, ASM))
+            p = tl.exp2(s - m_new[:, None])  # (GP, BT)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vs = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+            corr = corr * alpha + tl.sum(p * vz[None, :], axis=1)
+            vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
+            pv = (p * (vs / vmax)[None, :]).to(tl.float16)
+            vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
+            a = alpha[:, None]
+            acc0 = _value_part(acc0, a, pv, vmax, vmain, vlow, 0, BITS, ASM)
+            acc1 = _value_part(acc1, a, pv, vmax, vmain, vlow, 1, BITS, ASM)
+            acc2 = _value_part(acc2, a, pv, vmax, vmain, vlow, 2, BITS, ASM)
+            acc3 = _value_part(acc3, a, pv, vmax, vmain, vlow, 3, BITS, ASM)
+            if NJ == 8:
+                acc4 = _value_part(acc4, a, pv, vmax, vmain, vlow, 4, BITS, ASM)
+                acc5 = _value_part(acc5, a, pv, vmax, vmain, vlow, 5, BITS, ASM)
+                acc6 = _value_part(acc6, a, pv, vmax, vmain, vlow, 6, BITS, ASM)
+                acc7 = _value_part(acc7, a, pv, vmax, vmain, vlow, 7, BITS, ASM)
             m_i = m_new
-        store_partial(o_ptr, lse_ptr, rows, g_mask, sp, n_splits, m_i, l_i, acc + corr[:, None], D)
+        # normalise and store (as store_partial does), channel NJ * c + j from acc_j
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        cz = (corr / l_safe)[:, None]
+        inv = 1.0 / l_safe[:, None]
+        out = o_ptr + (rows[:, None] * S1 + sp) * D + NJ * c[None, :]
+        om = g_mask[:, None]
+        _store_part(out, acc0, inv, cz, om, 0)
+        _store_part(out, acc1, inv, cz, om, 1)
+        _store_part(out, acc2, inv, cz, om, 2)
+        _store_part(out, acc3, inv, cz, om, 3)
+        if NJ == 8:
+            _store_part(out, acc4, inv, cz, om, 4)
+            _store_part(out, acc5, inv, cz, om, 5)
+            _store_part(out, acc6, inv, cz, om, 6)
+            _store_part(out, acc7, inv, cz, om, 7)
+        tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=g_mask)
 
 
 def applies(kv, G: int) -> bool:
-    """Uniform 2/4/8-bit codes, post-RoPE keys, no outliers, one value group per token, 2 <= G <= 16."""
-    return (uniform_per_token(kv) and 2 <= G <= 16 and kv.key_bits in (2, 4, 8) and kv.value_bits in (2, 4, 8)
-            and kv.k_scale.shape[-1] % 32 == 0)
+    """Uniform 2/3/4-bit codes (keys and values of one width), post-RoPE keys, no outliers, one value group per
+    token, 2 <= G <= 16, head_dim 128 (a channel group of 16 or 32 channels: the K of one dot)."""
+    D = kv.k_scale.shape[-1]
+    return uniform_per_token(kv) and 2 <= G <= 16 and kv.key_bits == kv.value_bits in (2, 3, 4) and D == 128
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None):
@@ -124,7 +220,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale),
-        G=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, KW=kv.key_bits, VW=kv.value_bits,
-        KB=kv.key_block, BT=tile, ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
+        G=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile,
+        ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     return plan

@@ -1,0 +1,110 @@
+"""Launch tuning of a decode path on this GPU: time a grid of launch parameters per shape, batch, context and
+bit width, and print the best per case.
+
+``python benchmarks/tune_decode.py --path tensor_core --shapes llama3-8b [--write-rules]`` writes
+``benchmarks/results/tune_decode.json`` (every timing, named by its GPU); with ``--write-rules`` it also puts
+this GPU's rules for the tuned path into ``kvbench/kernels/tuning.json``: per bit width, the launch
+parameters with the least total time over the cases, each case's time taken relative to its best.
+Needs torch and kvbench.kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from decode_attention import SHAPES, bench_us, rel_err_vs_reference  # noqa: E402
+
+from kvbench.kernels import ops, tuning  # noqa: E402
+from kvbench.kernels import triton as tk  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=RESULTS / "tune_decode.json")
+    p.add_argument("--path", default="tensor_core")
+    p.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
+    p.add_argument("--T", nargs="+", type=int, default=[32768, 131072])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--tile", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
+    p.add_argument("--waves", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--write-rules", action="store_true")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves))
+    for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
+        hq, hkv, d = SHAPES[shape]
+        torch.manual_seed(0)
+        k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
+        v = torch.randn_like(k)
+        q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+        kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
+        del k, v
+        best = None
+        for tile, nw, ns, waves in grid:
+            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+            fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
+            try:
+                rel = rel_err_vs_reference(q, kv, fn()) if best is None else None
+                us = bench_us(fn)
+            except Exception as e:  # a launch the GPU refuses (shared memory, registers)
+                print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                continue
+            rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
+                             kernel_us=round(us, 2), rel_err_vs_reference=rel))
+            if best is None or us < best["kernel_us"]:
+                best = rows[-1]
+        print(f"BEST {shape} B={batch} T={T} {bits}b: {best}", flush=True)
+        del kv
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.write_rules:
+        write_rules(rows, gpu, args.path)
+
+
+KNOBS = ("tile", "num_warps", "num_stages", "waves")
+
+
+def write_rules(rows: list[dict], gpu: str, path: str) -> None:
+    """This GPU's rules for ``path`` in the tuning table: per bit width, the knobs with the least total
+    relative time (time / the case's best) over the cases measured; GQA shapes give ``group: gqa`` rules."""
+    best = {}
+    for r in rows:
+        case = (r["shape"], r["batch"], r["T"], r["bits"])
+        best[case] = min(best.get(case, float("inf")), r["kernel_us"])
+    table = json.loads(tuning.TABLE_PATH.read_text())
+    entry = table.setdefault(gpu, {"measured_on": gpu, "rules": []})
+    for bits in sorted({r["bits"] for r in rows}):
+        for group in ("gqa", "mha"):
+            mine = [r for r in rows if r["bits"] == bits and (SHAPES[r["shape"]][0] != SHAPES[r["shape"]][1]) == (group == "gqa")]
+            if not mine:
+                continue
+            score = {}
+            for r in mine:
+                k = tuple(r[x] for x in KNOBS)
+                score[k] = score.get(k, 0.0) + r["kernel_us"] / best[(r["shape"], r["batch"], r["T"], r["bits"])]
+            n_cases = len({(r["shape"], r["batch"], r["T"]) for r in mine})
+            knobs = min((k for k in score if sum(1 for r in mine if tuple(r[x] for x in KNOBS) == k) == n_cases),
+                        key=score.get)
+            when = {"group": group, "bits": [bits]}
+            entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
+            entry["rules"].insert(0, {"when": when, "path": path, **dict(zip(KNOBS, knobs))})
+            print(f"rule {gpu}: {entry['rules'][0]} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
+    tuning.TABLE_PATH.write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
