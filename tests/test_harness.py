@@ -56,8 +56,7 @@ def test_offline_suite_reproduces_standard_definitions():
     from kvbench.eval.tasks import OFFLINE_TASKS
 
     mmlu = {n for n in OFFLINE_TASKS if n.startswith("mmlu")}
-    families = {"ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multi"}  # kvbench groups of RULER tasks
-    assert set(OFFLINE_TASKS) == set(STANDARD) | set(RULER) | mmlu | families and len(mmlu) == 57 + 5
+    assert set(OFFLINE_TASKS) == set(STANDARD) | set(RULER) | mmlu | {"ruler_niah"} and len(mmlu) == 57 + 5
     ours = get_task_dict(list(STANDARD), task_manager(STANDARD))
     std_dir = Path(lm_eval.tasks.__file__).parent
     for name, rel in STANDARD.items():
@@ -400,19 +399,19 @@ def test_harness_options_reach_lm_eval_and_the_run_hash(compose, monkeypatch):
 
 
 def test_ruler_family_runs_through_the_quantizing_cache(tiny_model, compose):
-    """A RULER family group on the tiny model at 1024 tokens: lm-eval generates, scores and averages its tasks;
-    lengths that were not run (lm-eval's -1) are left out of the results."""
+    """RULER's retrieval family (``ruler_niah``, 8 tasks) on the tiny model at 1024 tokens: lm-eval generates,
+    scores and averages its tasks; lengths that were not run (lm-eval's -1) are left out of the results."""
     from kvbench.cache import patched
     from kvbench.eval.harness import per_task, run_tasks, task_metadata
 
     model, tok, info = tiny_model
     with patched(model, _method(compose, info, "method=uniform", "kv.bits=2")):
-        res = run_tasks(model, tok, ["ruler_niah_multi"], limit=1, metadata=task_metadata(tok, [1024]))
+        res = run_tasks(model, tok, ["ruler_niah"], limit=1, metadata=task_metadata(tok, [1024]))
     rows = per_task(res)
-    assert set(rows) == {"ruler_niah_multi", "niah_multivalue", "niah_multiquery"}
+    assert set(rows) == {"ruler_niah"} | {n for n in RULER if n.startswith("niah_")}
     for row in rows.values():
         assert 0 <= row["1024"] <= 1 and "4096" not in row
-    assert rows["ruler_niah_multi"]["1024"] == pytest.approx((rows["niah_multivalue"]["1024"] + rows["niah_multiquery"]["1024"]) / 2)
+    assert rows["ruler_niah"]["1024"] == pytest.approx(sum(r["1024"] for n, r in rows.items() if n != "ruler_niah") / 8)
 
 
 def test_ruler_lengths_beyond_the_context_are_refused(compose, tmp_path):
