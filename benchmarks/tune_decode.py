@@ -103,7 +103,7 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
             entry["rules"].insert(0, {"when": when, "path": path, **dict(zip(KNOBS, knobs))})
             print(f"rule {gpu}: {entry['rules'][0]} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
-    tuning.TABLE_PATH.write_text(json.dumps(table, indent=2) + "\n")
+    tuning.TABLE_PATH.write_text(tuning.dumps(table))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,20 @@ def table() -> dict:
     return {k: v for k, v in json.loads(TABLE_PATH.read_text()).items() if not k.startswith("_")}
 
 
+def dumps(tab: dict) -> str:
+    """The table as ``tuning.json`` keeps it: one rule per line."""
+    out = ["{"]
+    for i, (key, entry) in enumerate(tab.items()):
+        end = "," if i < len(tab) - 1 else ""
+        if key.startswith("_"):
+            out.append(f"  {json.dumps(key)}: {json.dumps(entry)}{end}")
+            continue
+        rules = ",\n".join(f"      {json.dumps(r)}" for r in entry["rules"])
+        out.append(f"  {json.dumps(key)}: {{\n    \"measured_on\": {json.dumps(entry['measured_on'])},\n"
+                   f"    \"rules\": [\n{rules}\n    ]\n  }}{end}")
+    return "\n".join(out + ["}"]) + "\n"
+
+
 def gpu_name(device) -> str:
     """The name tuning is keyed by: the CUDA device name, or ``"cpu"``."""
     import torch
