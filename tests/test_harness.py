@@ -422,3 +422,20 @@ def test_ruler_lengths_beyond_the_context_are_refused(compose, tmp_path):
                    f"output_dir={tmp_path}"])
     with pytest.raises(UserError, match=r"niah_single_1 prompts of 16384 tokens exceed smollm2-135m's context of 8192"):
         check(cfg)
+
+
+def test_chat_template_and_system_prompt_reach_the_prompts(tiny_model):
+    """``chat_template=True`` formats every request with the tokenizer's template (SmolLM2's ChatML), the system
+    instruction first; without it the prompt is lm-eval's plain text."""
+    from kvbench.eval.harness import run_tasks
+
+    model, tok, _ = tiny_model
+    plain = run_tasks(model, tok, ["copa"], limit=1, log_samples=True)["samples"]["copa"][0]["arguments"]
+    chat = run_tasks(model, tok, ["copa"], limit=1, log_samples=True, chat_template=True,
+                     system_instruction="Answer briefly.")["samples"]["copa"][0]["arguments"]
+    context = lambda args: (args[0][0] if isinstance(args[0], (list, tuple)) else args["gen_args_0"]["arg_0"])
+    assert context(plain) == "The man turned on the faucet therefore"
+    expected = tok.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The man turned on the faucet therefore"}],
+        tokenize=False, add_generation_prompt=True)
+    assert context(chat) == expected and expected.startswith("<|im_start|>system\nAnswer briefly.")
