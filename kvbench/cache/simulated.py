@@ -67,7 +67,8 @@ class QuantizingLayer(DynamicLayer):
         prefill = not self.is_initialized
         if prefill:
             self.lazy_initialization(key_states, value_states)
-        elif any(e < max(e for _, e in self.spans) for _, e in self.spans):
+            self.n_prompt = key_states.shape[-2]
+        elif any(e < self.n_prompt for _, e in self.spans):
             raise NotImplementedError("kvbench: a right-padded batch cannot be extended (generate() pads on the left)")
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
