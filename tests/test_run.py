@@ -103,6 +103,9 @@ def test_kernel_backend_matches_simulated(tmp_path):
     frame = results.load(tmp_path).set_index("kv.backend")
     assert frame.loc["kernel", "metrics.ppl"] == pytest.approx(frame.loc["simulated", "metrics.ppl"], rel=1e-3)
     assert frame.loc["kernel", "metrics.kv_memory.bytes_per_token"] > 0
+    assert frame.loc["kernel", "metrics.kv_bytes_per_token"] == frame.loc["kernel", "metrics.kv_memory.bytes_per_token"]
+    assert frame.loc["kernel", "metrics.kv_format"] == "k-channel"  # no GPU, no benchmark record of this shape:
+    assert frame.loc["kernel", "metrics.decode_us_source"].startswith("none: not on a GPU")  # says so
 
 
 def _corpus(path, word: str) -> None:

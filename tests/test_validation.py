@@ -47,6 +47,7 @@ CASES = [  # (overrides, env, the error line must contain)
     (["kv.prefill=full"], {}, "kv.prefill=full: perplexity scores the whole window in one prefill forward"),
     (["kv.backend=kernel", "method.key_axis=channel", "eval=harness", "eval.tasks=[piqa]", "eval.batch_size=4"], {},
      "kv.backend=kernel packs the padding of a batch with the tokens"),
+    (["kv.backend=kernel", "method.value_axis=channel"], {}, "kv.backend=kernel reads values with one range per token"),
     (["eval=harness", "eval.tasks=[piqaa]"], {}, "Unknown lm-eval task 'piqaa'. Did you mean 'piqa'?"),
     (["output_dir={tmp}/afile/out"], {}, "output_dir={tmp}/afile/out is not writable"),
     (["data=text", "data.path={tmp}/missing.txt"], {}, "data.path={tmp}/missing.txt is not a readable file"),
