@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Sizes that change as a cache grows: not specialised (a new value divisible by 16 would otherwise compile the
+# kernel again in the middle of generation, a second or more).
+GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_packed", "n_sink", "n_recent", "tiles_per_split", "n_splits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n
     store_partial(o_ptr, lse_ptr, rows, g_mask, n_splits, n_splits, m_i, l_i, acc, D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S1"])
 def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SP)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import bit_slices
-from .common import LOG2E, fp16_split, launch_args, magic_bits, split_plan, uniform_per_token, use_inline_ptx
+from .common import GROWING, LOG2E, fp16_split, launch_args, magic_bits, split_plan, uniform_per_token, use_inline_ptx
 
 BYTE, MAGIC = 1, 2
 FIELDS = {"byte": BYTE, "magic": MAGIC}
@@ -192,7 +192,7 @@ def _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end, NK: tl.c
     return wk, wk1, wv, wv1, vsc, vzp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROWING)
 def _cuda_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, split_plan, store_partial, unpack_tile,
+    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, split_plan, store_partial, unpack_tile,
 )
 
 
@@ -79,7 +79,7 @@ def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROWING + ["OL_CAP"])
 def _split_k_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,

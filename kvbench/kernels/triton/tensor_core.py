@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, fp16_split, launch_args, split_plan, uniform_per_token, use_inline_ptx
+from .common import GROWING, LOG2E, fp16_split, launch_args, split_plan, uniform_per_token, use_inline_ptx
 
 # One shift, one LOP3 (mask, OR under the exponent of 1024) and one sub.f16x2 per two codes of one field.
 _ASM = "{ .reg .b32 t, m; mov.b32 m, 0x64006400; shr.b32 t, $1, %d; lop3.b32 t, t, %s, m, 0xEA; sub.f16x2 $0, t, m; }"
@@ -100,7 +100,7 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
     tl.store(out + J, acc * inv + cz, mask=om)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROWING)
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
