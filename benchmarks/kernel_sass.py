@@ -1,0 +1,109 @@
+"""What a decode kernel costs per tile, read from its machine code (no GPU needed): compile a decode path for a
+GPU architecture with Triton's own ``ptxas`` and count the instructions of its main loop by kind.
+
+``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4]`` writes ``benchmarks/results/kernel_sass.json``:
+per path, bit width and launch (the tuning table's rule for the H200), the instructions one warp issues per
+tile of the main loop, per code (key and value elements of one KV head), and by kind (unpack: shifts, LOP3,
+byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills).
+Counts are per warp and per tile; with ``num_warps`` warps a tile of ``tile`` tokens costs
+``num_warps * per_tile`` warp instructions for ``tile * 2 * head_dim`` codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kvbench.kernels import tuning  # noqa: E402
+from kvbench.kernels.triton import tensor_core  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = {
+    "unpack": ("SHF", "LOP3", "PRMT", "HADD2", "HFMA2"), "mma": ("HMMA", "HGMMA"), "shared": ("LDS", "STS", "LDSM"),
+    "global": ("LDG", "LDGSTS"), "predicates": ("ISETP", "P2R", "R2P", "PLOP3"), "spills": ("LDL", "STL"),
+    "barriers": ("BAR",), "float": ("FMUL", "FADD", "FFMA", "FMNMX", "FSEL", "MUFU", "F2FP"),
+}
+ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
+        "NB_CAP S_CAP R_CAP n_packed n_sink n_recent tiles_per_split n_splits").split()
+
+
+def _sig(name: str) -> str:
+    if name in ("kw_ptr", "vw_ptr"):
+        return "*i32"
+    if name in ("o_ptr", "lse_ptr"):
+        return "*fp32"
+    if name.endswith("_ptr"):
+        return "*fp16"
+    return "fp32" if name == "sm_scale" else "i32"
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest loop (a backward branch) of a SASS listing."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"^(\.L_x_\d+):", line)] if m}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), len(lines)) < i:
+            body = [x for x in lines[labels[m.group(1)]: i + 1] if re.match(r"\s+/\*[0-9a-f]{4,}\*/", x)]
+            best = max(best, body, key=len)
+    return best
+
+
+def opcode(line: str) -> str:
+    return re.sub(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
+
+
+def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
+    const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"], ASM=True)
+    src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
+                    **{k: "constexpr" for k in const}}, constexprs=const)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=rule["num_warps"], num_stages=rule["num_stages"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(k.asm["cubin"])
+        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter(opcode(x) for x in main_loop(sass))
+    per_tile = sum(ops.values())
+    codes = rule["tile"] * 2 * D
+    return dict(path="tensor_core", arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **{k: rule[k] for k in
+                ("tile", "num_warps", "num_stages")}, warp_instr_per_tile=per_tile,
+                thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
+                by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
+                top=dict(ops.most_common(12)), triton=triton.__version__)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--gpu", default="NVIDIA H200", help="whose tuning rules give the launch parameters")
+    p.add_argument("--out", type=Path, default=RESULTS / "kernel_sass.json")
+    args = p.parse_args(argv)
+    rows = []
+    for bits in args.bits:
+        rule = tuning.rules(args.gpu, 4, bits, bits, 128, "tensor_core")[0]
+        rows.append(count(bits, 4, 128, rule, args.arch))
+        r = rows[-1]
+        print(f"tensor_core {bits}-bit tile {r['tile']} x {r['num_warps']} warps: {r['warp_instr_per_tile']} warp "
+              f"instructions per tile, {r['thread_instr_per_code']} per code; {r['by_kind']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
