@@ -348,7 +348,9 @@ def test_checked_in_specs_missing_commands_compose():
             argv = shlex.split(cmd)
             assert argv[:3] == ["python", "-m", "kvbench"]
             cfg = compose(argv[3:])
-            row = pd.DataFrame([results.flatten(results.result_config(cfg))])
+            from omegaconf import OmegaConf
+
+            row = pd.DataFrame([results.flatten(OmegaConf.to_container(cfg, resolve=True))])  # as config.yaml stores it
             assert report.matches(row, cell.selector).all(), cmd
     assert len(seen) >= 10
 
@@ -400,3 +402,22 @@ def test_cli_writes_page_and_refreshes_includes(frame, tmp_path, monkeypatch):
     assert "rebuilt by `python -m kvbench.report reports/ppl.yaml`" in page
     readme = (tmp_path / "README.md").read_text()
     assert "![ppl_pareto](reports/ppl_pareto.png)" in readme and "| int4 per-channel K |" in readme
+
+
+def test_relative_diff_of_a_percent_column_is_in_points():
+    """``relative: diff`` on a ``format: pct`` column shows the change in percentage points (0.6 vs 1.0: -40)."""
+    import pandas as pd
+
+    from kvbench.report.latex import format_cell
+    from kvbench.report.table import build_table, expand_columns
+
+    spec = {"name": "t", "path": Path("t.yaml"), "filters": {}, "ignore": [], "seeds": None, "sections": None, "best": "max",
+            "rows": [{"label": "fp16", "match": {"method.name": "fp16"}, "reference": True, "ignore": []},
+                     {"label": "int4", "match": {"method.name": "uniform"}, "reference": False, "ignore": []}],
+            "columns": [{"label": "acc", "group": None, "match": {}, "metric": "metrics.acc", "decimals": 0, "best": "max",
+                         "format": "pct", "relative": "diff", "average": None, "ignore": [], "optional": False, "missing": None}]}
+    frame = pd.DataFrame({"method.name": ["fp16", "uniform"], "metrics.acc": [1.0, 0.6], "run_dir": ["a", "b"]})
+    table = build_table(frame, spec)
+    cols = expand_columns(spec)
+    assert cols[1]["kind"] == "relative" and cols[1]["format"] == "pct"
+    assert table.cells[1][1].mean == pytest.approx(-0.4)

@@ -219,7 +219,8 @@ def expand_columns(spec: dict) -> list[dict]:
         out.append({**c, "kind": kind, "source": i})
         if c["relative"]:
             label = r"$\Delta$\%" if c["relative"] == "pct" else r"$\Delta$"
-            out.append({**c, "label": label, "kind": "relative", "source": i, "best": "none", "format": None,
+            out.append({**c, "label": label, "kind": "relative", "source": i, "best": "none",
+                        "format": c["format"] if c["relative"] == "diff" else None,  # a diff of % is in points
                         "decimals": 1 if c["relative"] == "pct" else c["decimals"]})
     return out
 
