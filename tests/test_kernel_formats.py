@@ -133,3 +133,18 @@ def test_mixed_width_stores(pre_rope):
         k_hat = reference.rope_at(k_hat, torch.arange(3, 67), inv)
     assert _rel(keys[:, :, 3:67], k_hat) < 1e-5 and _rel(vals[:, :, 3:67], v_hat) < 1e-5
     _check_triton(q, parts)
+
+
+def test_fast_paths_do_not_apply_to_the_new_formats():
+    """Only split_k reads per-token keys, channel scales, value outliers and mixed-width stores: the fast paths'
+    ``applies()`` is false for each, and forcing one is refused."""
+    q, k, v = _data(B=1, H=1, T=64, rep=4)
+    formats = [ops.build_packed_kv(k, v, 4, 4, 32, 64, impl="reference", key_group=64),
+               ops.build_packed_kv(k, v, 4, 4, 32, 64, impl="reference", v_chan=_chan(1, 64, 0)),
+               ops.build_packed_kv(k, v, 4, 4, 32, 64, impl="reference", value_outlier_frac=0.02)]
+    for kv in formats:
+        assert not kv.plain and tk.choose(q, kv)["path"] == "split_k"
+        for name, path in tk.PATHS.items():
+            assert path.applies(kv, 4) == (name == "split_k"), name
+        with pytest.raises(ValueError, match="does not apply"):
+            tk.choose(q, kv, "cuda_core")

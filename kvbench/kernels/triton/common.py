@@ -232,6 +232,7 @@ def dummy(device) -> torch.Tensor:
 
 
 def uniform_per_token(kv) -> bool:
-    """Uniform codes, post-RoPE keys, no outliers, one value (scale, zero) per token: the fast paths' format."""
+    """Uniform codes, post-RoPE keys, no outliers, one value (scale, zero) per token: the fast paths' format
+    (and :attr:`~kvbench.kernels.ops.PackedKV.plain`: no per-token keys, positions, channel scales, value outliers)."""
     return (kv.k_lut is None and kv.v_lut is None and kv.inv_freq is None and kv.ol_ptr is None
-            and kv.v_scale.shape[-1] == 1)
+            and kv.v_scale.shape[-1] == 1 and kv.plain)
