@@ -16,6 +16,13 @@ Storage layout (one int32 row of words per token and head):
   scale/zero (the nearest centroid for NUQ; the first one on ties).
 * Key outliers (dense-and-sparse): the dense part quantizes ``x`` clamped to per-channel thresholds;
   the sparse part stores the residual ``x - x_hat`` at the clamped positions as CSR per key block.
+  Per-token keys (``key_axis="token"``) and values may have per-token outliers (KVQuant: each token's
+  extremes over all heads), in the same CSR layout (``ol_*`` keys, ``vol_*`` values).
+* Keys per token (``key_axis="token"``): one ``(scale, zero)`` per token per group of channels, as values.
+* Channel ``(scale, shift)`` (``k_chan``/``v_chan``): codes of ``(x - shift) / scale``; keys are mapped back
+  in the decode tile (before RoPE), values in the output.
+* Mixed widths: a list of :class:`~kvbench.kernels.ops.PackedKV`, one store per ``(key bits, value bits)``,
+  each with every token's ``positions`` (``-1``: an empty slot); :mod:`.records` names each format.
 
 Modules: :mod:`.reference` (PyTorch), :mod:`.triton` (Triton, one module per kernel), :mod:`.ops`
 (dispatch), :mod:`.tuning` (decode path and launch tuning per GPU, data in ``tuning.json``), :mod:`.cache`
