@@ -380,8 +380,16 @@ class QoKV(KVMethod):
 
     # -- packed format (kv.backend=kernel) --------------------------------------------------------
     def check_packable(self) -> None:
+        from kvbench.kernels.reference import bit_slices
+
         if self.kv.bits >= FP16_BITS:
             raise UserError(f"kv.backend=kernel packs codes of at most 8 bits, got kv.bits={self.kv.bits}")
+        for bits in sorted({*self.key_bits, *self.value_bits}):  # the groups' widths (method.*_bit_offsets)
+            try:
+                bit_slices(bits, self.info.head_dim)
+            except ValueError as e:
+                raise UserError(f"kv.backend=kernel cannot pack QoKV's {bits}-bit token group here (method.key_bit_offsets"
+                                f" / method.value_bit_offsets): {e}") from None
 
     def packed_spec(self):
         """The packed format: keys and values per token (ranges per ``kv.group_size`` channels) of

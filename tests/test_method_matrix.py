@@ -117,7 +117,7 @@ def wide_model(tiny_model):
 
 
 @pytest.mark.parametrize("entry", [e for e in MATRIX if e[0] != "fp16"], ids=[_ids(e) for e in MATRIX if e[0] != "fp16"])
-def test_kernel_backend_matches_simulated_or_refuses(entry, wide_model, wiki_splits, compose, tmp_path):
+def test_kernel_backend_matches_simulated_or_refuses(entry, wide_model, wiki_splits, compose, tmp_path, monkeypatch):
     """The backend axis of the matrix: every configuration runs on the packed cache (reference kernels) with
     the simulated backend's logits (relative L2 within ``LOGITS_REL``) and perplexity (within ``PPL_REL``),
     and generates; or it is one of :data:`KERNEL_REFUSES`, refused at validation (before weights load or
@@ -130,6 +130,11 @@ def test_kernel_backend_matches_simulated_or_refuses(entry, wide_model, wiki_spl
     name, overrides = entry
     base = [f"method={name}", "model=tiny-llama", "calib.num_samples=2", "calib.seqlen=64", f"calib.cache_dir={tmp_path}",
             *overrides]
+    from kvbench.calibration import stats
+
+    # wide_model's configs name tiny-llama: the in-process statistics cache (keyed by the model config) must
+    # neither serve tiny-llama's statistics here nor keep wide_model's for the tests after this one
+    monkeypatch.setattr(stats, "_STATS_CACHE", {})
     model, tok, info = wide_model
     if _ids(entry) in KERNEL_REFUSES:
         with pytest.raises(UserError) as err:
