@@ -110,12 +110,12 @@ def test_decode_attention(case):
 
 
 def test_all_paths_agree():
-    """Every registered decode path (forced) on one packed cache they all apply to."""
+    """Every registered decode path (forced) on one packed cache they all apply to (head_dim 128: tensor_core's)."""
     from kvbench.kernels.triton import PATHS
 
-    k, v = torch.randn(B, H, 32 + 3, D), torch.randn(B, H, 32 + 3, D)
-    q = torch.randn(B, H * 2, D)
-    kv = ops.build_packed_kv(k, v, 4, 4, 16, D, 0, 3, impl="reference")
+    k, v = torch.randn(B, H, 32 + 3, 128), torch.randn(B, H, 32 + 3, 128)
+    q = torch.randn(B, H * 2, 128)
+    kv = ops.build_packed_kv(k, v, 4, 4, 16, 128, 0, 3, impl="reference")
     ref = ops.decode_attention(q, kv, impl="reference")
     for path in PATHS:
         out = ops.decode_attention(q, kv, impl="triton", path=path, n_splits=2, tile=16)
