@@ -144,3 +144,12 @@ def test_lm_eval_batch_size_does_not_change_per_document_results(overrides, tiny
     diff = max(abs(a - b) for d in ll1 for a, b in zip(ll1[d], ll4[d]))
     assert diff < ATOL, f"max |loglikelihood batch 4 - batch 1| = {diff:.2e}"
     assert gen1 == gen4 and len(gen1) == len(TEXTS)
+
+
+def test_padding_spans_left_right_and_interior_zeros():
+    from kvbench.cache.hooks import padding_spans
+
+    assert padding_spans(torch.ones(2, 5, dtype=torch.long)) is None
+    assert padding_spans(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])) == [(2, 5), (0, 4)]
+    with pytest.warns(UserWarning, match="zeros inside a sequence"):  # generate() masks a pad id in the prompt
+        assert padding_spans(torch.tensor([[1, 0, 1, 1, 1]])) is None

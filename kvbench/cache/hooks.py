@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 import weakref
 
 from transformers.cache_utils import Cache
@@ -42,7 +43,9 @@ def cache_factory(model, method: KVMethod, backend: str, n_layers: int, kernel=N
 
 def padding_spans(mask) -> list[tuple[int, int]] | None:
     """The real tokens ``[(start, end)]`` of each row of a padded batch, from a ``(B, T)`` attention mask
-    (1 = token, 0 = padding, left or right); ``None`` without padding (or without a 2-D mask)."""
+    (1 = token, 0 = padding, left or right); ``None`` without padding (or without a 2-D mask), and ``None``
+    with a warning where a row has zeros inside it (``generate()`` masks every ``pad_token_id`` it finds in
+    the prompt): such a batch is cached as one block, as an unpadded batch is."""
     if mask is None or mask.dim() != 2 or bool(mask.bool().all()):
         return None
     spans = []
@@ -50,7 +53,9 @@ def padding_spans(mask) -> list[tuple[int, int]] | None:
         idx = row.nonzero().flatten()
         s, e = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0)
         if not bool(row[s:e].all()):
-            raise ValueError("kvbench: padding inside a sequence (only left or right padding is supported)")
+            warnings.warn("kvbench: the attention mask has zeros inside a sequence (a pad_token_id in the prompt?); "
+                          "the batch is cached as given, not row by row", stacklevel=2)
+            return None
         spans.append((s, e))
     return spans
 
