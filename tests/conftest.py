@@ -53,3 +53,33 @@ def compose():
 
 def tokens(tok, text: str = "The quick brown fox jumps over the lazy dog. " * 8) -> torch.Tensor:
     return tok(text, return_tensors="pt").input_ids  # (1, T)
+
+
+GENERATION_TASK_YAML = """
+task: {name}
+custom_dataset: !function {name}.load
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+GENERATION_TASK_PY = """
+import datasets
+
+def load(**kwargs):
+    rows = {{"prompt": {prompts!r}, "answer": {answers!r}}}
+    return datasets.DatasetDict({{"test": datasets.Dataset.from_dict(rows)}})
+"""
+
+
+def write_generation_task(folder, name: str, prompts: list[str], answers: list[str], max_gen_toks: int) -> None:
+    """A greedy lm-eval ``generate_until`` task ``name`` over ``prompts`` (exact match against ``answers``),
+    written into ``folder`` for ``run_tasks(..., include_path=[folder])``."""
+    (folder / f"{name}.yaml").write_text(GENERATION_TASK_YAML.format(name=name, max_gen_toks=max_gen_toks))
+    (folder / f"{name}.py").write_text(GENERATION_TASK_PY.format(prompts=list(prompts), answers=list(answers)))

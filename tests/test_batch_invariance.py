@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvbench.cache import patched
+from conftest import write_generation_task
 from kvbench.run import build_method
 
 ATOL = 1e-5
@@ -97,37 +98,13 @@ def test_left_padded_generation_equals_each_prompt_alone(overrides, prefill, tin
         assert diff < ATOL, f"row {i}: max |logit batch 4 - batch 1| = {diff:.2e}"
 
 
-PROBE_YAML = """
-task: kvbench_batch_probe
-custom_dataset: !function probe.load
-output_type: generate_until
-test_split: test
-doc_to_text: "{{prompt}}"
-doc_to_target: "{{answer}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 6
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-PROBE_PY = """
-import datasets
-
-def load(**kwargs):
-    prompts = {texts!r}
-    return datasets.DatasetDict({{"test": datasets.Dataset.from_dict({{"prompt": prompts, "answer": [" x"] * len(prompts)}})}})
-"""
-
-
 @pytest.mark.parametrize("overrides", [METHODS[3], METHODS[5]], ids=map(_id, [METHODS[3], METHODS[5]]))
 def test_lm_eval_batch_size_does_not_change_per_document_results(overrides, tiny_model, method_of, tmp_path):
     """Through lm-eval itself: PIQA log-likelihoods (right padding) and a generate_until task (left
     padding) per document at batch size 1 and 4."""
     from kvbench.eval.harness import run_tasks
 
-    (tmp_path / "probe.yaml").write_text(PROBE_YAML)
-    (tmp_path / "probe.py").write_text(PROBE_PY.format(texts=TEXTS))
+    write_generation_task(tmp_path, "kvbench_batch_probe", TEXTS, [" x"] * len(TEXTS), max_gen_toks=6)
     model, tok, info = tiny_model
     method = method_of(overrides)
     res = {}

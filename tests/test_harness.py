@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_generation_task
+
 GOLDEN = Path(__file__).parent / "golden" / "harness.json"  # made by tests/golden/make_harness.py
 
 # Offline task -> the standard lm-eval YAML it must reproduce (prompt, target, choices, metrics).
@@ -220,36 +222,13 @@ def test_int2_changes_loglikelihoods(tiny_model, compose):
     assert d8.max() < d2.min(), f"int8 {d8.max():.3e} vs int2 {d2.min():.3e}"
 
 
-PROBE_YAML = """
-task: kvbench_probe_gen
-custom_dataset: !function probe.load
-output_type: generate_until
-test_split: test
-doc_to_text: "{{prompt}}"
-doc_to_target: "{{answer}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 5
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-PROBE_PY = """
-import datasets
-
-def load(**kwargs):
-    rows = {"prompt": ["The capital of France is", "One, two, three, four,"], "answer": [" Paris", " five"]}
-    return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
-"""
-
-
 def test_generation_task_decodes_through_quantizing_cache(tiny_model, compose, tmp_path):
     """An lm-eval generate_until task: prefill and every decode step use one QuantizingCache whose K/V are int2."""
     from kvbench.eval.harness import per_task, run_tasks
     from kvbench.cache import QuantizingCache, patched
 
-    (tmp_path / "probe.yaml").write_text(PROBE_YAML)
-    (tmp_path / "probe.py").write_text(PROBE_PY)
+    write_generation_task(tmp_path, "kvbench_probe_gen", ["The capital of France is", "One, two, three, four,"],
+                          [" Paris", " five"], max_gen_toks=5)
     model, tok, info = tiny_model
     calls = []  # (new tokens, cache) of every forward
 
