@@ -94,6 +94,7 @@ class KVMethod:
         self.key_block = cfg.key_block
         self.rotation = KVRotation(cfg.rotation, cfg.rotate, cfg.rotation_seed, info.head_dim)
         self.layer_widths: Optional[torch.Tensor] = None  # (L, 2) or (L, 2, H_kv) int64: K, V widths, calibrated
+        self._device_copies: dict = {}  # (name, device) -> (host tensor, its fp32 copy there): see on_device
         if cfg.layer_bits != LayerBits.none:
             if cfg.layer_bits == LayerBits.head and not self.per_head_bits:
                 raise UserError(f"method {cfg.name} has one code width per layer: set method.layer_bits=layer")
@@ -209,6 +210,16 @@ class KVMethod:
         if not self.allocates_bits or self.layer_widths is None:
             return float(self.kv.bits) if self.kv.bits < FP16_BITS else float(FP16_BITS)
         return float(self.layer_widths[:, 0 if which == "k" else 1].double().mean())
+
+    def on_device(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` (calibrated state, a codebook) as fp32 on ``device``, copied once: a host-to-device copy
+        in every layer of every forward makes the host wait for the GPU each time."""
+        key = (name, device)
+        host, copy = self._device_copies.get(key, (None, None))
+        if host is not tensor:
+            copy = tensor.to(device, torch.float32)
+            self._device_copies[key] = (tensor, copy)
+        return copy
 
     # -- shared, final ----------------------------------------------------------------------
     def avg_bits(self, seq_len: int) -> float:

@@ -34,6 +34,7 @@ them), CSR key and value outliers, pre-RoPE keys and the sink tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,11 @@ class KVQuantConfig(MethodConfig):
     outlier_frac: float = 0.01
     qnorm: bool = False
     value_outliers: bool = True
+
+
+@functools.cache
+def _uniform_codebook(bits: int) -> torch.Tensor:
+    return uniform_codebook(bits)
 
 
 @register("method", "kvquant")
@@ -191,8 +197,7 @@ class KVQuant(KVMethod):
         if which == "k" and self.cfg.key_axis == "channel":
             if f"k_lo.{layer}" not in self.state:
                 raise RuntimeError("kvquant: per-channel keys need calibration (kvbench.calibration.prepare)")
-            lo = self.state[f"k_lo.{layer}"].to(x)[None, :, None, :]  # (1, H_kv, 1, D)
-            hi = self.state[f"k_hi.{layer}"].to(x)[None, :, None, :]
+            lo, hi = (self._state_on(f"k_{e}.{layer}", x)[None, :, None, :] for e in ("lo", "hi"))  # (1, H_kv, 1, D)
             mask = (x < lo) | (x > hi) if self.cfg.outlier_frac > 0 else torch.zeros_like(x, dtype=torch.bool)
             return lo.unsqueeze(-1), hi.unsqueeze(-1), mask  # broadcast over the group axis as (..., D, 1)
         per_token = x.transpose(1, 2).reshape(B, T, H * D)  # outliers chosen per token over all heads
@@ -218,23 +223,49 @@ class KVQuant(KVMethod):
         y = normalize(self._grouped(x, which), lo, hi).view_as(x)
         return y, ~mask
 
+    def _state_on(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.on_device(name, self.state[name], like.device).to(like.dtype)
+
     def _codebook(self, which: str, layer: int, like: torch.Tensor) -> torch.Tensor:
         if self.cfg.nuq:
-            return self.state[f"{which}_cb.{layer}"].to(like)
-        return uniform_codebook(self.width(which, layer)).to(like)
+            return self._state_on(f"{which}_cb.{layer}", like)
+        w = self.width(which, layer)
+        return self.on_device(f"uniform{w}", _uniform_codebook(w), like.device).to(like.dtype)
 
     def _quantize(self, x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
         if not self.quantizes:
             return x
+        from kvbench.kernels import fused_simulated
+
+        if fused_simulated(x) and isinstance(self.width(which, layer), int):
+            return self._fused(x, which, layer)
         xf = x.float()
         lo, hi, mask = self._ranges(xf, which, layer)
         cb = self._codebook(which, layer, xf)
         y = normalize(self._grouped(xf, which), lo, hi).clamp(-1, 1)
         x_hat = denormalize(dequantize_codebook(quantize_codebook(y, cb), cb), lo, hi).view_as(xf)
         x_hat = torch.where(mask, xf, x_hat)  # sparse outliers stay exact
-        self.outlier_count[which] += int(mask.sum())
+        self.outlier_count[which] = self.outlier_count[which] + mask.sum()  # a tensor: no wait for the device
         self.element_count[which] += mask.numel()
         return x_hat.to(x.dtype)
+
+    def _fused(self, x: torch.Tensor, which: str, layer: int) -> torch.Tensor:
+        """:meth:`_quantize` in one Triton launch (CUDA; :mod:`kvbench.kernels.triton.simulated`)."""
+        from kvbench.kernels.triton.simulated import fake_quant_tokens
+
+        count = self.outlier_count[which]
+        if not torch.is_tensor(count) or count.device != x.device:
+            count = self.outlier_count[which] = torch.zeros((), dtype=torch.int64, device=x.device) + count
+        cb = self._codebook(which, layer, x.float())
+        if which == "k" and self.cfg.key_axis == "channel":
+            lo, hi = (self._state_on(f"k_{e}.{layer}", cb) for e in ("lo", "hi"))
+            out = fake_quant_tokens(x, codebook=cb, channel_range=(lo, hi), threshold_outliers=self.cfg.outlier_frac > 0,
+                                    outlier_count=count)
+        else:
+            k = outliers_per_side(x.shape[1] * x.shape[-1], self._outlier_frac(which))
+            out = fake_quant_tokens(x, group=self.group, codebook=cb, outliers_per_side=k, outlier_count=count)
+        self.element_count[which] += x.numel()
+        return out
 
     def _proxy(self, x: torch.Tensor, which: str, bits: int) -> torch.Tensor:
         """Uniform stand-in of the quantizer for the width allocation (no calibrated state): per-channel
@@ -292,7 +323,7 @@ class KVQuant(KVMethod):
     def outlier_rate(self, which: str) -> float:
         """Measured fraction of outliers so far, or the expected one before any quantization."""
         if self.element_count[which]:
-            return self.outlier_count[which] / self.element_count[which]
+            return float(self.outlier_count[which]) / self.element_count[which]
         if which == "k" and self.cfg.key_axis == "channel":
             return self.cfg.outlier_frac
         n = self.info.num_kv_heads * self.info.head_dim  # per-token slices span all heads

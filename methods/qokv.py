@@ -39,6 +39,7 @@ has run).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -126,6 +127,11 @@ class QoKVConfig(MethodConfig):
     pre_rope: bool = True
     base: Base = Base.uniform
     sink_tokens: int = 1
+
+
+@functools.cache
+def _widths(widths: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(widths)
 
 
 @register("method", "qokv")
@@ -290,12 +296,13 @@ class QoKV(KVMethod):
         self.offline_groups = tensors.get("groups")
 
     # -- grouping --------------------------------------------------------------------------------
-    def _forced(self, lo: int, hi: int, total: int, device) -> torch.Tensor:
-        pos = torch.arange(lo, hi, device=device)
+    def _forced(self, lo: int, hi: int, total: int) -> torch.Tensor:
+        """``(hi - lo,)`` bool on the host: the grouping counts them without waiting for the device."""
+        pos = torch.arange(lo, hi)
         return (pos < self.cfg.top_initial) | (pos >= total - self.cfg.top_recent)
 
     def _groups_of(self, scores: torch.Tensor, lo: int, hi: int, total: int) -> torch.Tensor:
-        forced = self._forced(lo, hi, total, scores.device)
+        forced = self._forced(lo, hi, total)
         if self.cfg.group_thresholds is not None:
             return threshold_groups(scores, list(self.cfg.group_thresholds), forced)
         return assign_groups(scores, group_counts(self.shares, lo, hi), forced)
@@ -315,7 +322,7 @@ class QoKV(KVMethod):
             g = torch.full((n,), self.n_groups - 1, dtype=torch.long)  # beyond the calibrated length: last group
             inside = pos < gmap.numel()
             g[inside] = gmap[pos[inside]].long()
-            g = torch.where(self._forced(lo, hi, total, g.device), torch.zeros_like(g), g)
+            g = torch.where(self._forced(lo, hi, total), torch.zeros_like(g), g)
             return g.expand(B, n)
         if ctx is None or ctx.query is None or ctx.keys is None:
             raise RuntimeError("qokv: online grouping needs the layer's queries (KVContext.query)")
@@ -324,8 +331,11 @@ class QoKV(KVMethod):
 
     def _groups_for(self, x: torch.Tensor, layer: int, ctx) -> torch.Tensor:
         """Token groups ``(B, n)`` of the chunk ``x (B, H_kv, n, D)``; realised shares are counted here."""
-        g = self.groups(layer, x.shape[0], x.shape[-2], ctx).to(x.device)
-        self.tokens_per_group += torch.bincount(g.flatten().cpu(), minlength=self.n_groups).double()
+        g = self.groups(layer, x.shape[0], x.shape[-2], ctx).to(x.device, non_blocking=True)
+        flat = g.flatten()  # counted on the device (bincount would wait for it, to size its output)
+        counts = torch.zeros(self.n_groups, dtype=torch.float64, device=g.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.tokens_per_group = counts + self.tokens_per_group.to(counts.device, non_blocking=True)
         return g
 
     # -- quantization ----------------------------------------------------------------------------
@@ -343,8 +353,15 @@ class QoKV(KVMethod):
     def _quantize(self, x: torch.Tensor, groups: torch.Tensor, widths: list[int], scales, shifts, which: str,
                   layer: int) -> torch.Tensor:
         """``x (B, H_kv, n, D)`` -> ``z + s * Q_g((x - z) / s)`` with each token's group width; ``groups (B, n)``."""
-        s = None if scales is None else scales.to(x.device, torch.float32)[None, :, None, :]  # (1, H_kv, 1, D)
-        z = None if shifts is None else shifts.to(x.device, torch.float32)[None, :, None, :]
+        from kvbench.kernels import fused_simulated
+
+        if self.cfg.base == "uniform" and max(widths) <= 8 and fused_simulated(x):
+            from kvbench.kernels.triton.simulated import fake_quant_tokens
+
+            token_bits = self.on_device(f"widths{widths}", _widths(tuple(widths)), x.device)[groups]  # (B, n)
+            return fake_quant_tokens(x, token_bits=token_bits, group=self.kv.group_size, shift=shifts, scale=scales)
+        s = None if scales is None else scales[None, :, None, :]  # (1, H_kv, 1, D)
+        z = None if shifts is None else shifts[None, :, None, :]
         y = x.float() if z is None else x.float() - z
         y = y if s is None else y / s
         out = torch.empty_like(y)
@@ -355,14 +372,17 @@ class QoKV(KVMethod):
         out = out if s is None else out * s
         return (out if z is None else out + z).to(x.dtype)
 
+    def _channel(self, name: str, layer: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer ``layer`` of a calibrated ``(L, H_kv, D)`` vector, fp32 on ``like``'s device (copied once)."""
+        t = getattr(self, name)
+        return None if t is None else self.on_device(name, t, like.device)[layer]
+
     def _keys(self, k, g, layer):
-        ks = self.key_scales[layer] if self.key_scales is not None else None
-        kz = self.key_shifts[layer] if self.key_shifts is not None else None
+        ks, kz = self._channel("key_scales", layer, k), self._channel("key_shifts", layer, k)
         return self._quantize(k, g, self._widths("k", layer), ks, kz, "key", layer)
 
     def _values(self, v, g, layer):
-        vs = self.value_scales[layer] if self.value_scales is not None else None
-        vz = self.value_shifts[layer] if self.value_shifts is not None else None
+        vs, vz = self._channel("value_scales", layer, v), self._channel("value_shifts", layer, v)
         return self._quantize(v, g, self._widths("v", layer), vs, vz, "value", layer)
 
     def quantize_kv(self, k, v, layer, ctx=None):
@@ -426,8 +446,9 @@ class QoKV(KVMethod):
     # -- accounting ------------------------------------------------------------------------------
     def group_fractions(self) -> torch.Tensor:
         """Realised share of tokens per group (declared shares before any token was quantized)."""
-        n = self.tokens_per_group.sum()
-        return self.tokens_per_group / n if n > 0 else self.shares.double()
+        counts = self.tokens_per_group.cpu()
+        n = counts.sum()
+        return counts / n if n > 0 else self.shares.double()
 
     def bits_per_element(self, seq_len: int):
         if self.kv.bits >= FP16_BITS:

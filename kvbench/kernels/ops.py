@@ -29,6 +29,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def fused_simulated(x: torch.Tensor) -> bool:
+    """Whether the simulated backend's quantizers run fused (:mod:`.triton.simulated`) on ``x``: CUDA tensors
+    with a power-of-two head_dim, Triton installed; the PyTorch definitions otherwise (CPU, and the tests' reference)."""
+    D = x.shape[-1]
+    return x.is_cuda and D >= 16 and D & (D - 1) == 0 and triton_available()
+
+
 def require_triton() -> None:
     """Raise the one-line backend error unless :func:`triton_available`."""
     if not triton_available():

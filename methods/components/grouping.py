@@ -50,8 +50,8 @@ def assign_groups(scores: torch.Tensor, counts: torch.Tensor, forced: Optional[t
     n = scores.shape[-1]
     s = scores.float()
     counts = counts.clone()
-    if forced is not None and forced.any():
-        s = torch.where(forced, torch.full_like(s, math.inf), s)
+    if forced is not None and forced.any():  # forced and counts on the host (no wait for the device)
+        s = torch.where(forced.to(s.device, non_blocking=True), torch.full_like(s, math.inf), s)
         extra = int(forced.sum()) - int(counts[0])
         g = 1
         while extra > 0 and g < len(counts):
@@ -63,7 +63,7 @@ def assign_groups(scores: torch.Tensor, counts: torch.Tensor, forced: Optional[t
     order = torch.argsort(s, dim=-1, descending=True, stable=True)  # (B, n)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n, device=s.device).expand_as(order))
-    bounds = torch.cumsum(counts, 0).to(s.device)  # (G,)
+    bounds = torch.cumsum(counts, 0).to(s.device, non_blocking=True)  # (G,)
     return torch.bucketize(rank, bounds, right=True).clamp_max(len(counts) - 1)
 
 
@@ -79,10 +79,10 @@ def threshold_groups(scores: torch.Tensor, thresholds: list[float], forced: Opti
         ``(B, n)`` int64 group index.
     """
     rel = scores.float() / scores.float().mean(-1, keepdim=True).clamp_min(1e-12)
-    t = torch.tensor(sorted(thresholds), dtype=rel.dtype, device=rel.device)  # ascending
+    t = torch.tensor(sorted(thresholds), dtype=rel.dtype).to(rel.device, non_blocking=True)  # ascending
     groups = len(thresholds) - torch.bucketize(rel, t, right=True)
     if forced is not None:
-        groups = torch.where(forced, torch.zeros_like(groups), groups)
+        groups = torch.where(forced.to(groups.device, non_blocking=True), torch.zeros_like(groups), groups)
     return groups
 
 
@@ -106,6 +106,12 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
         ``(B, hi - lo)``: attention probabilities (causal softmax with scaling ``1/sqrt(D)``) summed
         over the queries at or after each key, divided by their number, averaged over query heads.
     """
+    from kvbench.kernels import fused_simulated
+
+    if fused_simulated(query):
+        from kvbench.kernels.triton.simulated import received_attention as fused
+
+        return fused(query, keys, query_start, lo, hi)
     B, H, Tq, D = query.shape
     H_kv, T = keys.shape[1], keys.shape[-2]
     g = H // H_kv
