@@ -11,12 +11,17 @@ real model's, accuracy is not measured) and a synthetic corpus (no download), an
 - ``calibration``: KVQuant (and QoKV) calibration with Fisher on 16 x 2048 tokens: ``calib_s``,
   ``calib_peak_mem_gb``;
 - ``passkey``: ``eval=passkey`` at 32k through ``generate()`` and the quantizing cache;
+- ``harness``: ``eval=harness`` (lm-eval, offline PIQA and ARC-Easy, ``--harness-limit`` documents each)
+  on the patched model: ``eval_s``, ``peak_mem_gb`` and lm-eval's accuracies (chance level: random weights);
+- ``profile``: one 2048-token window per method under ``torch.profiler``; the top CUDA kernels and the
+  host time go to ``--profile-dir`` (``profile_<method>.txt``), what bounds the overhead;
 - ``agreement``: a scaled-down random-weight model in fp32, perplexity on this machine's CPU and GPU
   (tests/test_random_init.py pins the CPU value).
 
     python benchmarks/gpu_pipeline.py                       # on a GPU: the records above (~7 min on an H200)
     python benchmarks/gpu_pipeline.py --small --device cpu  # the same pipeline on tiny shapes (a CPU check)
     python benchmarks/gpu_pipeline.py --render              # only re-render the .md from the .json
+    python benchmarks/gpu_pipeline.py --append --parts harness,profile --profile-dir /tmp/prof
 """
 
 from __future__ import annotations
@@ -163,6 +168,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="time each evaluation this often (median kept)")
     ap.add_argument("--kvquant-calib", default=None, help="e.g. 16x512 (default 16x2048, the issue's budget)")
     ap.add_argument("--append", action="store_true", help="keep the records already in --out")
+    ap.add_argument("--harness-limit", type=int, default=100, help="documents per task of the harness part")
+    ap.add_argument("--profile-dir", default=None, help="where the profile part writes its tables")
     ap.add_argument("--render", action="store_true", help="only write the .md from the .json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -210,12 +217,16 @@ def main() -> None:
             emit({"what": "calibration", "method": m, "bits": 4, "context": c["calib_seqlen"], **c})
     p.evaluate(["method=fp16", f"eval.seqlen={short}", "eval.max_windows=1"])  # warm-up (kernels, allocator)
     plan = [(short, 8, b, "ppl") for b in map(int, args.batches.split(","))] + [(long_ctx, 1, 1, "long")]
+    warm = set()
     for ctx, windows, batch, part in plan:
         if part not in parts:
             continue
         fp16_s = None
         for m in METHODS:
             try:
+                if (m, short) not in warm:  # compile the method's kernels (first call), calibrate: not timed
+                    p.evaluate([f"method={m}", *mcal.get(m, ()), f"eval.seqlen={short}", "eval.max_windows=1"])
+                    warm.add((m, short))
                 times = []
                 for _ in range(args.repeats):
                     met, secs, peak = p.evaluate([f"method={m}", *mcal.get(m, ()), f"eval.seqlen={ctx}",
@@ -243,7 +254,33 @@ def main() -> None:
                       "eval_s": secs, "peak_mem_gb": peak, "passkey_acc": met["passkey_acc"]})
             except torch.OutOfMemoryError as e:
                 emit({"what": "passkey", "method": m, "bits": 16 if m == "fp16" else 4, "context": long_ctx, "error": f"OOM: {str(e)[:160]}"})
+    if "harness" in parts:
+        for m in METHODS:
+            met, secs, peak = p.evaluate([f"method={m}", *mcal.get(m, ()), "eval=harness", "eval.tasks=[piqa,arc_easy]",
+                                          f"eval.limit={args.harness_limit}", "eval.batch_size=1"])
+            emit({"what": "harness", "method": m, "bits": 16 if m == "fp16" else 4, "eval_s": secs, "peak_mem_gb": peak,
+                  "limit": args.harness_limit, **{f"{t}_acc": r["acc"] for t, r in met["tasks"].items()}})
+    if "profile" in parts:
+        profile(p, mcal, short, Path(args.profile_dir or tempfile.mkdtemp(prefix="kvbench_prof_")))
     print(f"wrote {out}")
+
+
+def profile(p: Pipeline, mcal: dict, ctx: int, folder: Path) -> None:
+    """One ``ctx``-token window of every method under ``torch.profiler``: kernels by CUDA time, host time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.device.startswith("cuda") else [])
+    for m in METHODS:
+        run = [f"method={m}", *mcal.get(m, ()), f"eval.seqlen={ctx}", "eval.max_windows=1"]
+        p.evaluate(run)  # warm: calibration artifact, kernels compiled
+        with torch_profile(activities=acts) as prof:
+            _, secs, _ = p.evaluate(run)
+        key = "cuda_time_total" if p.device.startswith("cuda") else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+        (folder / f"profile_{m}.txt").write_text(f"{m}: one {ctx}-token window, {secs:.3f} s under the profiler\n{table}\n")
+        print(f"profile {m}: {secs:.3f} s -> {folder / f'profile_{m}.txt'}", flush=True)
 
 
 def checked_bits(p: Pipeline, method: str, ctx: int) -> float:
@@ -272,22 +309,32 @@ def render(path: Path) -> None:
     doc = json.loads(path.read_text())
     by = {(r["what"], r["method"], r.get("context"), r.get("batch", 1)): r for r in doc["records"] if "error" not in r}
     ppl = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b == 1}
-    spread = {}  # (method, context) -> the batch-1 overheads of every run
+    spread = {}  # (method, context) -> the batch-1 overhead of each repeat of the newest run (fp16's repeat alike)
+    newest = {(m, c): r.get("run", 1) for (w, m, c, b), r in by.items() if w == "ppl"}
+    fp16_all = {(r.get("run", 1), r["context"]): r["eval_s_all"] for r in doc["records"]
+                if r["what"] == "ppl" and r["method"] == "fp16" and r.get("batch", 1) == 1 and "eval_s_all" in r}
     for r in doc["records"]:
-        if r["what"] == "ppl" and r.get("batch", 1) == 1 and r.get("overhead") is not None:
-            spread.setdefault((r["method"], r["context"]), []).append(r["overhead"])
+        key, run = (r["method"], r.get("context")), r.get("run", 1)
+        if r["what"] == "ppl" and r.get("batch", 1) == 1 and r.get("overhead") is not None and run == newest.get(key):
+            ref = fp16_all.get((run, r["context"]))
+            pairs = zip(r["eval_s_all"], ref) if ref and len(ref) == len(r.get("eval_s_all", ())) else ()
+            spread[key] = [a / b for a, b in pairs] or [r["overhead"]]
     span = lambda m, c: "–" if (m, c) not in spread else "–".join(sorted({f"{min(spread[m, c]):.2f}", f"{max(spread[m, c]):.2f}"}))  # noqa: E731
     ppl8 = {(m, c): r for (w, m, c, b), r in by.items() if w == "ppl" and b > 1}
     calib = {m: r for (w, m, _, _), r in by.items() if w == "calibration"}
     passkey = {m: r for (w, m, _, _), r in by.items() if w == "passkey"}
+    harness = {m: r for (w, m, _, _), r in by.items() if w == "harness"}
+    if not ppl:
+        return
     short, long_ctx = min(c for _, c in ppl), max(c for _, c in ppl)
     batch = max((r.get("batch", 1) for r in ppl8.values()), default="–")
     g = lambda d, k, f: "–" if d is None or d.get(k) is None else f.format(d[k])  # noqa: E731
     fp = lambda ctx: ppl.get(("fp16", ctx))  # noqa: E731
     dtype = next((r["dtype"] for r in doc["records"] if r["what"] == "ppl"), "")
-    lines = [f"| 4 bits, {doc['gpu']}, {dtype} | tokens/s at {short} (fp16) | overhead {short} (runs) / {short}, {batch} windows a forward / {long_ctx} | "
-             f"peak GB at {long_ctx} (fp16) | passkey {long_ctx}: s (fp16) | calibration: tokens, s, peak GB | ablation run: s |",
-             "|---|---|---|---|---|---|---|"]
+    limit = next((r["limit"] for r in harness.values()), "–")
+    lines = [f"| 4 bits, {doc['gpu']}, {dtype} | tokens/s at {short} (fp16) | overhead {short} (repeats) / {short}, {batch} windows a forward / {long_ctx} | "
+             f"peak GB at {long_ctx} (fp16) | passkey {long_ctx}: s (fp16) | harness, PIQA + ARC-Easy x {limit}: s (fp16) | "
+             "calibration: tokens, s, peak GB | ablation run: s |", "|---|---|---|---|---|---|---|---|"]
     for m in METHODS[1:]:
         a, b, c, k = ppl.get((m, short)), ppl.get((m, long_ctx)), calib.get(m), passkey.get(m)
         cal = "–" if c is None else f"{c['calib_samples']} x {c['calib_seqlen']}, {c['calib_s']:.0f}, {c['calib_peak_mem_gb'] or 0:.1f}"
@@ -295,7 +342,7 @@ def render(path: Path) -> None:
         lines.append(f"| {m} | {g(a, 'tokens_per_s', '{:.0f}')} ({g(fp(short), 'tokens_per_s', '{:.0f}')}) | "
                      f"{span(m, short)} / {g(ppl8.get((m, short)), 'overhead', '{:.2f}')} / {span(m, long_ctx)} | {g(b, 'peak_mem_gb', '{:.1f}')} "
                      f"({g(fp(long_ctx), 'peak_mem_gb', '{:.1f}')}) | {g(k, 'eval_s', '{:.1f}')} ({g(passkey.get('fp16'), 'eval_s', '{:.1f}')}) | "
-                     f"{cal} | {run:.0f} |")
+                     f"{g(harness.get(m), 'eval_s', '{:.1f}')} ({g(harness.get('fp16'), 'eval_s', '{:.1f}')}) | {cal} | {run:.0f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
