@@ -1,9 +1,9 @@
 """Fused kernels of the *simulated* backend on a GPU: one launch where PyTorch takes dozens.
 
 At 2048 tokens an 8B model's forward is so short that the simulated quantizers' many small PyTorch
-operations (and their host synchronisations) cost more than their arithmetic: KVQuant added 41 % and
-QoKV 198 % to an fp16 window on the H200 (``benchmarks/results/gpu_pipeline.json``, run 3). Each kernel
-here is the fused twin of a PyTorch definition, which stays the reference (CPU, and the tests):
+operations (and their host synchronisations) cost more than their arithmetic (``benchmarks/results/
+gpu_pipeline.json``, run 3 against run 5). Each kernel here is the fused twin of a PyTorch definition, which
+stays the reference (CPU, and the tests):
 
 - :func:`fake_quant_tokens`: quantize-dequantize ``(B, H, T, D)`` with one code range per token, head and
   group of channels, or with given per-channel ranges (KVQuant's calibrated keys); uniform grid or a
