@@ -97,15 +97,17 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     """
     device = next(model.parameters()).device
     chunks = windows(ids, seqlen, max_windows)
-    block_nll, block_tokens = [], []
+    sums, block_tokens = [], []
+    n_blocks = -(-(seqlen - 1) // block)
     for x in tqdm(chunks.split(batch_size), desc=f"ppl@{seqlen}", disable=not progress, leave=False):
         x = x.to(device)  # (b, T)
         logits = model(x).logits.float()  # (b, T, V)
-        for row in range(x.shape[0]):
-            nll = torch.nn.functional.cross_entropy(logits[row, :-1], x[row, 1:], reduction="none").double()  # (T-1,)
-            for part in nll.split(block):
-                block_nll.append(part.sum().item())
-                block_tokens.append(part.numel())
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        nll = nll.double().view(x.shape[0], -1)  # (b, T-1); classes on the last axis (the transposed form is less exact)
+        padded = torch.nn.functional.pad(nll, (0, n_blocks * block - nll.shape[1]))  # zeros: sums unchanged
+        sums.append(padded.view(-1, n_blocks, block).sum(-1).flatten())  # (b * n_blocks,), kept on the device
+        block_tokens += [min(block, seqlen - 1 - j * block) for j in range(n_blocks)] * x.shape[0]
+    block_nll = torch.cat(sums).tolist()  # the one wait for the device
     count = sum(block_tokens)
     mean = math.fsum(block_nll) / count
     digest = hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
