@@ -131,8 +131,9 @@ class KVMethod:
         """What calibration must collect: subset of ``{"keys", "values", "fisher", "attention"}``."""
         return frozenset()
 
-    def calibrate(self, stats: dict) -> dict[str, torch.Tensor]:
-        """Learn state from calibration statistics; returns the tensors to store as an artifact."""
+    def calibrate(self, stats: dict, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+        """Learn state from calibration statistics (host tensors); returns the tensors to store as an artifact
+        (host). ``device``: where a method may run its fitting, a layer at a time (the model's device)."""
         return {}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:

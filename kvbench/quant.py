@@ -175,7 +175,7 @@ def kmeans_1d(
     zero = xs.new_zeros(1)
     cw = torch.cat([zero, w.cumsum(0)])  # (N + 1,) prefix sums of weights
     cwx = torch.cat([zero, (w * xs).cumsum(0)])  # (N + 1,) prefix sums of weight * x
-    targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k * cw[-1]
+    targets = (torch.arange(k, dtype=torch.float64, device=xs.device) + 0.5) / k * cw[-1]
     c = xs[torch.searchsorted(cw[1:], targets).clamp_max(xs.numel() - 1)]  # weighted quantiles
     cuts = None
     for _ in range(max_iter):

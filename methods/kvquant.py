@@ -124,12 +124,14 @@ class KVQuant(KVMethod):
             needs |= {"values", "fisher"}
         return frozenset(needs) | self.layer_bits_needs()
 
-    def calibrate(self, stats: dict) -> dict[str, torch.Tensor]:
+    def calibrate(self, stats: dict, device=None) -> dict[str, torch.Tensor]:
         """Per-channel key thresholds and per-layer codebooks from calibration statistics.
 
         Args:
             stats: :func:`kvbench.calibration.collect` output: lists over layers of ``(N, H_kv, T, D)``
                 keys (pre- or post-RoPE), values and, optionally, their squared gradients.
+            device: where each layer's thresholds and k-means run (the model's device: on a GPU the sort
+                of a layer's millions of samples takes milliseconds instead of seconds); results on the host.
 
         Returns:
             ``k_lo.{l}``, ``k_hi.{l}`` ``(H_kv, D)`` (per-channel keys) and ``k_cb.{l}``,
@@ -142,16 +144,17 @@ class KVQuant(KVMethod):
         keys = stats[kname]
         out: dict[str, torch.Tensor] = self.fit_layer_bits(stats, self._proxy)
         for layer in tqdm(range(len(keys)), desc="kvquant fit", leave=False):
-            k = keys[layer]  # (N, H_kv, T, D), sink tokens already left out (calibration.without_sink)
+            k = keys[layer].to(device)  # (N, H_kv, T, D), sink tokens already left out (calibration.without_sink)
             if self.cfg.key_axis == "channel":
                 flat = k.permute(1, 3, 0, 2).flatten(2)  # (H_kv, D, N*T)
-                out[f"k_lo.{layer}"], out[f"k_hi.{layer}"] = outlier_thresholds(flat, self.cfg.outlier_frac)
-                self.state.update({f"k_lo.{layer}": out[f"k_lo.{layer}"], f"k_hi.{layer}": out[f"k_hi.{layer}"]})
+                lo, hi = (t.cpu() for t in outlier_thresholds(flat, self.cfg.outlier_frac))
+                out[f"k_lo.{layer}"], out[f"k_hi.{layer}"] = lo, hi
+                self.state.update({f"k_lo.{layer}": lo, f"k_hi.{layer}": hi})
             if not self.cfg.nuq:
                 continue
-            for which, x in (("k", k), ("v", stats["values"][layer])):
+            for which, x in (("k", k), ("v", stats["values"][layer].to(device))):
                 fkey = {"k": f"fisher_{kname}", "v": "fisher_values"}[which]
-                fisher = stats[fkey][layer] if fkey in stats else None
+                fisher = stats[fkey][layer].to(device) if fkey in stats else None
                 y, dense = self._normalized(x, which, layer)
                 w = fisher[dense] if fisher is not None else None
                 cb = kmeans_1d(y[dense], 2 ** self.width(which, layer), w)
@@ -159,7 +162,7 @@ class KVQuant(KVMethod):
                     yd = y[dense]
                     a, b = q_norm(dequantize_codebook(quantize_codebook(yd, cb), cb), yd)
                     cb = (cb * a + b).sort().values
-                out[f"{which}_cb.{layer}"] = cb
+                out[f"{which}_cb.{layer}"] = cb.cpu()
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -237,7 +237,7 @@ class QoKV(KVMethod):
             out[bits] = torch.stack(books)
         return out
 
-    def calibrate(self, stats):
+    def calibrate(self, stats, device=None):
         stats = self.rotation.statistics(stats)  # everything below fits what is quantized
         proxy = lambda x, which, b: fake_quantize_affine(x, b, dim=-1, group_size=self.kv.group_size)  # noqa: E731
         out = self.fit_layer_bits(stats, proxy)

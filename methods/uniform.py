@@ -75,7 +75,7 @@ class Uniform(KVMethod):
     def calibration_needs(self):
         return self.layer_bits_needs()
 
-    def calibrate(self, stats):
+    def calibrate(self, stats, device=None):
         """Widths per layer (and head) from the rotated statistics: ``{"layer_bits": (L, 2[, H_kv])}``."""
         return self.fit_layer_bits(self.rotation.statistics(stats), self._proxy)
 

@@ -72,3 +72,18 @@ def test_bf16_on_cuda_tf32_path_matches_fp64():
     err = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert err < 1e-5, f"max rel. diff {err:.2e}"
     assert torch.backends.cuda.matmul.allow_tf32 == before  # restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (KVQuant's fit on the model's device)")
+def test_kvquant_fit_on_cuda_matches_the_host_fit():
+    """KVQuant's calibration fit (channel thresholds, Fisher-weighted k-means) gives the same state on the GPU."""
+    from kvbench.quant import kmeans_1d, outlier_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 128, 4096, generator=g) * torch.rand(8, 128, 1, generator=g) * 3
+    w = torch.rand(x.shape, generator=g)
+    for a, b in zip(outlier_thresholds(x, 0.01), outlier_thresholds(x.cuda(), 0.01)):
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+    want = kmeans_1d(x.flatten()[:1_000_000], 16, w.flatten()[:1_000_000])
+    got = kmeans_1d(x.flatten()[:1_000_000].cuda(), 16, w.flatten()[:1_000_000].cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -143,6 +143,6 @@ def prepare(cfg, model, tok, splits, method) -> Path:
                 needs.discard("fisher")
             batches = calibration_batches(tok, splits.joined("calib"), cfg.calib.num_samples, cfg.calib.seqlen, cfg.seed)
             stats = without_sink(cached_collect(cfg, model, batches, frozenset(needs)), method.cfg.sink_tokens)
-            save_artifact(path, key, meta, method.calibrate(stats), method)
+            save_artifact(path, key, meta, method.calibrate(stats, device=next(model.parameters()).device), method)
         method.load_state(load_artifact(path, key, method))
     return path
