@@ -77,16 +77,20 @@ class HadamardRotation:
         g = torch.Generator().manual_seed(int(seed))
         self.signs = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1  # (D,)
         self.scale = 1 / math.sqrt(dim)
+        self._signs_on = {self.signs.device: self.signs}  # device -> the signs there (copied once, not per layer)
+
+    def _signs(self, device: torch.device) -> torch.Tensor:
+        if device not in self._signs_on:
+            self._signs_on[device] = self.signs.to(device)
+        return self._signs_on[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``R x`` of every vector of ``x (..., D)`` (computed in fp32, returned in ``x``'s dtype)."""
-        s = self.signs.to(x.device)
-        return (fwht(x.float() * s) * self.scale).to(x.dtype)  # H symmetric: (R x)^T = x^T diag(s) H
+        return (fwht(x.float() * self._signs(x.device)) * self.scale).to(x.dtype)  # H symmetric: (R x)^T = x^T diag(s) H
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """``R^T y`` of every vector of ``y (..., D)``."""
-        s = self.signs.to(y.device)
-        return (fwht(y.float()) * self.scale * s).to(y.dtype)
+        return (fwht(y.float()) * self.scale * self._signs(y.device)).to(y.dtype)
 
     def matrix(self) -> torch.Tensor:
         """``R`` as a dense ``(D, D)`` matrix (row ``i`` = output channel ``i``)."""
