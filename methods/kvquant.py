@@ -240,7 +240,7 @@ class KVQuant(KVMethod):
             return x
         from kvbench.kernels import fused_simulated
 
-        if fused_simulated(x) and isinstance(self.width(which, layer), int):
+        if fused_simulated(x, self.group) and isinstance(self.width(which, layer), int):
             return self._fused(x, which, layer)
         xf = x.float()
         lo, hi, mask = self._ranges(xf, which, layer)

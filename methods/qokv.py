@@ -355,7 +355,7 @@ class QoKV(KVMethod):
         """``x (B, H_kv, n, D)`` -> ``z + s * Q_g((x - z) / s)`` with each token's group width; ``groups (B, n)``."""
         from kvbench.kernels import fused_simulated
 
-        if self.cfg.base == "uniform" and max(widths) <= 8 and fused_simulated(x):
+        if self.cfg.base == "uniform" and max(widths) <= 8 and fused_simulated(x, self.kv.group_size):
             from kvbench.kernels.triton.simulated import fake_quant_tokens
 
             token_bits = self.on_device(f"widths{widths}", _widths(tuple(widths)), x.device)[groups]  # (B, n)

@@ -76,7 +76,7 @@ def test_kvquant_fused_equals_pytorch_path(tiny_model, wiki_splits, compose, tmp
         method = build_method(cfg, info)
         if method.calibration_needs():
             prepare(cfg, model, tok, wiki_splits, method)
-        monkeypatch.setattr(kernels, "fused_simulated", lambda x, f=fused: f)
+        monkeypatch.setattr(kernels, "fused_simulated", lambda x, group=None, f=fused: f)
         with torch.no_grad(), patched(model, method):
             out[fused] = model(ids).logits
         counts[fused] = (float(method.outlier_count["k"]), float(method.outlier_count["v"]), dict(method.element_count))
@@ -99,7 +99,7 @@ def test_qokv_fused_equals_pytorch_path(tiny_model, wiki_splits, compose, tmp_pa
     for fused in (False, True):
         method = build_method(cfg, info)
         prepare(cfg, model, tok, wiki_splits, method)
-        monkeypatch.setattr(kernels, "fused_simulated", lambda x, f=fused: f)
+        monkeypatch.setattr(kernels, "fused_simulated", lambda x, group=None, f=fused: f)
         with torch.no_grad(), patched(model, method):
             out[fused] = model(ids).logits
         shares[fused] = method.tokens_per_group.tolist()

@@ -29,11 +29,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_simulated(x: torch.Tensor) -> bool:
+def fused_simulated(x: torch.Tensor, group: int | None = None) -> bool:
     """Whether the simulated backend's quantizers run fused (:mod:`.triton.simulated`) on ``x``: CUDA tensors
-    with a power-of-two head_dim, Triton installed; the PyTorch definitions otherwise (CPU, and the tests' reference)."""
-    D = x.shape[-1]
-    return x.is_cuda and D >= 16 and D & (D - 1) == 0 and triton_available()
+    with a power-of-two head_dim (and channel ``group``), Triton installed; the PyTorch definitions otherwise
+    (CPU, other shapes, and the tests' reference)."""
+    D, G = x.shape[-1], group or x.shape[-1]
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+    return x.is_cuda and D >= 16 and pow2(D) and pow2(G) and G <= D and triton_available()
 
 
 def require_triton() -> None:
