@@ -18,7 +18,7 @@ real model's, accuracy is not measured) and a synthetic corpus (no download), an
 - ``agreement``: a scaled-down random-weight model in fp32, perplexity on this machine's CPU and GPU
   (tests/test_random_init.py pins the CPU value).
 
-    python benchmarks/gpu_pipeline.py                       # on a GPU: the records above (~7 min on an H200)
+    python benchmarks/gpu_pipeline.py                       # on a GPU: the records above but profile (~7 min, H200)
     python benchmarks/gpu_pipeline.py --small --device cpu  # the same pipeline on tiny shapes (a CPU check)
     python benchmarks/gpu_pipeline.py --render              # only re-render the .md from the .json
     python benchmarks/gpu_pipeline.py --append --parts harness,profile --profile-dir /tmp/prof
@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="tiny shapes and contexts (a CPU check of the script)")
-    ap.add_argument("--parts", default="agreement,calib,ppl,long,passkey")
+    ap.add_argument("--parts", default="agreement,calib,ppl,long,passkey,harness", help="add profile for the profiler tables")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--batches", default="1,8", help="windows per forward (eval.batch_size) of the short perplexity")
     ap.add_argument("--repeats", type=int, default=1, help="time each evaluation this often (median kept)")
