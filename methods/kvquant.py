@@ -259,7 +259,7 @@ class KVQuant(KVMethod):
         count = self.outlier_count[which]
         if not torch.is_tensor(count) or count.device != x.device:
             count = self.outlier_count[which] = torch.zeros((), dtype=torch.int64, device=x.device) + count
-        cb = self._codebook(which, layer, x.float())
+        cb = self._codebook(which, layer, x.new_empty(0, dtype=torch.float32))  # fp32 on x's device
         if which == "k" and self.cfg.key_axis == "channel":
             lo, hi = (self._state_on(f"k_{e}.{layer}", cb) for e in ("lo", "hi"))
             out = fake_quant_tokens(x, codebook=cb, channel_range=(lo, hi), threshold_outliers=self.cfg.outlier_frac > 0,
