@@ -6,6 +6,7 @@ Used by ``qokv`` and usable by any method: a score per token, then groups of mix
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -109,9 +110,19 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
     from kvbench.kernels import fused_simulated
 
     if fused_simulated(query):
-        from kvbench.kernels.triton.simulated import received_attention as fused
+        from kvbench.kernels.triton.simulated import received_sums
+    else:
+        received_sums = functools.partial(_received_sums, block_bytes=block_bytes)
+    received = received_sums(query, keys, query_start, lo, hi)  # (B, H_q, n)
+    qpos = torch.arange(query_start, query_start + query.shape[-2], device=query.device)
+    seen_by = (qpos[None, :] >= torch.arange(lo, hi, device=query.device)[:, None]).sum(-1).clamp_min(1)  # (n,)
+    return received.mean(1) / seen_by  # (B, n)
 
-        return fused(query, keys, query_start, lo, hi)
+
+def _received_sums(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int,
+                   block_bytes: int) -> torch.Tensor:
+    """Causal attention probabilities of the keys ``[lo, hi)`` summed over the queries, ``(B, H_q, n)``, a block
+    of queries at a time."""
     B, H, Tq, D = query.shape
     H_kv, T = keys.shape[1], keys.shape[-2]
     g = H // H_kv
@@ -137,9 +148,7 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
         visible = torch.arange(seen, device=query.device)[None, :] <= qpos[:, None]  # (q1 - q0, seen)
         p = torch.softmax(logits.masked_fill_(~visible, -math.inf), dim=-1)
         received[..., : max(0, min(hi, seen) - lo)] += p[..., lo:hi].sum(-2)
-    qpos = torch.arange(query_start, query_start + Tq, device=query.device)
-    seen_by = (qpos[None, :] >= torch.arange(lo, hi, device=query.device)[:, None]).sum(-1).clamp_min(1)  # (n,)
-    return received.flatten(1, 2).mean(1) / seen_by  # (B, n)
+    return received.flatten(1, 2)
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@ stays the reference (CPU, and the tests):
   codebook (NUQ); dense-and-sparse outliers per token over all heads (top-k / bottom-k) or by the
   channel thresholds; optional per-channel shift and scale (QoKV) and a code width per token (QoKV's
   token groups). Twin of :meth:`methods.kvquant.KVQuant._quantize` and :func:`kvbench.quant.fake_quantize_affine`.
-- :func:`received_attention`: the average causal attention each key receives, in two passes (log-sum-exp
-  per query, then column sums of the probabilities), with no ``(T_q, T)`` tensor. Twin of
-  :func:`methods.components.grouping.received_attention`.
+- :func:`received_sums`: the causal attention probabilities each key receives, summed over the queries, in two
+  passes (log-sum-exp per query, then column sums of the probabilities), with no ``(T_q, T)`` tensor; QoKV's
+  scores (:func:`methods.components.grouping.received_attention`) divide them as for the PyTorch twin.
 
 Float rounding may differ from the twins in the last bit (fused multiply-adds); a code decision differs
 only for a value within that rounding of a decision boundary, and outlier choice only among ties.
@@ -156,7 +156,7 @@ def fake_quant_tokens(x: torch.Tensor, *, bits: int | None = None, token_bits: t
     f32 = lambda t: dmy if t is None else t.to(dev, torch.float32).contiguous()  # noqa: E731
     lo, hi = channel_range if channel_range is not None else (None, None)
     tq = None if token_bits is None else token_bits.to(dev, torch.int32).contiguous()
-    qmax = tq if tq is None else (1 << tq) - 1
+    qmax = None if tq is None else (1 << tq) - 1
     counting = outliers_per_side > 0 or (channel_range is not None and threshold_outliers)
     if counting and outlier_count is None:
         outlier_count = torch.zeros((), dtype=torch.int64, device=dev)
@@ -224,21 +224,22 @@ def _received_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, Hq, Tq, T, q_start, lo, n, 
     tl.store(out_ptr + bh * n + (offs_n - lo), acc, mask=live)
 
 
-def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
-    """Fused twin of :func:`methods.components.grouping.received_attention` (same arguments and result)."""
+def received_sums(query: torch.Tensor, keys: torch.Tensor, query_start: int, lo: int, hi: int) -> torch.Tensor:
+    """Causal attention probabilities of the keys ``[lo, hi)`` summed over the queries, ``(B, H_q, n)``: the fused
+    twin of ``_received_sums`` in :mod:`methods.components.grouping` (whose ``received_attention`` normalises both)."""
     B, Hq, Tq, D = query.shape
     H_kv, T = keys.shape[1], keys.shape[-2]
     n = hi - lo
     if D & (D - 1):
-        raise ValueError(f"fused received_attention needs a power-of-two head_dim, got {D}")
+        raise ValueError(f"fused received attention needs a power-of-two head_dim, got {D}")
     q = query if query.stride(-1) == 1 else query.contiguous()
     k = keys if keys.stride(-1) == 1 else keys.contiguous()
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
-    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    received = torch.zeros(B, Hq, n, dtype=torch.float32, device=q.device)
+    received = torch.zeros(B, Hq, max(n, 0), dtype=torch.float32, device=q.device)
     if n <= 0:
-        return received.mean(1)
+        return received
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     BM, BN = 64, 64
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 1 / math.sqrt(D))
     G = Hq // H_kv
@@ -247,6 +248,4 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, query_start: int
                                                PREC=prec)
     _received_kernel[(B * Hq, triton.cdiv(n, BN))](q, k, lse, received, Hq, Tq, T, query_start, lo, n, G, *common,
                                                     D=D, BM=BM, BN=BN, PREC=prec)
-    qpos = torch.arange(query_start, query_start + Tq, device=q.device)
-    seen_by = (qpos[None, :] >= torch.arange(lo, hi, device=q.device)[:, None]).sum(-1).clamp_min(1)
-    return received.mean(1) / seen_by
+    return received
