@@ -50,9 +50,9 @@ def bench_us(fn, graph: bool = True) -> float:
 
     ``graph``: ``fn`` is captured once in a CUDA graph and the graph is replayed, so the time is the GPU's
     (a replay costs the host a few microseconds, less than the L2 flush before it). Timing ``fn`` itself
-    (``graph=False``) also counts its host work whenever that outlasts the flush: about 100 us per call for
-    the Python dispatch and Triton launches of a packed decode, which made the GPU wait between the timing
-    events and put a 100 us floor (and a 2x spread) under the small cases of the H200 records before.
+    (``graph=False``) also counts its host work whenever that outlasts the flush: the Python dispatch and
+    Triton launches of a packed decode (``kernel_call_us`` in the records), which made the GPU wait between
+    the timing events and inflated the small cases of the earlier (eager) H200 records.
     """
     import triton.testing as tt
 
@@ -84,7 +84,7 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 2
     x = torch.randn(n, dtype=torch.float16, device="cuda")
     y = torch.empty_like(x)
-    us = bench_us(lambda: y.copy_(x), graph=False)  # a captured copy becomes a copy-engine memcpy node (about 2.8 TB/s)
+    us = bench_us(lambda: y.copy_(x), graph=False)  # captured, a copy becomes a slower copy-engine memcpy node
     return 2 * n * 2 / (us * 1e-6)
 
 
