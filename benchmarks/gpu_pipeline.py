@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_pipeline.json"
 METHODS = ("fp16", "uniform", "kvquant", "qokv")
+PARTS = {"agreement", "calib", "ppl", "long", "passkey", "harness", "profile"}
 SHAPE = "llama-3-8b"
 # a scaled-down Llama-3-8B (same family, 2 layers): the CPU/GPU agreement model, and --small
 SMALL = ("model.architecture.num_hidden_layers=2", "model.architecture.hidden_size=128",
@@ -177,6 +178,8 @@ def main() -> None:
         render(out)
         return
     parts = set(args.parts.split(","))
+    if parts - PARTS:
+        ap.error(f"unknown --parts {sorted(parts - PARTS)}; known: {','.join(sorted(PARTS))}")
     work = Path(tempfile.mkdtemp(prefix="kvbench_gpu_"))
     corpus = write_corpus(work)
     dev = args.device
