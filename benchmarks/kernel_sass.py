@@ -4,9 +4,13 @@ GPU architecture with Triton's own ``ptxas`` and count the instructions of its m
 ``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4]`` writes ``benchmarks/results/kernel_sass.json``:
 per path, bit width and launch (the tuning table's rule for the H200), the instructions one warp issues per
 tile of the main loop, per code (key and value elements of one KV head), and by kind (unpack: shifts, LOP3,
-byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills).
+byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), and
+the registers per thread and spill stack (``cuobjdump -res-usage``), which bound the programs an SM holds.
 Counts are per warp and per tile; with ``num_warps`` warps a tile of ``tile`` tokens costs
 ``num_warps * per_tile`` warp instructions for ``tile * 2 * head_dim`` codes.
+
+The kernel is compiled as the launcher specialises it: pointer arguments 16-byte aligned (records before
+``"aligned": true`` lacked that, so their loads were 2-byte scalars and their counts too high).
 """
 
 from __future__ import annotations
@@ -68,20 +72,27 @@ def opcode(line: str) -> str:
 
 def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"], ASM=True)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a.endswith("_ptr")}
     src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
-                    **{k: "constexpr" for k in const}}, constexprs=const)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=rule["num_warps"], num_stages=rule["num_stages"]))
+                    **{k: "constexpr" for k in const}}, constexprs=const, attrs=aligned)
+    options = dict(num_warps=rule["num_warps"], num_stages=rule["num_stages"])
+    if rule.get("maxnreg"):
+        options["maxnreg"] = rule["maxnreg"]
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         Path(cubin).write_bytes(k.asm["cubin"])
-        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-        sass = subprocess.run([str(nvdisasm), "-c", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     ops = collections.Counter(opcode(x) for x in main_loop(sass))
     per_tile = sum(ops.values())
     codes = rule["tile"] * 2 * D
     return dict(path="tensor_core", arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **{k: rule[k] for k in
-                ("tile", "num_warps", "num_stages")}, warp_instr_per_tile=per_tile,
+                ("tile", "num_warps", "num_stages")}, maxnreg=rule.get("maxnreg"), aligned=True,
+                registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
                 by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
                 top=dict(ops.most_common(12)), triton=triton.__version__)
@@ -100,7 +111,8 @@ def main(argv=None) -> None:
         rows.append(count(bits, 4, 128, rule, args.arch))
         r = rows[-1]
         print(f"tensor_core {bits}-bit tile {r['tile']} x {r['num_warps']} warps: {r['warp_instr_per_tile']} warp "
-              f"instructions per tile, {r['thread_instr_per_code']} per code; {r['by_kind']}", flush=True)
+              f"instructions per tile, {r['thread_instr_per_code']} per code, {r['registers']} registers, "
+              f"{r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -39,11 +39,13 @@ def main(argv=None) -> None:
     p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4])
     p.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
     p.add_argument("--waves", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps per thread (0: none; "
+                   "tensor_core only)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     gpu = torch.cuda.get_device_name()
     rows = []
-    grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves))
+    grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg))
     for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
         hq, hkv, d = SHAPES[shape]
         torch.manual_seed(0)
@@ -53,8 +55,8 @@ def main(argv=None) -> None:
         kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
         del k, v
         best = None
-        for tile, nw, ns, waves in grid:
-            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+        for tile, nw, ns, waves, maxnreg in grid:
+            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves, **({"maxnreg": maxnreg} if maxnreg else {}))
             fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
             try:
                 rel = rel_err_vs_reference(q, kv, fn()) if best is None else None
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
-KNOBS = ("tile", "num_warps", "num_stages", "waves")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg")
 
 
 def write_rules(rows: list[dict], gpu: str, path: str) -> None:
@@ -94,14 +96,14 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
                 continue
             score = {}
             for r in mine:
-                k = tuple(r[x] for x in KNOBS)
+                k = tuple(r.get(x) for x in KNOBS)
                 score[k] = score.get(k, 0.0) + r["kernel_us"] / best[(r["shape"], r["batch"], r["T"], r["bits"])]
             n_cases = len({(r["shape"], r["batch"], r["T"]) for r in mine})
-            knobs = min((k for k in score if sum(1 for r in mine if tuple(r[x] for x in KNOBS) == k) == n_cases),
+            knobs = min((k for k in score if sum(1 for r in mine if tuple(r.get(x) for x in KNOBS) == k) == n_cases),
                         key=score.get)
             when = {"group": group, "bits": [bits]}
             entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
-            entry["rules"].insert(0, {"when": when, "path": path, **dict(zip(KNOBS, knobs))})
+            entry["rules"].insert(0, {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v}})
             print(f"rule {gpu}: {entry['rules'][0]} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
 

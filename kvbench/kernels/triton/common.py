@@ -190,11 +190,13 @@ class SplitPlan:
 
 
 def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: int | None = None) -> SplitPlan:
-    """Split ``kv.n_packed`` tokens in units of ``unit`` tokens (a multiple of ``tile``) so that about
-    ``waves`` programs run per SM (``n_prog`` programs per split), unless ``n_splits`` is given."""
+    """Split ``kv.n_packed`` tokens in units of ``unit`` tokens (a multiple of ``tile``) so that at most
+    ``waves`` programs per SM are launched (``n_prog`` programs per split; rounded down, so that when
+    ``waves`` programs fit on an SM at once no SM runs a second, nearly empty round), unless ``n_splits``
+    is given."""
     n_units = triton.cdiv(kv.n_packed, unit)
     if n_splits is None:
-        n_splits = max(1, min(n_units, triton.cdiv(waves * num_sms(q.device), n_prog)))
+        n_splits = max(1, min(n_units, waves * num_sms(q.device) // n_prog))
     per = max(1, triton.cdiv(n_units, max(n_splits, 1)))
     n_splits = triton.cdiv(n_units, per) if n_units else 0
     B, Hq, D = q.shape

@@ -23,11 +23,23 @@ import triton.language as tl
 
 from .common import GROWING, LOG2E, fp16_split, launch_args, split_plan, uniform_per_token, use_inline_ptx
 
-# One shift, one LOP3 (mask, OR under the exponent of 1024) and one sub.f16x2 per two codes of one field.
-_ASM = "{ .reg .b32 t, m; mov.b32 m, 0x64006400; shr.b32 t, $1, %d; lop3.b32 t, t, %s, m, 0xEA; sub.f16x2 $0, t, m; }"
-ASM4 = tl.constexpr(tuple(_ASM % (4 * j, "0x000F000F") for j in range(4)))
-ASM2 = tl.constexpr(tuple(_ASM % (2 * j, "0x00030003") for j in range(8)))
-ASM1 = tl.constexpr(tuple(_ASM % (j, "0x00010001") for j in range(8)))
+# Field J of an int16 half-word, two half-words per register (the tensor-core operand's K pairs), as exact fp16
+# ``2**WIDTH + code``: one shift moves the field to bits ``10 - WIDTH ..`` (the top of the mantissa), one LOP3
+# masks it and ORs in the exponent that gives that bit the weight 1. The constant ``2**WIDTH`` (2 * the largest
+# code, not more: the values' correction subtracts it from sums of the same size) is taken off after the dot,
+# from the scores' bias and from the values' sums, so no fp16 subtraction is spent per two codes.
+def _magic(width: int, j: int) -> str:
+    top = 10 - width
+    move = width * j - top  # > 0: right, < 0: left
+    mask = ((1 << width) - 1) << top
+    magic = (25 - top) << 10  # fp16 exponent (bias 15) whose mantissa bit ``top`` weighs 1
+    shift = f"shr.b32 t, $1, {move};" if move > 0 else f"shl.b32 t, $1, {-move};" if move < 0 else "mov.b32 t, $1;"
+    return "{ .reg .b32 t; " + shift + f" lop3.b32 $0, t, 0x{mask:04X}{mask:04X}, 0x{magic:04X}{magic:04X}, 0xEA; }}"
+
+
+ASM4 = tl.constexpr(tuple(_magic(4, j) for j in range(4)))
+ASM2 = tl.constexpr(tuple(_magic(2, j) for j in range(8)))
+ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))  # the 1-bit slice of 3-bit codes (bytes, as int16)
 
 
 @triton.jit
@@ -45,9 +57,18 @@ def _elems(words_ptr, rows, tm, W_OFF: tl.constexpr, ETYPE: tl.constexpr, NC: tl
 
 
 @triton.jit
+def _offset(BITS: tl.constexpr):
+    """The constant in the fp16 codes of :func:`_codes`: ``2**BITS``, or ``4 * 2 + 4`` for 2 + 1 bit slices."""
+    if BITS == 3:
+        return 12.0
+    else:
+        return float(2**BITS)
+
+
+@triton.jit
 def _field(h, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
-    """Exact fp16 codes of field ``J`` of every int16 ``h`` (inline PTX on a GPU, two codes per register: the
-    tensor-core operand's K pairs; plain Triton in the interpreter)."""
+    """Field ``J`` of every int16 ``h`` as fp16 ``2**WIDTH + code`` (inline PTX on a GPU, two codes per register;
+    plain Triton in the interpreter)."""
     if ASM:
         if WIDTH == 4:
             asm: tl.constexpr = ASM4[J]
@@ -55,9 +76,10 @@ def _field(h, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
             asm: tl.constexpr = ASM2[J]
         else:
             asm: tl.constexpr = ASM1[J]
-        return tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        f = tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        return ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16)
+        f = ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16) + (1 << WIDTH)
+    return f
 
 
 @triton.jit
@@ -74,25 +96,30 @@ def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRS
 
 @triton.jit
 def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Exact fp16 codes of channel group ``J``."""
+    """``_offset(BITS) + code`` of channel group ``J``, exact in fp16."""
     if BITS == 3:
-        return _field(main, J, 2, ASM) + _field(low, J, 1, ASM) * 4.0
+        return _field(low, J, 1, ASM) * 4.0 + _field(main, J, 2, ASM)
     else:
         return _field(main, J, BITS, ASM)
 
 
 @triton.jit
-def _score_part(s, bias, qj, kb, zb, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Channel group ``J``'s part of the scores ``(GP, BT)`` and of the zero-point bias ``(GP,)``; ``qj``
-    is the query's channel group ``J`` ``(GP, D / NJ)`` fp32, scaled."""
-    bias += tl.sum(qj * tl.load(zb + J).to(tl.float32)[None, :], axis=1)
-    s = tl.dot((qj * tl.load(kb + J).to(tl.float32)[None, :]).to(tl.float16), _codes(main, low, J, BITS, ASM), s)
+def _score_part(s, bias, q_rows, qm, qscale, kb, zb, main, low, J: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):
+    """Channel group ``J``'s part of the scores ``(GP, BT)`` and of the zero-point bias ``(GP,)``. The query's
+    channel group ``J`` ``(GP, D / NJ)`` is read again in every tile (a cache hit; holding every group in
+    registers costs occupancy). The codes' constant comes off the bias."""
+    qj = tl.load(q_rows + J, mask=qm, other=0.0).to(tl.float32) * qscale
+    qk = (qj * tl.load(kb + J).to(tl.float32)[None, :]).to(tl.float16)
+    bias += tl.sum(qj * tl.load(zb + J).to(tl.float32)[None, :] - _offset(BITS) * qk.to(tl.float32), axis=1)
+    s = tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
     return s, bias
 
 
 @triton.jit
-def _value_part(acc, a, pv, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    return acc * a + tl.dot(pv, _codes(main, low, J, BITS, ASM)) * vmax
+def _value_part(acc, a, pv, psum, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """``acc * a + vmax * pv @ codes``; ``psum`` (the rows of ``pv`` summed) takes the codes' constant off."""
+    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - _offset(BITS) * psum) * vmax
 
 
 @triton.jit
@@ -134,19 +161,7 @@ def _tensor_core_kernel(
         acc7 = tl.zeros((GP, NC), tl.float32)
         q_rows = q_ptr + rows[:, None] * D + NJ * c[None, :]  # (GP, NC): channel NJ * c of each query row
         qscale = sm_scale * LOG2E  # log2 domain
-        q0 = tl.load(q_rows + 0, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-        q1 = tl.load(q_rows + 1, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-        q2 = tl.load(q_rows + 2, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-        q3 = tl.load(q_rows + 3, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-        q4 = q0  # (unused below 8 groups)
-        q5 = q0
-        q6 = q0
-        q7 = q0
-        if NJ == 8:
-            q4 = tl.load(q_rows + 4, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-            q5 = tl.load(q_rows + 5, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-            q6 = tl.load(q_rows + 6, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
-            q7 = tl.load(q_rows + 7, mask=g_mask[:, None], other=0.0).to(tl.float32) * qscale
+        qm = g_mask[:, None]
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
         ar = tl.arange(0, BT)
@@ -158,15 +173,15 @@ def _tensor_core_kernel(
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
             s = tl.zeros((GP, BT), tl.float32)
             bias = tl.zeros((GP,), tl.float32)
-            s, bias = _score_part(s, bias, q0, kb, zb, kmain, klow, 0, BITS, ASM)
-            s, bias = _score_part(s, bias, q1, kb, zb, kmain, klow, 1, BITS, ASM)
-            s, bias = _score_part(s, bias, q2, kb, zb, kmain, klow, 2, BITS, ASM)
-            s, bias = _score_part(s, bias, q3, kb, zb, kmain, klow, 3, BITS, ASM)
+            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 0, BITS, ASM)
+            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 1, BITS, ASM)
+            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 2, BITS, ASM)
+            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 3, BITS, ASM)
             if NJ == 8:
-                s, bias = _score_part(s, bias, q4, kb, zb, kmain, klow, 4, BITS, ASM)
-                s, bias = _score_part(s, bias, q5, kb, zb, kmain, klow, 5, BITS, ASM)
-                s, bias = _score_part(s, bias, q6, kb, zb, kmain, klow, 6, BITS, ASM)
-                s, bias = _score_part(s, bias, q7, kb, zb, kmain, klow, 7, BITS, ASM)
+                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 4, BITS, ASM)
+                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 5, BITS, ASM)
+                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 6, BITS, ASM)
+                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 7, BITS, ASM)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -177,17 +192,18 @@ def _tensor_core_kernel(
             corr = corr * alpha + tl.sum(p * vz[None, :], axis=1)
             vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
+            psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
             a = alpha[:, None]
-            acc0 = _value_part(acc0, a, pv, vmax, vmain, vlow, 0, BITS, ASM)
-            acc1 = _value_part(acc1, a, pv, vmax, vmain, vlow, 1, BITS, ASM)
-            acc2 = _value_part(acc2, a, pv, vmax, vmain, vlow, 2, BITS, ASM)
-            acc3 = _value_part(acc3, a, pv, vmax, vmain, vlow, 3, BITS, ASM)
+            acc0 = _value_part(acc0, a, pv, psum, vmax, vmain, vlow, 0, BITS, ASM)
+            acc1 = _value_part(acc1, a, pv, psum, vmax, vmain, vlow, 1, BITS, ASM)
+            acc2 = _value_part(acc2, a, pv, psum, vmax, vmain, vlow, 2, BITS, ASM)
+            acc3 = _value_part(acc3, a, pv, psum, vmax, vmain, vlow, 3, BITS, ASM)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pv, vmax, vmain, vlow, 4, BITS, ASM)
-                acc5 = _value_part(acc5, a, pv, vmax, vmain, vlow, 5, BITS, ASM)
-                acc6 = _value_part(acc6, a, pv, vmax, vmain, vlow, 6, BITS, ASM)
-                acc7 = _value_part(acc7, a, pv, vmax, vmain, vlow, 7, BITS, ASM)
+                acc4 = _value_part(acc4, a, pv, psum, vmax, vmain, vlow, 4, BITS, ASM)
+                acc5 = _value_part(acc5, a, pv, psum, vmax, vmain, vlow, 5, BITS, ASM)
+                acc6 = _value_part(acc6, a, pv, psum, vmax, vmain, vlow, 6, BITS, ASM)
+                acc7 = _value_part(acc7, a, pv, psum, vmax, vmain, vlow, 7, BITS, ASM)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -214,7 +230,10 @@ def applies(kv, G: int) -> bool:
     return uniform_per_token(kv) and 2 <= G <= 16 and kv.key_bits == kv.value_bits in (2, 3, 4) and D == 128
 
 
-def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None):
+def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
+           maxnreg: int | None = None):
+    """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
+    leaves it to the compiler."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
@@ -222,5 +241,6 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
         *launch_args(q, kv, plan, sm_scale),
         G=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile,
         ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return plan
