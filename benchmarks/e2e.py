@@ -5,6 +5,11 @@ random-weight model of a real layer shape (Llama-2-7B: 32/32 heads; Llama-3-8B: 
 ``--layers`` layers, so that the fp16 cache of the baseline fits on one GPU, with the fp16 DynamicCache /
 StaticCache and the packed cache (decode path chosen by the tuning table), and adds its record to
 ``benchmarks/results/e2e.json`` (one per GPU and shape). Needs torch, transformers and kvbench.kernels only.
+
+Each run also gets its memory roofline: a decode step reads every weight but the embedding table (the LM head
+included) and the whole cache, so ``roofline_ms_per_step = (weight_bytes + kv_bytes) / copy bandwidth`` bounds
+it from below, and ``roofline_speedup_vs_fp16`` is the most any cache format of that size can buy over the
+fp16 cache on this model, batch and context.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from decode_attention import copy_bandwidth  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {  # layer shapes of the real models (vocabulary included: the LM head is read every step)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -66,8 +73,9 @@ def run_e2e(args, gpu: str) -> dict:
     except Exception as e:  # noqa: BLE001 - record why the comparison is missing
         qc_status = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
     runs = []
-    configs = [("fp16-dynamic", None), ("fp16-static", None)] + [(f"packed-{b}bit", b) for b in args.e2e_bits]
-    for name, bits in configs:
+    configs = [("fp16-dynamic", None, None), ("fp16-static", None, None)] + [
+        (f"packed-{b}bit" + ("" if path == "auto" else f"-{path}"), b, path) for b in args.e2e_bits for path in args.paths]
+    for name, bits, path in configs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, attention_mask=mask, disable_compile=True)
@@ -79,7 +87,7 @@ def run_e2e(args, gpu: str) -> dict:
         else:
             model.set_attn_implementation(PACKED_ATTN)
             spec = PackedCacheSpec(key_bits=bits, value_bits=bits, value_group_size=args.value_group,
-                                   key_block=args.key_block, recent_window=args.recent)
+                                   key_block=args.key_block, recent_window=args.recent, path=path)
             cache = make_packed_cache(model.config, spec)
             kw["past_key_values"] = cache
         timer = _StepTimer()
@@ -101,7 +109,7 @@ def run_e2e(args, gpu: str) -> dict:
         else:
             kv_bytes = sum(x.numel() * x.element_size() for lay in pkv.layers for x in (lay.keys, lay.values))
         rec = dict(
-            name=name, bits=bits, prefill_s=round(t[1] - t[0], 3),
+            name=name, bits=bits, path=path, prefill_s=round(t[1] - t[0], 3),
             decode_tok_s=round(B * (len(t) - 2) / (t[-1] - t[1]), 1),
             decode_ms_per_step=round(1e3 * (t[-1] - t[1]) / (len(t) - 2), 3),
             kv_bytes=kv_bytes, kv_bytes_per_token_per_layer=round(kv_bytes / (B * (T + N - 1)) / args.e2e_layers, 1),
@@ -110,6 +118,11 @@ def run_e2e(args, gpu: str) -> dict:
         runs.append(rec)
         print("e2e", rec, flush=True)
         del out, pkv, cache
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    bw = copy_bandwidth()
+    for r in runs:
+        if "error" not in r:
+            r["roofline_ms_per_step"] = round(1e3 * (weight_bytes + r["kv_bytes"]) / bw, 3)
     base = next((r for r in runs if r["name"] == "fp16-dynamic" and "error" not in r), None)
     best = [r for r in runs if r["name"].startswith("fp16") and "error" not in r]
     best = min(best, key=lambda r: r["decode_ms_per_step"]) if best else None
@@ -119,8 +132,10 @@ def run_e2e(args, gpu: str) -> dict:
         r["speedup_vs_fp16_dynamic"] = round(base["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
         r["speedup_vs_best_fp16"] = round(best["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
         r["kv_mem_reduction_vs_fp16"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
+        r["roofline_speedup_vs_fp16"] = round(base["roofline_ms_per_step"] / r["roofline_ms_per_step"], 3)
     return dict(gpu=gpu, shape=args.shape, model=f"random-weight {args.shape} layer shape",
-                layers=args.e2e_layers, batch=B, context=T, new_tokens=N, key_block=args.key_block,
+                layers=args.e2e_layers, batch=B, context=T, new_tokens=N, weight_bytes=weight_bytes,
+                copy_GBps=round(bw / 1e9, 1), key_block=args.key_block,
                 value_group=args.value_group, recent=args.recent, quantized_cache=qc_status, runs=runs)
 
 
@@ -133,12 +148,19 @@ def main(argv=None) -> None:
     p.add_argument("--batch", dest="e2e_batch", type=int, default=8)
     p.add_argument("--new", dest="e2e_new", type=int, default=32)
     p.add_argument("--bits", dest="e2e_bits", nargs="+", type=int, default=[4, 2])
+    p.add_argument("--paths", nargs="+", default=["auto"], help="decode paths of the packed runs (auto: the tuning "
+                   "table's; a named one runs as packed-<bits>bit-<path>)")
     p.add_argument("--key-block", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU")
+    from kvbench.kernels.triton import PATHS
+
+    unknown = sorted(set(args.paths) - {"auto", *PATHS})
+    if unknown:
+        raise SystemExit(f"unknown decode paths {unknown}; known: auto, {', '.join(PATHS)}")
     res = run_e2e(args, torch.cuda.get_device_name())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(args.out.read_text()) if args.out.exists() else []

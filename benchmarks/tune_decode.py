@@ -56,7 +56,9 @@ def main(argv=None) -> None:
         del k, v
         best = None
         for tile, nw, ns, waves, maxnreg in grid:
-            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves, **({"maxnreg": maxnreg} if maxnreg else {}))
+            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+            if maxnreg:
+                knobs["maxnreg"] = maxnreg
             fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
             try:
                 rel = rel_err_vs_reference(q, kv, fn()) if best is None else None

@@ -129,3 +129,38 @@ def test_choice_is_data_and_forced_paths_are_checked():
         tk.choose(q, kv, "fmag")
     with pytest.raises(ValueError, match="unknown tuning keys"):
         tk.choose(q, kv, mode=3)
+
+
+def _run_ptx(asm: str, words):
+    """Carry out the shift-then-LOP3 PTX of ``tensor_core._magic`` on uint32 words (numpy: an independent
+    reading of its text), giving the two fp16 halves of each result."""
+    import re
+
+    import numpy as np
+
+    shift = re.search(r"(shl|shr|mov)\.b32 t, \$1(?:, (\d+))?;", asm)
+    lop = re.search(r"lop3\.b32 \$0, t, 0x([0-9A-F]{8}), 0x([0-9A-F]{8}), 0xEA;", asm)
+    t = words.astype(np.uint64)
+    n = int(shift.group(2) or 0)
+    t = (t << n) if shift.group(1) == "shl" else (t >> n)
+    out = ((t & 0xFFFFFFFF) & int(lop.group(1), 16)) | int(lop.group(2), 16)  # LOP3 0xEA: (a & b) | c
+    return out.astype(np.uint32).view(np.float16).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_tensor_core_unpack_ptx_gives_offset_codes(width):
+    """Each field's PTX turns a register of two int16 half-words into fp16 ``2**width + code`` of that field
+    for both halves, for every bit pattern of the other fields (which must not leak in)."""
+    import numpy as np
+
+    from kvbench.kernels.triton import tensor_core
+
+    table = {4: tensor_core.ASM4, 2: tensor_core.ASM2, 1: tensor_core.ASM1}[width].value
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 1 << 16, size=(4096, 2), dtype=np.uint32)
+    if width == 1:  # the 1-bit slice is bytes widened (sign-extended) to int16
+        halves = (halves & 0xFF) | np.where(halves & 0x80, 0xFF00, 0)
+    words = halves[:, 0] | (halves[:, 1] << 16)
+    for j, asm in enumerate(table):
+        want = ((halves >> (j * width)) & ((1 << width) - 1)).astype(np.float16) + (1 << width)
+        np.testing.assert_array_equal(_run_ptx(asm, words), want, err_msg=f"field {j}: {asm}")
