@@ -40,13 +40,13 @@ KINDS = {
     "barriers": ("BAR",), "float": ("FMUL", "FADD", "FFMA", "FMNMX", "FSEL", "MUFU", "F2FP"),
 }
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
-        "NB_CAP S_CAP R_CAP n_packed n_sink n_recent tiles_per_split n_splits").split()
+        "NB_CAP S_CAP R_CAP n_packed n_sink n_recent tiles_per_split n_splits qk_ptr bias_ptr NB").split()
 
 
 def _sig(name: str) -> str:
     if name in ("kw_ptr", "vw_ptr"):
         return "*i32"
-    if name in ("o_ptr", "lse_ptr"):
+    if name in ("o_ptr", "lse_ptr", "bias_ptr"):
         return "*fp32"
     if name.endswith("_ptr"):
         return "*fp16"
@@ -71,7 +71,8 @@ def opcode(line: str) -> str:
 
 
 def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
-    const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"], ASM=True)
+    const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"],
+                 OFF=tensor_core.OFFSET[bits], ASM=True)
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a.endswith("_ptr")}
     src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
                     **{k: "constexpr" for k in const}}, constexprs=const, attrs=aligned)

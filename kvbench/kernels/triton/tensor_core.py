@@ -7,17 +7,22 @@ One program per KV head and split; the G query heads (padded to 16 rows) are the
 token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes of group ``j`` are therefore an
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
 shared memory into the tensor cores' operand layout (2 or 4 bits per code, not 16) and unpacks in registers:
-one shift, one LOP3 (mask, OR under the exponent of 1024) and one ``sub.f16x2`` per two codes give exact fp16
-codes. Per tile of ``BT`` tokens:
+one shift and one LOP3 per two codes give exact fp16 ``OFFSET + code`` (:func:`_magic`); the constant comes
+off after the dots. A first small launch (:func:`_scaled_queries_kernel`) writes, per KV row and key block,
+the query rows times the block's key scales (fp16, channels in group order) and the scores' bias, so the main
+loop reads them as it reads the codes instead of scaling and re-laying out the query in every tile. Per tile
+of ``BT`` tokens:
 
-* scores ``(GP, BT) = sum_j dot(q_j * k_scale_j, codes_j(keys))`` plus the zero-point bias ``q . k_zero``;
-* values ``acc_j (GP, D / NJ) += dot(p * v_scale / max(v_scale), codes_j(values)) * max(v_scale)`` (the
-  per-tile max keeps the fp16 products out of the subnormal range), and ``sum_t p * v_zero`` is added to
-  every channel at the end.
+* scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - OFFSET *
+  sum(q * k_scale)``;
+* values ``acc_j (GP, D / NJ) += (dot(p * v_scale / max(v_scale), codes_j(values)) - OFFSET * sum_t(...)) *
+  max(v_scale)`` (the per-tile max keeps the fp16 products out of the subnormal range), and
+  ``sum_t p * v_zero`` is added to every channel at the end.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -40,6 +45,7 @@ def _magic(width: int, j: int) -> str:
 ASM4 = tl.constexpr(tuple(_magic(4, j) for j in range(4)))
 ASM2 = tl.constexpr(tuple(_magic(2, j) for j in range(8)))
 ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))  # the 1-bit slice of 3-bit codes (bytes, as int16)
+OFFSET = {2: 4.0, 3: 12.0, 4: 16.0}  # the constant in the codes of :func:`_codes`; 3 bits: 4 * 2 + 4
 
 
 @triton.jit
@@ -54,15 +60,6 @@ def _elems(words_ptr, rows, tm, W_OFF: tl.constexpr, ETYPE: tl.constexpr, NC: tl
         return tl.load(base + R * rows[:, None] + c[None, :], mask=tm[:, None], other=0)
     else:
         return tl.load(base + R * rows[None, :] + c[:, None], mask=tm[None, :], other=0)
-
-
-@triton.jit
-def _offset(BITS: tl.constexpr):
-    """The constant in the fp16 codes of :func:`_codes`: ``2**BITS``, or ``4 * 2 + 4`` for 2 + 1 bit slices."""
-    if BITS == 3:
-        return 12.0
-    else:
-        return float(2**BITS)
 
 
 @triton.jit
@@ -96,7 +93,7 @@ def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRS
 
 @triton.jit
 def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``_offset(BITS) + code`` of channel group ``J``, exact in fp16."""
+    """``OFFSET[BITS] + code`` of channel group ``J``, exact in fp16."""
     if BITS == 3:
         return _field(low, J, 1, ASM) * 4.0 + _field(main, J, 2, ASM)
     else:
@@ -104,22 +101,44 @@ def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _score_part(s, bias, q_rows, qm, qscale, kb, zb, main, low, J: tl.constexpr, BITS: tl.constexpr,
+def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr):
-    """Channel group ``J``'s part of the scores ``(GP, BT)`` and of the zero-point bias ``(GP,)``. The query's
-    channel group ``J`` ``(GP, D / NJ)`` is read again in every tile (a cache hit; holding every group in
-    registers costs occupancy). The codes' constant comes off the bias."""
-    qj = tl.load(q_rows + J, mask=qm, other=0.0).to(tl.float32) * qscale
-    qk = (qj * tl.load(kb + J).to(tl.float32)[None, :]).to(tl.float16)
-    bias += tl.sum(qj * tl.load(zb + J).to(tl.float32)[None, :] - _offset(BITS) * qk.to(tl.float32), axis=1)
-    s = tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
-    return s, bias
+    """Channel group ``J``'s part of the scores ``(GP, BT)``: its scaled query ``(GP, NC)`` fp16, read from
+    the table of :func:`_scaled_queries_kernel` (so it reaches the tensor cores as the codes do), times the
+    codes."""
+    qk = tl.load(qk_rows + J * NC, mask=qm, other=0.0)
+    return tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
 
 
 @triton.jit
-def _value_part(acc, a, pv, psum, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``acc * a + vmax * pv @ codes``; ``psum`` (the rows of ``pv`` summed) takes the codes' constant off."""
-    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - _offset(BITS) * psum) * vmax
+def _scaled_queries_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, NB_CAP, NB, G: tl.constexpr,
+                           GP: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
+    """Per KV row ``n`` and key block ``b``: the query rows scaled by the block's key scales (log2 domain),
+    fp16, channels in group order (channel ``NJ * c + j`` at ``j * D / NJ + c``), and the scores' bias
+    ``q . k_zero - OFF * sum(scaled query)`` (the codes' constant comes off here)."""
+    n = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gm = g < G
+    q = tl.load(q_ptr + (n * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    q = q * (sm_scale * LOG2E)
+    ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
+    kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
+    qk = (q * ks[None, :]).to(tl.float16)
+    bias = tl.sum(q * kz[None, :] - OFF * qk.to(tl.float32), axis=1)
+    row = (n * NB + blk) * G + g
+    grouped = (d % NJ) * (D // NJ) + d // NJ
+    tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
+    tl.store(bias_ptr + row, bias, mask=gm)
+
+
+@triton.jit
+def _value_part(acc, a, pv, psum, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr,
+                ASM: tl.constexpr):
+    """``acc * a + vmax * pv @ codes``; ``OFF * psum`` (the rows of ``pv`` summed) takes the codes' constant
+    off."""
+    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - OFF * psum) * vmax
 
 
 @triton.jit
@@ -127,12 +146,12 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
     tl.store(out + J, acc * inv + cz, mask=om)
 
 
-@triton.jit(do_not_specialize=GROWING)
+@triton.jit(do_not_specialize=GROWING + ["NB"])
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
-    ASM: tl.constexpr,
+    qk_ptr, bias_ptr, NB, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    KB: tl.constexpr, BT: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -159,8 +178,6 @@ def _tensor_core_kernel(
         acc5 = tl.zeros((GP, NC), tl.float32)
         acc6 = tl.zeros((GP, NC), tl.float32)
         acc7 = tl.zeros((GP, NC), tl.float32)
-        q_rows = q_ptr + rows[:, None] * D + NJ * c[None, :]  # (GP, NC): channel NJ * c of each query row
-        qscale = sm_scale * LOG2E  # log2 domain
         qm = g_mask[:, None]
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
@@ -168,20 +185,20 @@ def _tensor_core_kernel(
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
-            kb = ks_ptr + (n * NB_CAP + t0 // KB) * D + NJ * c
-            zb = kz_ptr + (n * NB_CAP + t0 // KB) * D + NJ * c
+            blk = (n * NB + t0 // KB) * G + offs_g  # rows of the scaled-query table
+            qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
             s = tl.zeros((GP, BT), tl.float32)
-            bias = tl.zeros((GP,), tl.float32)
-            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 0, BITS, ASM)
-            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 1, BITS, ASM)
-            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 2, BITS, ASM)
-            s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 3, BITS, ASM)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM)
             if NJ == 8:
-                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 4, BITS, ASM)
-                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 5, BITS, ASM)
-                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 6, BITS, ASM)
-                s, bias = _score_part(s, bias, q_rows, qm, qscale, kb, zb, kmain, klow, 7, BITS, ASM)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM)
+            bias = tl.load(bias_ptr + blk, mask=g_mask, other=0.0)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -195,15 +212,15 @@ def _tensor_core_kernel(
             psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
             a = alpha[:, None]
-            acc0 = _value_part(acc0, a, pv, psum, vmax, vmain, vlow, 0, BITS, ASM)
-            acc1 = _value_part(acc1, a, pv, psum, vmax, vmain, vlow, 1, BITS, ASM)
-            acc2 = _value_part(acc2, a, pv, psum, vmax, vmain, vlow, 2, BITS, ASM)
-            acc3 = _value_part(acc3, a, pv, psum, vmax, vmain, vlow, 3, BITS, ASM)
+            acc0 = _value_part(acc0, a, pv, psum, vmax, vmain, vlow, 0, BITS, OFF, ASM)
+            acc1 = _value_part(acc1, a, pv, psum, vmax, vmain, vlow, 1, BITS, OFF, ASM)
+            acc2 = _value_part(acc2, a, pv, psum, vmax, vmain, vlow, 2, BITS, OFF, ASM)
+            acc3 = _value_part(acc3, a, pv, psum, vmax, vmain, vlow, 3, BITS, OFF, ASM)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pv, psum, vmax, vmain, vlow, 4, BITS, ASM)
-                acc5 = _value_part(acc5, a, pv, psum, vmax, vmain, vlow, 5, BITS, ASM)
-                acc6 = _value_part(acc6, a, pv, psum, vmax, vmain, vlow, 6, BITS, ASM)
-                acc7 = _value_part(acc7, a, pv, psum, vmax, vmain, vlow, 7, BITS, ASM)
+                acc4 = _value_part(acc4, a, pv, psum, vmax, vmain, vlow, 4, BITS, OFF, ASM)
+                acc5 = _value_part(acc5, a, pv, psum, vmax, vmain, vlow, 5, BITS, OFF, ASM)
+                acc6 = _value_part(acc6, a, pv, psum, vmax, vmain, vlow, 6, BITS, OFF, ASM)
+                acc7 = _value_part(acc7, a, pv, psum, vmax, vmain, vlow, 7, BITS, OFF, ASM)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -236,11 +253,19 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     leaves it to the compiler."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
+    G = Hq // H
+    NJ = 4 if kv.key_bits == 4 else 8
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
+    NB = triton.cdiv(kv.n_packed, kv.key_block)
+    qk = torch.empty(B * H, max(NB, 1), G, D, dtype=torch.float16, device=q.device)
+    bias = torch.empty(B * H, max(NB, 1), G, dtype=torch.float32, device=q.device)
+    if NB:
+        _scaled_queries_kernel[(B * H, NB)](q, kv.k_scale, kv.k_zero, qk, bias, sm_scale, kv.k_scale.shape[2], NB,
+                                            G=G, GP=triton.next_power_of_2(G), D=D, NJ=NJ, OFF=OFFSET[kv.key_bits])
     _tensor_core_kernel[(B * H, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale),
-        G=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile,
-        ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
+        *launch_args(q, kv, plan, sm_scale), qk, bias, NB,
+        G=G, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile,
+        OFF=OFFSET[kv.key_bits], ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return plan
