@@ -6,6 +6,10 @@ random-weight model of a real layer shape (Llama-2-7B: 32/32 heads; Llama-3-8B: 
 StaticCache and the packed cache (decode path chosen by the tuning table), and adds its record to
 ``benchmarks/results/e2e.json`` (one per GPU and shape). Needs torch, transformers and kvbench.kernels only.
 
+After each run, ``--profile-steps`` bare forward steps on its cache are timed (``forward_ms_per_step``: the step
+without ``generate``'s own loop) and profiled (``gpu_kernel_ms_per_step``: the GPU's busy time; the table in
+``benchmarks/results/e2e_profile/``): a step far above its GPU time is bound by the host.
+
 Each run also gets its memory roofline: a decode step reads every weight but the embedding table (the LM head
 included) and the whole cache, so ``roofline_ms_per_step = (weight_bytes + kv_bytes) / copy bandwidth`` bounds
 it from below, and ``roofline_speedup_vs_fp16`` is the most any cache format of that size can buy over the
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from decode_attention import copy_bandwidth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROFILES = RESULTS / "e2e_profile"
 MODELS = {  # layer shapes of the real models (vocabulary included: the LM head is read every step)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                       num_key_value_heads=32),
@@ -46,6 +51,36 @@ class _StepTimer:
 
     def end(self):
         pass
+
+
+def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: str) -> dict:
+    """Bare forward decode steps on a generated cache (no ``generate`` loop): wall ms per step (host and GPU
+    together) and the GPU's kernel ms per step (``torch.profiler``), whose table goes to ``out``. Positions
+    start at ``pos``: inside the prompt, so a static cache overwrites slots it has (the others append)."""
+    ids = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+
+    def step(i):
+        at = torch.tensor([pos + i], device="cuda")
+        model(input_ids=ids, past_key_values=cache, position_ids=at.expand(B, 1), cache_position=at, use_cache=True)
+
+    step(0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(steps + 1, 2 * steps + 1):
+            step(i)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{title}, {steps} decode steps\n"
+                   + table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60) + "\n")
+    return dict(forward_ms_per_step=round(1e3 * wall, 3), gpu_kernel_ms_per_step=round(gpu_us / 1e3 / steps, 3))
 
 
 def run_e2e(args, gpu: str) -> dict:
@@ -115,6 +150,17 @@ def run_e2e(args, gpu: str) -> dict:
             kv_bytes=kv_bytes, kv_bytes_per_token_per_layer=round(kv_bytes / (B * (T + N - 1)) / args.e2e_layers, 1),
             peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
         )
+        if args.profile_steps and name == "fp16-static":  # generate filled it: a further step would overflow it
+            rec["profile_error"] = "not profiled: the static cache is full after generate"
+        elif args.profile_steps:
+            try:
+                with torch.no_grad():
+                    rec.update(step_profile(model, pkv, B, T - 2 * args.profile_steps - 2, args.profile_steps,
+                                            PROFILES / f"{gpu.replace(' ', '-')}-{args.shape}-{name}.txt",
+                                            f"{gpu}, {args.shape} x {args.e2e_layers} layers, batch {B}, context {T}: "
+                                            f"{name}"))
+            except Exception as e:  # noqa: BLE001 - the timed run stands; say why its decomposition is missing
+                rec["profile_error"] = f"{type(e).__name__}: {str(e)[:160]}"
         runs.append(rec)
         print("e2e", rec, flush=True)
         del out, pkv, cache
@@ -153,6 +199,8 @@ def main(argv=None) -> None:
     p.add_argument("--key-block", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens")
+    p.add_argument("--profile-steps", type=int, default=4, help="bare forward steps timed and profiled after "
+                   "each run (forward_ms_per_step, gpu_kernel_ms_per_step, tables in results/e2e_profile/); 0: none")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU")

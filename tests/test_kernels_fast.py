@@ -54,6 +54,7 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 3, 3, 2, 1, 0, 64, {"tile": 32}),  # two bit slices (2 + 1)
         ("tensor_core", 3, 3, 8, 0, 2, 64, {"tile": 16}),
         ("tensor_core", 4, 4, 2, 1, 1, 64, {"tile": 32}),  # G = 2
+        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32}),  # 34 key blocks: the scaled-query launch's 16 a program
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
         ("split_k", 2, 2, 1, 2, 5, 64, {"tile": 16}),
         ("split_k", 4, 4, 8, 0, 3, 64, {"tile": 32}),
