@@ -76,7 +76,8 @@ def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: s
             step(i)
         torch.cuda.synchronize()
     table = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in table)
+    # kernels only: an operator's self device time is its kernels' again
+    gpu_us = sum(e.self_device_time_total for e in table if e.device_type != torch.autograd.DeviceType.CPU)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"{title}, {steps} decode steps\n"
                    + table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60) + "\n")
