@@ -180,3 +180,21 @@ def test_split_plan_never_launches_a_partial_second_round(n_prog, waves):
     assert n_prog * plan.n_splits <= max(slots, n_prog)
     per = plan.tiles_per_split * 16
     assert per * plan.n_splits >= kv.n_packed > per * (plan.n_splits - 1)
+
+
+def test_decode_kernels_do_not_recompile_as_the_cache_grows():
+    """Every integer argument of a decode kernel (counts, capacities, split plans) is left unspecialised: Triton
+    otherwise compiles a new variant when a count turns a multiple of 16, in the middle of a generation."""
+    import inspect
+
+    from kvbench.kernels.triton import common, cuda_core, split_k, tensor_core
+
+    kernels = {name: f for m in (common, cuda_core, split_k, tensor_core) for name, f in vars(m).items()
+               if name.endswith("_kernel") and hasattr(f, "fn")}  # jitted (interpreted here)
+    assert len(kernels) == 5, sorted(kernels)
+    for name, k in kernels.items():
+        unspecialised = getattr(k, "do_not_specialize", None) or k.kwargs.get("do_not_specialize", [])
+        params = inspect.signature(k.fn).parameters.values()
+        counts = [p.name for p in params if "constexpr" not in str(p.annotation) and not p.name.endswith("_ptr")
+                  and p.name not in ("sm_scale", "H")]  # H: the model's KV heads, fixed
+        assert counts and set(counts) <= set(unspecialised), (name, counts, unspecialised)

@@ -79,7 +79,7 @@ def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_
     return v
 
 
-@triton.jit(do_not_specialize=GROWING + ["OL_CAP"])
+@triton.jit(do_not_specialize=GROWING + ["OL_CAP", "OL_NB", "VOL_CAP", "VOL_NB1"])
 def _split_k_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,

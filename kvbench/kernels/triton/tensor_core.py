@@ -110,7 +110,7 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
     return tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB_CAP", "NB"])  # growing: no new compile when a count turns a multiple of 16
 def _scaled_queries_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, NB_CAP, NB, G: tl.constexpr,
                            GP: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
     """Per KV row ``n`` and key block ``b``: the query rows scaled by the block's key scales (log2 domain),
