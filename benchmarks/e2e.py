@@ -151,7 +151,7 @@ def run_e2e(args, gpu: str) -> dict:
             kv_bytes=kv_bytes, kv_bytes_per_token_per_layer=round(kv_bytes / (B * (T + N - 1)) / args.e2e_layers, 1),
             peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
         )
-        if args.profile_steps and name == "fp16-static":  # generate filled it: a further step would overflow it
+        if args.profile_steps and kw.get("cache_implementation") == "static":  # full after generate: no more steps
             rec["profile_error"] = "not profiled: the static cache is full after generate"
         elif args.profile_steps:
             try:

@@ -72,7 +72,7 @@ def opcode(line: str) -> str:
 
 def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"],
-                 OFF=tensor_core.OFFSET[bits], ASM=True)
+                 NJ=tensor_core.channel_groups(bits), OFF=tensor_core.OFFSET[bits], ASM=True)
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a.endswith("_ptr")}
     src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
                     **{k: "constexpr" for k in const}}, constexprs=const, attrs=aligned)

@@ -105,7 +105,7 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
                         key=score.get)
             when = {"group": group, "bits": [bits]}
             entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
-            entry["rules"].insert(0, {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v}})
+            entry["rules"].insert(0, {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}})
             print(f"rule {gpu}: {entry['rules'][0]} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
 

@@ -48,6 +48,11 @@ ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))  # the 1-bit slice of
 OFFSET = {2: 4.0, 3: 12.0, 4: 16.0}  # the constant in the codes of :func:`_codes`; 3 bits: 4 * 2 + 4
 
 
+def channel_groups(bits: int) -> int:
+    """``NJ``: channel groups = codes per int16 half-word of the main bit slice (4 at 4 bits, 8 at 2 and 3)."""
+    return 4 if bits == 4 else 8
+
+
 @triton.jit
 def _elems(words_ptr, rows, tm, W_OFF: tl.constexpr, ETYPE: tl.constexpr, NC: tl.constexpr,
            TOKENS_FIRST: tl.constexpr):
@@ -73,10 +78,9 @@ def _field(h, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
             asm: tl.constexpr = ASM2[J]
         else:
             asm: tl.constexpr = ASM1[J]
-        f = tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        f = ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16) + (1 << WIDTH)
-    return f
+        return ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16) + (1 << WIDTH)
 
 
 @triton.jit
@@ -151,7 +155,7 @@ def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
     qk_ptr, bias_ptr, NB, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    KB: tl.constexpr, BT: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
+    KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -159,7 +163,6 @@ def _tensor_core_kernel(
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, n_recent, sm_scale, G, GP, D, 32)
     else:
-        NJ: tl.constexpr = 4 if BITS == 4 else 8  # channel groups = codes per int16
         NC: tl.constexpr = D // NJ  # channels per group (one dot's K)
         NW: tl.constexpr = D * BITS // 32  # words per token row
         offs_g = tl.arange(0, GP)
@@ -178,7 +181,7 @@ def _tensor_core_kernel(
         acc5 = tl.zeros((GP, NC), tl.float32)
         acc6 = tl.zeros((GP, NC), tl.float32)
         acc7 = tl.zeros((GP, NC), tl.float32)
-        qm = g_mask[:, None]
+        om = g_mask[:, None]  # the real query rows
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
         ar = tl.arange(0, BT)
@@ -189,15 +192,15 @@ def _tensor_core_kernel(
             qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
             s = tl.zeros((GP, BT), tl.float32)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, om, kmain, klow, 0, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, om, kmain, klow, 1, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, om, kmain, klow, 2, NC, BITS, ASM)
+            s = _score_part(s, qk_rows, om, kmain, klow, 3, NC, BITS, ASM)
             if NJ == 8:
-                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, om, kmain, klow, 4, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, om, kmain, klow, 5, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, om, kmain, klow, 6, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, om, kmain, klow, 7, NC, BITS, ASM)
             bias = tl.load(bias_ptr + blk, mask=g_mask, other=0.0)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -227,7 +230,6 @@ def _tensor_core_kernel(
         cz = (corr / l_safe)[:, None]
         inv = 1.0 / l_safe[:, None]
         out = o_ptr + (rows[:, None] * S1 + sp) * D + NJ * c[None, :]
-        om = g_mask[:, None]
         _store_part(out, acc0, inv, cz, om, 0)
         _store_part(out, acc1, inv, cz, om, 1)
         _store_part(out, acc2, inv, cz, om, 2)
@@ -254,7 +256,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
-    NJ = 4 if kv.key_bits == 4 else 8
+    NJ = channel_groups(kv.key_bits)
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB = triton.cdiv(kv.n_packed, kv.key_block)
     qk = torch.empty(B * H, max(NB, 1), G, D, dtype=torch.float16, device=q.device)
@@ -264,7 +266,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
                                             G=G, GP=triton.next_power_of_2(G), D=D, NJ=NJ, OFF=OFFSET[kv.key_bits])
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias, NB,
-        G=G, GP=max(16, triton.next_power_of_2(Hq // H)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
         OFF=OFFSET[kv.key_bits], ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
