@@ -10,6 +10,12 @@ After each run, ``--profile-steps`` bare forward steps on its cache are timed (`
 without ``generate``'s own loop) and profiled (``gpu_kernel_ms_per_step``: the GPU's busy time; the table in
 ``benchmarks/results/e2e_profile/``): a step far above its GPU time is bound by the host.
 
+With ``--graphs`` (the default) the fp16 StaticCache and each packed cache also run a bare greedy loop twice,
+eagerly and with every step that the cache allows replayed as a CUDA graph (:mod:`kvbench.cache.graphs`; the
+packed cache runs a step that packs a key block eagerly and re-captures after it): ``<name>-graphs`` records
+both per-step times, the capture's, and whether every replayed step's logits equal the eager step's bit for
+bit. That is the same treatment for both caches, without the host's per-step cost.
+
 Each run also gets its memory roofline: a decode step reads every weight but the embedding table (the LM head
 included) and the whole cache, so ``roofline_ms_per_step = (weight_bytes + kv_bytes) / copy bandwidth`` bounds
 it from below, and ``roofline_speedup_vs_fp16`` is the most any cache format of that size can buy over the
@@ -82,6 +88,43 @@ def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: s
     out.write_text(f"{title}, {steps} decode steps\n"
                    + table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60) + "\n")
     return dict(forward_ms_per_step=round(1e3 * wall, 3), gpu_kernel_ms_per_step=round(gpu_us / 1e3 / steps, 3))
+
+
+def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
+    """Greedy decode of ``N`` tokens after ``prompt`` on fresh caches from ``make_cache``: eager forward steps,
+    then :class:`~kvbench.cache.graphs.GraphedDecoder` steps. Per-step times are means over steps 2..N-1 (step 0
+    of the graphed loop runs eagerly, step 1 captures)."""
+    from kvbench.cache.graphs import GraphedDecoder
+
+    B, T = prompt.shape
+    logits_of, ms = {}, {}
+    for graphed in (False, True):
+        torch.cuda.empty_cache()
+        cache = make_cache()
+        dec = GraphedDecoder(model, cache, B) if graphed else None
+        steps, times = [], []
+        with torch.no_grad():
+            logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            for i in range(N):
+                ids = logits.argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if dec is not None:
+                    logits = dec(ids, T + i)
+                else:
+                    at = torch.tensor([T + i], device="cuda")
+                    logits = model(input_ids=ids, past_key_values=cache, position_ids=at.expand(B, 1),
+                                   cache_position=at, use_cache=True).logits[:, -1]
+                steps.append(logits.clone())
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        logits_of[graphed], ms[graphed] = torch.stack(steps), times
+        stats = dec.stats if dec is not None else None
+        del cache, dec
+    rep = lambda t: round(1e3 * sum(t[2:]) / len(t[2:]), 3)  # noqa: E731
+    return dict(name=f"{name}-graphs", decode_ms_per_step=rep(ms[True]), decode_tok_s=round(B / rep(ms[True]) * 1e3, 1),
+                eager_loop_ms_per_step=rep(ms[False]), capture_step_ms=round(1e3 * ms[True][1], 3), steps=stats,
+                graphs_equal_eager=bool(torch.equal(logits_of[True], logits_of[False])))
 
 
 def run_e2e(args, gpu: str) -> dict:
@@ -165,16 +208,36 @@ def run_e2e(args, gpu: str) -> dict:
         runs.append(rec)
         print("e2e", rec, flush=True)
         del out, pkv, cache
+        if args.graphs and name != "fp16-dynamic":
+            if bits is None:
+                from transformers import StaticCache
+
+                make = lambda: StaticCache(config=model.config, max_cache_len=T + N)  # noqa: E731
+            else:
+                make = lambda: make_packed_cache(model.config, spec)  # noqa: E731
+            try:
+                g = loop_run(model, name, make, prompt, N)
+                g.update(bits=bits, path=path, kv_bytes=rec["kv_bytes"])
+            except torch.OutOfMemoryError as e:
+                g = dict(name=f"{name}-graphs", error=f"OOM: {str(e)[:120]}")
+            runs.append(g)
+            print("e2e", g, flush=True)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     bw = copy_bandwidth()
     for r in runs:
         if "error" not in r:
             r["roofline_ms_per_step"] = round(1e3 * (weight_bytes + r["kv_bytes"]) / bw, 3)
     base = next((r for r in runs if r["name"] == "fp16-dynamic" and "error" not in r), None)
-    best = [r for r in runs if r["name"].startswith("fp16") and "error" not in r]
+    best = [r for r in runs if r["name"] in ("fp16-dynamic", "fp16-static") and "error" not in r]
     best = min(best, key=lambda r: r["decode_ms_per_step"]) if best else None
+    static_g = next((r for r in runs if r["name"] == "fp16-static-graphs" and "error" not in r), None)
     for r in runs:
         if "error" in r or base is None:
+            continue
+        if r["name"].endswith("-graphs"):  # compared under the same treatment only
+            if static_g is not None:
+                r["speedup_vs_fp16_static_graphs"] = round(static_g["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
+            r["roofline_speedup_vs_fp16"] = round(base["roofline_ms_per_step"] / r["roofline_ms_per_step"], 3)
             continue
         r["speedup_vs_fp16_dynamic"] = round(base["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
         r["speedup_vs_best_fp16"] = round(best["decode_ms_per_step"] / r["decode_ms_per_step"], 3)
@@ -202,6 +265,8 @@ def main(argv=None) -> None:
     p.add_argument("--recent", type=int, default=128, help="fp16 recent-window tokens")
     p.add_argument("--profile-steps", type=int, default=4, help="bare forward steps timed and profiled after "
                    "each run (forward_ms_per_step, gpu_kernel_ms_per_step, tables in results/e2e_profile/); 0: none")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="also the greedy loop, "
+                   "eager and replayed as CUDA graphs, for fp16 StaticCache and each packed cache (<name>-graphs)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU")

@@ -176,6 +176,34 @@ def test_cache_decode_matches_dequantized_path():
     assert _rel(logits[1], logits[0]) < REL_TOL
 
 
+def test_cache_knows_which_decode_steps_a_cuda_graph_can_replay():
+    """The GPU copy of every layer's recent count follows the host's through prefill, sink, decode and flush
+    steps, and ``decode_step_replayable`` is True exactly before the steps that leave the packed store, the
+    sinks and every buffer as they were (what a replayed CUDA graph relies on)."""
+    from kvbench.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
+
+    model = _tiny_llama()
+    enable_fused_decode(model)
+    spec = PackedCacheSpec(key_bits=4, value_bits=4, value_group_size=32, key_block=16, sink_tokens=3,
+                           recent_window=4, impl="reference")
+    cache = make_packed_cache(model.config, spec)
+    ids = torch.randint(0, 97, (2, 41))
+    seen = []
+    with torch.no_grad():
+        model(ids[:, :2], past_key_values=cache, use_cache=True)  # shorter than the sink
+        for t in range(2, 41):
+            lay = cache.layers[0]
+            before = (lay.n_sink, lay.n_packed)
+            replayable = cache.decode_step_replayable()
+            words = lay.stores[0].k_words.data_ptr()
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            unchanged = (lay.n_sink, lay.n_packed) == before and lay.stores[0].k_words.data_ptr() == words
+            assert replayable == unchanged, (t, replayable, before, lay.n_sink, lay.n_packed)
+            assert [int(x.recent_len) for x in cache.layers] == [x.n_recent for x in cache.layers]
+            seen.append(replayable)
+    assert lay.n_sink == 3 and lay.n_packed == 32 and seen.count(False) == 3 and seen[-1], seen
+
+
 def test_cpu_without_interpreter_fails_clearly(monkeypatch):
     from transformers import LlamaConfig
 

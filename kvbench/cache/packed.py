@@ -295,6 +295,7 @@ class _Store:
             k_chan=layer.k_chan, v_chan=layer.v_chan,
             vol_ptr=self.vol_ptr if vol else None, vol_tok=self.vol_tok if vol else None,
             vol_ch=self.vol_ch if vol else None, vol_val=self.vol_val if vol else None,
+            recent_len=layer.recent_len if first else None,
         )
 
 
@@ -325,6 +326,7 @@ class PackedLayer(DynamicLayer):
         self.sink_k, self.sink_v = new(s.sink_tokens, D, self.dtype), new(s.sink_tokens, D, self.dtype)
         cap_r = s.recent_window + self.unit
         self.recent_k, self.recent_v = new(cap_r, D, self.dtype), new(cap_r, D, self.dtype)
+        self.recent_len = torch.zeros(1, dtype=torch.int64, device=dev)  # n_recent on the GPU: kernels read it
         self.k_chan = _chan(_per_layer(s.key_channel, self.layer_idx), H, D, dev)
         self.v_chan = _chan(_per_layer(s.value_channel, self.layer_idx), H, D, dev)
         groups = [tuple(map(int, g)) for g in s.group_bits] if s.group_bits else [(s.key_bits, s.value_bits)]
@@ -400,11 +402,17 @@ class PackedLayer(DynamicLayer):
             self.sink_v[:, :, self.n_sink : self.n_sink + take] = v[:, :, :take]
             self.n_sink += take
             k, v = k[:, :, take:], v[:, :, take:]
-        n_new, cap = k.shape[2], self.recent_k.shape[2]
-        if self.n_recent + n_new <= cap and self.n_recent + n_new < s.recent_window + self.unit:
+        n_new = k.shape[2]
+        if n_new == 1 and self.appends_in_place(1):  # a decode step: GPU ops only (a CUDA graph can replay it)
+            self.recent_k.index_copy_(2, self.recent_len, k)
+            self.recent_v.index_copy_(2, self.recent_len, v)
+            self.recent_len += 1
+            self.n_recent += 1
+        elif self.appends_in_place(n_new):
             self.recent_k[:, :, self.n_recent : self.n_recent + n_new] = k
             self.recent_v[:, :, self.n_recent : self.n_recent + n_new] = v
             self.n_recent += n_new
+            self.recent_len.fill_(self.n_recent)
         else:
             ck = torch.cat([self.recent_k[:, :, : self.n_recent], k], 2)
             cv = torch.cat([self.recent_v[:, :, : self.n_recent], v], 2)
@@ -416,6 +424,7 @@ class PackedLayer(DynamicLayer):
             self.recent_k[:, :, :rest] = ck[:, :, n_flush:]
             self.recent_v[:, :, :rest] = cv[:, :, n_flush:]
             self.n_recent = rest
+            self.recent_len.fill_(rest)
         if prefill and s.full_prefill:  # kv.prefill=full: the prompt attends in full precision
             return key_states, value_states
         if self.fused and key_states.shape[2] == 1:
@@ -423,6 +432,12 @@ class PackedLayer(DynamicLayer):
             return key_states, value_states
         keys, values = reference.dequantize_all(self.packed_kv())
         return keys.to(self.dtype), values.to(self.dtype)
+
+    def appends_in_place(self, n_new: int) -> bool:
+        """True when ``n_new`` more tokens past the sink only land in the recent window (no flush: the packed
+        store and every buffer stay where they are)."""
+        s = self.spec
+        return self.n_recent + n_new <= self.recent_k.shape[2] and self.n_recent + n_new < s.recent_window + self.unit
 
     def packed_kv(self) -> ops.PackedKV | list[ops.PackedKV]:
         """The current state as the kernels' :class:`~kvbench.kernels.ops.PackedKV` (a list of them, one per
@@ -466,6 +481,18 @@ class PackedCache(Cache):
 
     def __init__(self, layers: list[PackedLayer]):
         super().__init__(layers=layers)
+
+    def decode_step_replayable(self) -> bool:
+        """True when the next one-token step only appends to every layer's recent window (sinks full, no flush):
+        GPU work at fixed addresses with the counts on the GPU, which a CUDA graph captured at an earlier such
+        step replays correctly (see :mod:`kvbench.cache.graphs`)."""
+        return all(lay.is_initialized and lay.fused and lay.n_sink == lay.spec.sink_tokens and lay.appends_in_place(1)
+                   for lay in self.layers)
+
+    def replayed_decode_step(self) -> None:
+        """Advance the host-side counts as a replayed one-token step advanced those on the GPU."""
+        for lay in self.layers:
+            lay.n_recent += 1
 
     def nbytes_per_token(self, used: bool = True) -> list[float]:
         """Measured bytes per cached token of one sequence, per layer (all KV heads, K and V: codes, scales,

@@ -16,7 +16,7 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes that change as a cache grows: not specialised (a new value divisible by 16 would otherwise compile the
 # kernel again in the middle of generation, a second or more).
-GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_packed", "n_sink", "n_recent", "tiles_per_split", "n_splits"]
+GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_packed", "n_sink", "tiles_per_split", "n_splits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,11 +124,13 @@ def _fp16_tokens(q16, k_ptr, v_ptr, n_tok, m_i, l_i, acc, D: tl.constexpr, BTF: 
 
 @triton.jit
 def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
-               n_sink, n_recent, sm_scale, NQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               n_sink, recent_len_ptr, sm_scale, NQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BTF: tl.constexpr):
     """The last split of every decode path: query rows ``row0 .. row0 + NQ - 1`` (padded to ``GP``) over the
     fp16 sink and recent tokens of KV row ``n`` (``b * H_kv + h``); stores the partial output of split
-    ``n_splits``."""
+    ``n_splits``. The recent count is read from the GPU (``recent_len_ptr``), so that a decode step replayed as
+    a CUDA graph sees the count its own append advanced."""
+    n_recent = tl.load(recent_len_ptr).to(tl.int32)
     offs_g = tl.arange(0, GP)
     g_mask = offs_g < NQ
     rows = row0 + offs_g
@@ -209,14 +211,19 @@ def launch_args(q, kv, plan: SplitPlan, sm_scale: float) -> tuple:
     """The arguments every decode kernel starts with (its own follow)::
 
         q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, sink_k, sink_v, recent_k, recent_v,
-        o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent,
+        o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr,
         tiles_per_split, n_splits
+
+    ``recent_len_ptr``: ``kv.recent_len``, the recent count on the GPU (made from ``kv.n_recent`` when unset).
     """
+    recent_len = kv.recent_len
+    if recent_len is None:
+        recent_len = torch.full((1,), kv.n_recent, dtype=torch.int64, device=q.device)
     return (
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, plan.o_part, plan.lse,
         sm_scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
-        kv.n_packed, kv.n_sink, kv.n_recent, plan.tiles_per_split, plan.n_splits,
+        kv.n_packed, kv.n_sink, recent_len, plan.tiles_per_split, plan.n_splits,
     )
 
 

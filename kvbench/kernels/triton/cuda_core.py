@@ -195,7 +195,7 @@ def _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end, NK: tl.c
 @triton.jit(do_not_specialize=GROWING)
 def _cuda_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
     G: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, KW1: tl.constexpr, VW: tl.constexpr, VW1: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, VEC: tl.constexpr, VEC1: tl.constexpr, MODE: tl.constexpr,
     ASM: tl.constexpr, KOFF: tl.constexpr, VOFF: tl.constexpr, KFAC: tl.constexpr, KFAC1: tl.constexpr,
@@ -206,7 +206,7 @@ def _cuda_core_kernel(
     sp = tl.program_id(1)
     if sp == n_splits:  # the fp16 tokens' split
         fp16_split(q_ptr, row, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
-                   n_sink, n_recent, sm_scale, 1, 16, D, 16)
+                   n_sink, recent_len_ptr, sm_scale, 1, 16, D, 16)
     else:
         # slice 0: KW-bit fields (the low bits of the code); slice 1 (KW1 / VW1 > 0): the next bits
         NK: tl.constexpr = KW * D // 32

@@ -82,7 +82,7 @@ def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_
 @triton.jit(do_not_specialize=GROWING + ["OL_CAP", "OL_NB", "VOL_CAP", "VOL_NB1"])
 def _split_k_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
     klut_ptr, vlut_ptr, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr, H, OL_CAP,
     pos_ptr, kch_ptr, vch_ptr, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_CAP, OL_NB, VOL_NB1,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
@@ -94,7 +94,7 @@ def _split_k_kernel(
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     if tl.program_id(1) == n_splits:  # the fp16 tokens' split
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
-                   n_sink, n_recent, sm_scale, G, GP, D, 32)
+                   n_sink, recent_len_ptr, sm_scale, G, GP, D, 32)
     else:
         sp = tl.program_id(1)
         h = n % H

@@ -153,7 +153,7 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
 @triton.jit(do_not_specialize=GROWING + ["NB"])
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, n_recent, tiles_per_split, n_splits,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
     qk_ptr, bias_ptr, NB, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
 ):
@@ -161,7 +161,7 @@ def _tensor_core_kernel(
     sp = tl.program_id(1)
     if sp == n_splits:  # the fp16 tokens' split
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
-                   n_sink, n_recent, sm_scale, G, GP, D, 32)
+                   n_sink, recent_len_ptr, sm_scale, G, GP, D, 32)
     else:
         NC: tl.constexpr = D // NJ  # channels per group (one dot's K)
         NW: tl.constexpr = D * BITS // 32  # words per token row

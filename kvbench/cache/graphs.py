@@ -1,0 +1,72 @@
+"""Decode steps replayed as CUDA graphs: one-token forward passes without the host's per-step cost.
+
+A decode step of a small batch launches a few hundred kernels of a few microseconds each; run eagerly, the
+host's Python and launch overhead, not the GPU, sets the pace. :class:`GraphedDecoder` captures one step of
+``model`` on its cache into a ``torch.cuda.CUDAGraph`` and replays it, the inputs copied into fixed buffers.
+The same treatment for every cache it takes:
+
+* a compileable cache (transformers' ``StaticCache``): every step writes at ``cache_position``, so one graph
+  serves the whole generation;
+* a :class:`~kvbench.cache.packed.PackedCache`: a step that only appends to the recent windows keeps its
+  counts on the GPU (:meth:`~kvbench.cache.packed.PackedCache.decode_step_replayable`) and is replayed; a step
+  that packs a block (every ``key_block`` tokens) or fills a sink token runs eagerly, and the next step
+  captures a new graph (the packed store has grown: new token counts, maybe new buffers).
+
+A step after an eager one is captured (the eager step has compiled and warmed every kernel). The capture runs
+the forward's Python once without running its GPU work; the packed cache's host counts advance then, so the
+replay that follows leaves host and GPU in step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packed import PackedCache
+
+
+class GraphedDecoder:
+    """One-token decode steps of ``model`` over ``cache`` (batch ``B``), replayed as CUDA graphs where the cache
+    allows it. Call it as ``logits = dec(ids (B, 1), position)``; ``logits (B, vocab)`` is a buffer the next
+    call overwrites. ``stats`` counts ``eager``, ``captured`` and ``replayed`` steps."""
+
+    def __init__(self, model, cache, batch: int):
+        if not (isinstance(cache, PackedCache) or getattr(cache, "is_compileable", False)):
+            raise ValueError(f"{type(cache).__name__} cannot be replayed as a CUDA graph: its shapes grow every "
+                             "step (use StaticCache or the packed cache)")
+        self.model, self.cache = model, cache
+        dev = next(model.parameters()).device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = self.logits = None
+        self.pool = torch.cuda.graph_pool_handle()
+        self.warm = False  # an eager step has compiled and warmed every kernel of a step
+        self.stats = {"eager": 0, "captured": 0, "replayed": 0}
+
+    def _forward(self) -> torch.Tensor:
+        B = self.ids.shape[0]
+        out = self.model(input_ids=self.ids, past_key_values=self.cache, position_ids=self.pos.expand(B, 1),
+                         cache_position=self.pos, use_cache=True)
+        return out.logits[:, -1]
+
+    def _replayable(self) -> bool:
+        return self.cache.decode_step_replayable() if isinstance(self.cache, PackedCache) else True
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.fill_(position)
+        if not self._replayable() or not self.warm:
+            self.graph = None  # the layout changes (or nothing is warm yet): the next replayable step re-captures
+            self.warm = True
+            self.stats["eager"] += 1
+            return self._forward()
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.logits = self._forward()  # host counts advance here; the GPU's with the replay below
+            self.stats["captured"] += 1
+        elif isinstance(self.cache, PackedCache):
+            self.cache.replayed_decode_step()
+        self.graph.replay()
+        self.stats["replayed"] += 1
+        return self.logits
