@@ -92,8 +92,9 @@ def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: s
 
 def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
     """Greedy decode of ``N`` tokens after ``prompt`` on fresh caches from ``make_cache``: eager forward steps,
-    then :class:`~kvbench.cache.graphs.GraphedDecoder` steps. Per-step times are means over steps 2..N-1 (step 0
-    of the graphed loop runs eagerly, step 1 captures)."""
+    then :class:`~kvbench.cache.graphs.GraphedDecoder` steps. ``decode_ms_per_step`` is the mean over steps
+    2..N-1 (step 0 of the graphed loop runs eagerly, step 1 captures; later packing steps and their re-captures
+    count), with the 10/50/90 % quantiles of the graphed steps."""
     from kvbench.cache.graphs import GraphedDecoder
 
     B, T = prompt.shape
@@ -121,9 +122,11 @@ def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
         logits_of[graphed], ms[graphed] = torch.stack(steps), times
         stats = dec.stats if dec is not None else None
         del cache, dec
-    rep = lambda t: round(1e3 * sum(t[2:]) / len(t[2:]), 3)  # noqa: E731
-    return dict(name=f"{name}-graphs", decode_ms_per_step=rep(ms[True]), decode_tok_s=round(B / rep(ms[True]) * 1e3, 1),
-                eager_loop_ms_per_step=rep(ms[False]), capture_step_ms=round(1e3 * ms[True][1], 3), steps=stats,
+    mean = lambda t: round(1e3 * sum(t[2:]) / len(t[2:]), 3)  # noqa: E731
+    q = torch.tensor(ms[True][2:]).quantile(torch.tensor([0.1, 0.5, 0.9])) * 1e3
+    return dict(name=f"{name}-graphs", decode_ms_per_step=mean(ms[True]), decode_tok_s=round(B / mean(ms[True]) * 1e3, 1),
+                step_ms_p10_p50_p90=[round(x, 3) for x in q.tolist()], eager_loop_ms_per_step=mean(ms[False]),
+                capture_step_ms=round(1e3 * ms[True][1], 3), steps=stats,
                 graphs_equal_eager=bool(torch.equal(logits_of[True], logits_of[False])))
 
 

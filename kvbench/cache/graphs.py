@@ -38,7 +38,6 @@ class GraphedDecoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = self.logits = None
-        self.pool = torch.cuda.graph_pool_handle()
         self.warm = False  # an eager step has compiled and warmed every kernel of a step
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
 
@@ -62,7 +61,7 @@ class GraphedDecoder:
             return self._forward()
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph):  # its own memory pool, freed with the graph it replaces
                 self.logits = self._forward()  # host counts advance here; the GPU's with the replay below
             self.stats["captured"] += 1
         elif isinstance(self.cache, PackedCache):
