@@ -8,15 +8,16 @@ token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
 shared memory into the tensor cores' operand layout (2 or 4 bits per code, not 16) and unpacks in registers:
 one shift and one LOP3 per two codes give exact fp16 ``OFFSET + code`` (:func:`_magic`); the constant comes
-off after the dots. A first small launch (:func:`_scaled_queries_kernel`) writes, per KV row and key block,
-the query rows times the block's key scales (fp16, channels in group order) and the scores' bias, so the main
-loop reads them as it reads the codes instead of scaling and re-laying out the query in every tile. Per tile
-of ``BT`` tokens:
+off after the dots. Each program first writes, for the key blocks of its split (:func:`_scaled_queries`), the
+query rows times the block's key scales (fp16, channels in group order) and the scores' bias to a scratch
+table, so the main loop reads them as it reads the codes instead of scaling and re-laying out the query in
+every tile. Per tile of ``BT`` tokens:
 
 * scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - OFFSET *
   sum(q * k_scale)``;
-* values ``acc_j (GP, D / NJ) += (dot(p * v_scale / max(v_scale), codes_j(values)) - OFFSET * sum_t(...)) *
-  max(v_scale)`` (the per-tile max keeps the fp16 products out of the subnormal range), and
+* values ``acc_j (GP, D / NJ) = acc_j * alpha * unit / max(v_scale) + dot(p * v_scale / max(v_scale),
+  codes_j(values)) - OFFSET * sum_t(...)``: the accumulators count in units of the last tile's max value scale
+  (which keeps the fp16 products out of the subnormal range), so an element costs one FMA and one add;
   ``sum_t p * v_zero`` is added to every channel at the end.
 """
 
@@ -108,41 +109,43 @@ def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr):
     """Channel group ``J``'s part of the scores ``(GP, BT)``: its scaled query ``(GP, NC)`` fp16, read from
-    the table of :func:`_scaled_queries_kernel` (so it reaches the tensor cores as the codes do), times the
+    the table of :func:`_scaled_queries` (so it reaches the tensor cores as the codes do), times the
     codes."""
     qk = tl.load(qk_rows + J * NC, mask=qm, other=0.0)
     return tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
 
 
-@triton.jit(do_not_specialize=["NB_CAP", "NB"])  # growing: no new compile when a count turns a multiple of 16
-def _scaled_queries_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, NB_CAP, NB, G: tl.constexpr,
-                           GP: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
-    """Per KV row ``n`` and key block ``b``: the query rows scaled by the block's key scales (log2 domain),
-    fp16, channels in group order (channel ``NJ * c + j`` at ``j * D / NJ + c``), and the scores' bias
-    ``q . k_zero - OFF * sum(scaled query)`` (the codes' constant comes off here)."""
-    n = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    g = tl.arange(0, GP)
+@triton.jit
+def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, NB, b_first, b_end,
+                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
+    """The scaled-query table of KV row ``n``'s key blocks ``b_first .. b_end - 1``: per block the query rows
+    scaled by the block's key scales (log2 domain), fp16, channels in group order (channel ``NJ * c + j`` at
+    ``j * D / NJ + c``), and the scores' bias ``q . k_zero - OFF * sum(scaled query)`` (the codes' constant comes
+    off here). Two splits that share a block write the same values."""
+    GQ: tl.constexpr = triton.next_power_of_2(G)
+    g = tl.arange(0, GQ)
     d = tl.arange(0, D)
     gm = g < G
     q = tl.load(q_ptr + (n * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
     q = q * (sm_scale * LOG2E)
-    ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
-    kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
-    qk = (q * ks[None, :]).to(tl.float16)
-    bias = tl.sum(q * kz[None, :] - OFF * qk.to(tl.float32), axis=1)
-    row = (n * NB + blk) * G + g
     grouped = (d % NJ) * (D // NJ) + d // NJ
-    tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
-    tl.store(bias_ptr + row, bias, mask=gm)
+    for blk in range(b_first, b_end):
+        ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
+        kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
+        qk = (q * ks[None, :]).to(tl.float16)
+        bias = tl.sum(q * kz[None, :] - OFF * qk.to(tl.float32), axis=1)
+        row = (n * NB + blk) * G + g
+        tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
+        tl.store(bias_ptr + row, bias, mask=gm)
 
 
 @triton.jit
-def _value_part(acc, a, pv, psum, vmax, main, low, J: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr,
+def _value_part(acc, a, pv, off_psum, main, low, J: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr):
-    """``acc * a + vmax * pv @ codes``; ``OFF * psum`` (the rows of ``pv`` summed) takes the codes' constant
-    off."""
-    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - OFF * psum) * vmax
+    """``acc * a + (pv @ codes - off_psum)``: the tile's dot starts from zero and is added with an FMA (fed the
+    running sum as its accumulator, the tensor cores' sum drifted with the tiles of a split, past the 2e-3 bar
+    on the H200)."""
+    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - off_psum)
 
 
 @triton.jit
@@ -173,6 +176,7 @@ def _tensor_core_kernel(
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         corr = tl.zeros((GP,), tl.float32)  # sum p * value zero
+        unit = 1.0  # the accumulators' unit: the last tile's max value scale
         acc0 = tl.zeros((GP, NC), tl.float32)
         acc1 = tl.zeros((GP, NC), tl.float32)
         acc2 = tl.zeros((GP, NC), tl.float32)
@@ -184,6 +188,10 @@ def _tensor_core_kernel(
         om = g_mask[:, None]  # the real query rows
         t_begin = sp * tiles_per_split * BT
         t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        # this split's key blocks' scaled queries, read back (from L1/L2) by every tile of the loop
+        _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, NB, t_begin // KB,
+                        tl.cdiv(t_end, KB), G, D, NJ, OFF)
+        tl.debug_barrier()
         ar = tl.arange(0, BT)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
@@ -212,23 +220,24 @@ def _tensor_core_kernel(
             corr = corr * alpha + tl.sum(p * vz[None, :], axis=1)
             vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
-            psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
-            a = alpha[:, None]
-            acc0 = _value_part(acc0, a, pv, psum, vmax, vmain, vlow, 0, BITS, OFF, ASM)
-            acc1 = _value_part(acc1, a, pv, psum, vmax, vmain, vlow, 1, BITS, OFF, ASM)
-            acc2 = _value_part(acc2, a, pv, psum, vmax, vmain, vlow, 2, BITS, OFF, ASM)
-            acc3 = _value_part(acc3, a, pv, psum, vmax, vmain, vlow, 3, BITS, OFF, ASM)
+            off_psum = OFF * tl.sum(pv.to(tl.float32), axis=1)[:, None]  # the codes' constant, this tile
+            a = (alpha * (unit / vmax))[:, None]  # the running sums to this tile's unit
+            unit = vmax
+            acc0 = _value_part(acc0, a, pv, off_psum, vmain, vlow, 0, BITS, ASM)
+            acc1 = _value_part(acc1, a, pv, off_psum, vmain, vlow, 1, BITS, ASM)
+            acc2 = _value_part(acc2, a, pv, off_psum, vmain, vlow, 2, BITS, ASM)
+            acc3 = _value_part(acc3, a, pv, off_psum, vmain, vlow, 3, BITS, ASM)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pv, psum, vmax, vmain, vlow, 4, BITS, OFF, ASM)
-                acc5 = _value_part(acc5, a, pv, psum, vmax, vmain, vlow, 5, BITS, OFF, ASM)
-                acc6 = _value_part(acc6, a, pv, psum, vmax, vmain, vlow, 6, BITS, OFF, ASM)
-                acc7 = _value_part(acc7, a, pv, psum, vmax, vmain, vlow, 7, BITS, OFF, ASM)
+                acc4 = _value_part(acc4, a, pv, off_psum, vmain, vlow, 4, BITS, ASM)
+                acc5 = _value_part(acc5, a, pv, off_psum, vmain, vlow, 5, BITS, ASM)
+                acc6 = _value_part(acc6, a, pv, off_psum, vmain, vlow, 6, BITS, ASM)
+                acc7 = _value_part(acc7, a, pv, off_psum, vmain, vlow, 7, BITS, ASM)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
+        inv = (unit / l_safe)[:, None]
         cz = (corr / l_safe)[:, None]
-        inv = 1.0 / l_safe[:, None]
         out = o_ptr + (rows[:, None] * S1 + sp) * D + NJ * c[None, :]
         _store_part(out, acc0, inv, cz, om, 0)
         _store_part(out, acc1, inv, cz, om, 1)
@@ -261,9 +270,6 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     NB = triton.cdiv(kv.n_packed, kv.key_block)
     qk = torch.empty(B * H, max(NB, 1), G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, max(NB, 1), G, dtype=torch.float32, device=q.device)
-    if NB:
-        _scaled_queries_kernel[(B * H, NB)](q, kv.k_scale, kv.k_zero, qk, bias, sm_scale, kv.k_scale.shape[2], NB,
-                                            G=G, GP=triton.next_power_of_2(G), D=D, NJ=NJ, OFF=OFFSET[kv.key_bits])
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias, NB,
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
