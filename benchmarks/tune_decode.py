@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from decode_attention import SHAPES, bench_us, rel_err_vs_reference  # noqa: E402
+from decode_attention import REL_BAR, SHAPES, bench_us, rel_err_vs_reference  # noqa: E402
 
 from kvbench.kernels import ops, tuning  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
@@ -61,9 +61,11 @@ def main(argv=None) -> None:
                 knobs["maxnreg"] = maxnreg
             fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
             try:
-                rel = rel_err_vs_reference(q, kv, fn()) if best is None else None
+                rel = rel_err_vs_reference(q, kv, fn())  # every launch: a fast wrong one must not win
+                if not rel <= REL_BAR:
+                    raise ValueError(f"relative error {rel:.2e} against the reference twin")
                 us = bench_us(fn)
-            except Exception as e:  # a launch the GPU refuses (shared memory, registers)
+            except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                 print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                 continue
             rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
