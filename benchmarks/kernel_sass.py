@@ -1,7 +1,7 @@
 """What a decode kernel costs per tile, read from its machine code (no GPU needed): compile a decode path for a
 GPU architecture with Triton's own ``ptxas`` and count the instructions of its main loop by kind.
 
-``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4]`` writes ``benchmarks/results/kernel_sass.json``:
+``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4] [--min-rows 16 1]`` writes ``benchmarks/results/kernel_sass.json``:
 per path, bit width and launch (the tuning table's rule for the H200), the instructions one warp issues per
 tile of the main loop, per code (key and value elements of one KV head), and by kind (unpack: shifts, LOP3,
 byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), and
@@ -73,7 +73,7 @@ def opcode(line: str) -> str:
 
 
 def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
-    const = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"],
+    const = dict(G=G, GP=max(rule.get("min_rows", 16), triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"],
                  NJ=tensor_core.channel_groups(bits), OFF=tensor_core.OFFSET[bits], ASM=True)
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a.endswith("_ptr")}
     src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
@@ -94,7 +94,8 @@ def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     per_tile = sum(ops.values())
     codes = rule["tile"] * 2 * D
     return dict(path="tensor_core", arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **{k: rule[k] for k in
-                ("tile", "num_warps", "num_stages")}, maxnreg=rule.get("maxnreg"), aligned=True,
+                ("tile", "num_warps", "num_stages")}, maxnreg=rule.get("maxnreg"), min_rows=rule.get("min_rows", 16),
+                aligned=True,
                 registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
                 by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
@@ -107,15 +108,18 @@ def main(argv=None) -> None:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--gpu", default="NVIDIA H200", help="whose tuning rules give the launch parameters")
     p.add_argument("--out", type=Path, default=RESULTS / "kernel_sass.json")
+    p.add_argument("--min-rows", nargs="+", type=int, help="the launch's min_rows, each counted (default: the "
+                   "rule's); e.g. 16 1 compares the padded query rows with the exact ones")
     args = p.parse_args(argv)
     rows = []
     for bits in args.bits:
         rule = tuning.rules(args.gpu, 4, bits, bits, 128, "tensor_core")[0]
-        rows.append(count(bits, 4, 128, rule, args.arch))
-        r = rows[-1]
-        print(f"tensor_core {bits}-bit tile {r['tile']} x {r['num_warps']} warps: {r['warp_instr_per_tile']} warp "
-              f"instructions per tile, {r['thread_instr_per_code']} per code, {r['registers']} registers, "
-              f"{r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
+        for min_rows in args.min_rows or [rule.get("min_rows", 16)]:
+            rows.append(count(bits, 4, 128, {**rule, "min_rows": min_rows}, args.arch))
+            r = rows[-1]
+            print(f"tensor_core {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {min_rows}: "
+                  f"{r['warp_instr_per_tile']} warp instructions per tile, {r['thread_instr_per_code']} per code, "
+                  f"{r['registers']} registers, {r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

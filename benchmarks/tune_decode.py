@@ -41,11 +41,13 @@ def main(argv=None) -> None:
     p.add_argument("--waves", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps per thread (0: none; "
                    "tensor_core only)")
+    p.add_argument("--min-rows", nargs="+", type=int, default=[16], help="least M of the dots (tensor_core only; "
+                   "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     gpu = torch.cuda.get_device_name()
     rows = []
-    grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg))
+    grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows))
     for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
         hq, hkv, d = SHAPES[shape]
         torch.manual_seed(0)
@@ -55,10 +57,12 @@ def main(argv=None) -> None:
         kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
         del k, v
         best = None
-        for tile, nw, ns, waves, maxnreg in grid:
+        for tile, nw, ns, waves, maxnreg, min_rows in grid:
             knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
             if maxnreg:
                 knobs["maxnreg"] = maxnreg
+            if min_rows != 16:
+                knobs["min_rows"] = min_rows
             fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
             try:
                 rel = rel_err_vs_reference(q, kv, fn())  # every launch: a fast wrong one must not win
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows")
 
 
 def write_rules(rows: list[dict], gpu: str, path: str) -> None:

@@ -259,9 +259,11 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None):
+           maxnreg: int | None = None, min_rows: int = 16):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
-    leaves it to the compiler."""
+    leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
+    cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
+    softmax runs on fewer padding rows)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -272,7 +274,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     bias = torch.empty(B * H, max(NB, 1), G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias, NB,
-        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
+        G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
         OFF=OFFSET[kv.key_bits], ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
