@@ -146,7 +146,7 @@ REL_BAR = 2e-3  # the largest relative error a timed kernel may have against its
 def rel_err_vs_reference(q, kv, out) -> float:
     """Relative L2 error of ``out`` against the reference twin, one batch row at a time (memory)."""
     num = den = 0.0
-    shared = ("k_lut", "v_lut", "inv_freq", "k_chan", "v_chan", "recent_len")  # no batch axis
+    shared = ("k_lut", "v_lut", "inv_freq", "k_chan", "v_chan", "recent_len", "packed_len")  # no batch axis
 
     def row_of(part, b):
         return dataclasses.replace(part, **{f.name: getattr(part, f.name)[b : b + 1] for f in dataclasses.fields(part)

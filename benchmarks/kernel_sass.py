@@ -40,13 +40,13 @@ KINDS = {
     "barriers": ("BAR",), "float": ("FMUL", "FADD", "FFMA", "FMNMX", "FSEL", "MUFU", "F2FP"),
 }
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
-        "NB_CAP S_CAP R_CAP n_packed n_sink recent_len_ptr tiles_per_split n_splits qk_ptr bias_ptr NB").split()
+        "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits qk_ptr bias_ptr").split()
 
 
 def _sig(name: str) -> str:
     if name in ("kw_ptr", "vw_ptr"):
         return "*i32"
-    if name == "recent_len_ptr":
+    if name in ("recent_len_ptr", "packed_len_ptr"):
         return "*i64"
     if name in ("o_ptr", "lse_ptr", "bias_ptr"):
         return "*fp32"

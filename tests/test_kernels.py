@@ -177,9 +177,10 @@ def test_cache_decode_matches_dequantized_path():
 
 
 def test_cache_knows_which_decode_steps_a_cuda_graph_can_replay():
-    """The GPU copy of every layer's recent count follows the host's through prefill, sink, decode and flush
-    steps, and ``decode_step_replayable`` is True exactly before the steps that leave the packed store, the
-    sinks and every buffer as they were (what a replayed CUDA graph relies on)."""
+    """The GPU copies of every layer's counts follow the host's through prefill, sink, decode and flush steps;
+    ``decode_step_replayable`` is True exactly before the steps that leave the packed store and the sinks as
+    they were; ``graph_key`` (what a captured step bakes in) changes only when a store grows and moves, not at
+    a flush into room the store has."""
     from kvbench.cache import PackedCacheSpec, enable_fused_decode, make_packed_cache
 
     model = _tiny_llama()
@@ -188,20 +189,25 @@ def test_cache_knows_which_decode_steps_a_cuda_graph_can_replay():
                            recent_window=4, impl="reference")
     cache = make_packed_cache(model.config, spec)
     ids = torch.randint(0, 97, (2, 41))
-    seen = []
+    seen, key_kept = [], {}
     with torch.no_grad():
         model(ids[:, :2], past_key_values=cache, use_cache=True)  # shorter than the sink
         for t in range(2, 41):
             lay = cache.layers[0]
             before = (lay.n_sink, lay.n_packed)
             replayable = cache.decode_step_replayable()
-            words = lay.stores[0].k_words.data_ptr()
+            words, key = lay.stores[0].k_words.data_ptr(), cache.graph_key()
             model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             unchanged = (lay.n_sink, lay.n_packed) == before and lay.stores[0].k_words.data_ptr() == words
             assert replayable == unchanged, (t, replayable, before, lay.n_sink, lay.n_packed)
             assert [int(x.recent_len) for x in cache.layers] == [x.n_recent for x in cache.layers]
+            assert [int(st.n_len) for x in cache.layers for st in x.stores] == [x.n_packed for x in cache.layers]
+            assert (cache.graph_key() == key) == (lay.stores[0].k_words.data_ptr() == words)
             seen.append(replayable)
+            if lay.n_packed != before[1]:
+                key_kept[lay.n_packed] = cache.graph_key() == key
     assert lay.n_sink == 3 and lay.n_packed == 32 and seen.count(False) == 3 and seen[-1], seen
+    assert key_kept == {16: False, 32: True}, key_kept  # the first block allocates (room for 2); the second fits
 
 
 def test_cpu_without_interpreter_fails_clearly(monkeypatch):

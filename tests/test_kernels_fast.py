@@ -68,6 +68,23 @@ def test_path_matches_reference(path, kbits, vbits, rep, sink, recent, n_packed,
     _check(q, kv, path, n_splits=2, **kw)
 
 
+@pytest.mark.parametrize("path", ["split_k", "cuda_core", "tensor_core"])
+def test_kernels_read_the_counts_from_the_gpu(path):
+    """What a replayed CUDA graph relies on: a launch whose host-side fields were taken when the cache held
+    fewer tokens (packed and recent) attends over the counts on the GPU, as the reference does over the
+    current cache; the split plan follows the capacity, so it is the same in both states."""
+    import dataclasses
+
+    D = 128 if path == "tensor_core" else 64
+    rep = 1 if path == "cuda_core" else 4
+    q, kv = _case(4, 4, rep, 0, 6, 128, key_block=32, value_group=D, D=D)
+    ref = ops.decode_attention(q, kv, impl="reference")
+    stale = dataclasses.replace(kv, n_packed=64, n_recent=2, packed_len=torch.tensor([128]),
+                                recent_len=torch.tensor([6]))
+    out = ops.decode_attention(q, stale, impl="triton", path=path, tile=16)
+    assert _rel(out, ref) < REL_TOL, _rel(out, ref)
+
+
 def test_head_dim_128_uneven_splits_large_scores():
     """D = 128 (the benchmark shape), 1-3 splits, spread-out scores (the cuda_core lazy softmax rescale)."""
     torch.manual_seed(0)

@@ -7,14 +7,16 @@ The same treatment for every cache it takes:
 
 * a compileable cache (transformers' ``StaticCache``): every step writes at ``cache_position``, so one graph
   serves the whole generation;
-* a :class:`~kvbench.cache.packed.PackedCache`: a step that only appends to the recent windows keeps its
-  counts on the GPU (:meth:`~kvbench.cache.packed.PackedCache.decode_step_replayable`) and is replayed; a step
-  that packs a block (every ``key_block`` tokens) or fills a sink token runs eagerly, and the next step
-  captures a new graph (the packed store has grown: new token counts, maybe new buffers).
+* a :class:`~kvbench.cache.packed.PackedCache`: its kernels read the packed and recent counts from the GPU and
+  split the store by its capacity, so a step that only appends to the recent windows
+  (:meth:`~kvbench.cache.packed.PackedCache.decode_step_replayable`) is replayed; a step that packs a block
+  (every ``key_block`` tokens) or fills a sink token runs eagerly. The graph stays valid while the cache's
+  :meth:`~kvbench.cache.packed.PackedCache.graph_key` does (no buffer has grown and moved); else the next
+  replayable step captures a new one.
 
-A step after an eager one is captured (the eager step has compiled and warmed every kernel). The capture runs
-the forward's Python once without running its GPU work; the packed cache's host counts advance then, so the
-replay that follows leaves host and GPU in step.
+A graph is captured at a step after an eager one (the eager step has compiled and warmed every kernel). The
+capture runs the forward's Python once without running its GPU work; the packed cache's host counts advance
+then, so the replay that follows leaves host and GPU in step.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class GraphedDecoder:
             raise ValueError(f"{type(cache).__name__} cannot be replayed as a CUDA graph: its shapes grow every "
                              "step (use StaticCache or the packed cache)")
         self.model, self.cache = model, cache
+        self.packed = isinstance(cache, PackedCache)
         dev = next(model.parameters()).device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph = self.logits = None
+        self.graph = self.logits = self.key = None
         self.warm = False  # an eager step has compiled and warmed every kernel of a step
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
 
@@ -47,24 +50,22 @@ class GraphedDecoder:
                          cache_position=self.pos, use_cache=True)
         return out.logits[:, -1]
 
-    def _replayable(self) -> bool:
-        return self.cache.decode_step_replayable() if isinstance(self.cache, PackedCache) else True
-
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         self.ids.copy_(ids)
         self.pos.fill_(position)
-        if not self._replayable() or not self.warm:
-            self.graph = None  # the layout changes (or nothing is warm yet): the next replayable step re-captures
+        if (self.packed and not self.cache.decode_step_replayable()) or not self.warm:
             self.warm = True
             self.stats["eager"] += 1
             return self._forward()
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # its own memory pool, freed with the graph it replaces
+        key = self.cache.graph_key() if self.packed else None
+        if self.graph is None or key != self.key:
+            self.graph = None  # frees the old graph's memory pool before the new capture
+            self.graph, self.key = torch.cuda.CUDAGraph(), key
+            with torch.cuda.graph(self.graph):  # its own memory pool
                 self.logits = self._forward()  # host counts advance here; the GPU's with the replay below
             self.stats["captured"] += 1
-        elif isinstance(self.cache, PackedCache):
+        elif self.packed:
             self.cache.replayed_decode_step()
         self.graph.replay()
         self.stats["replayed"] += 1

@@ -169,6 +169,7 @@ class _Store:
             setattr(self, f"{p}_val", torch.zeros(B, H, 0, dtype=torch.float16, device=device))
             setattr(self, f"{p}_len", torch.zeros(B, H, dtype=torch.int64, device=device))
         self.n = 0
+        self.n_len = torch.zeros(1, dtype=torch.int64, device=device)  # n on the GPU: the kernels read it
 
     def tensors(self, used: bool = False) -> list[torch.Tensor]:
         """Every stored tensor; ``used``: only the parts holding the ``n`` tokens (and their key blocks and
@@ -252,6 +253,7 @@ class _Store:
             v_hat = reference.dequantize_values(vw, vs, vz, self.value_bits, self.v_lut)
             self._append_sparse("vol", v_mask, (v.float() - v_hat).half(), start, b0, b1)
         self.n = start + n
+        self.n_len.fill_(self.n)
 
     def _append_sparse(self, p: str, mask, res, start, b0, b1) -> None:
         """Append the sparse entries ``res[mask]`` of tokens ``start ..`` to the CSR ``p`` (``"ol"``: keys,
@@ -295,7 +297,7 @@ class _Store:
             k_chan=layer.k_chan, v_chan=layer.v_chan,
             vol_ptr=self.vol_ptr if vol else None, vol_tok=self.vol_tok if vol else None,
             vol_ch=self.vol_ch if vol else None, vol_val=self.vol_val if vol else None,
-            recent_len=layer.recent_len if first else None,
+            recent_len=layer.recent_len if first else None, packed_len=self.n_len,
         )
 
 
@@ -484,10 +486,18 @@ class PackedCache(Cache):
 
     def decode_step_replayable(self) -> bool:
         """True when the next one-token step only appends to every layer's recent window (sinks full, no flush):
-        GPU work at fixed addresses with the counts on the GPU, which a CUDA graph captured at an earlier such
-        step replays correctly (see :mod:`kvbench.cache.graphs`)."""
+        GPU work with the counts on the GPU, which a CUDA graph captured at an earlier step with the same
+        :meth:`graph_key` replays correctly (see :mod:`kvbench.cache.graphs`)."""
         return all(lay.is_initialized and lay.fused and lay.n_sink == lay.spec.sink_tokens and lay.appends_in_place(1)
                    for lay in self.layers)
+
+    def graph_key(self) -> tuple:
+        """What a captured decode step bakes in besides the counts the kernels read from the GPU: the address and
+        shape of every tensor the layers hold (a store that grows moves), and the packed counts of the stores
+        whose launches take more than capacities from the host (sparse outliers, mixed widths)."""
+        return tuple((tuple((t.data_ptr(), tuple(t.shape)) for t in lay._stored()),
+                      tuple(st.n for st in lay.stores if st.sparse or st.positions is not None))
+                     for lay in self.layers if lay.is_initialized)
 
     def replayed_decode_step(self) -> None:
         """Advance the host-side counts as a replayed one-token step advanced those on the GPU."""

@@ -96,9 +96,9 @@ class PackedKV:
         vol_ptr, vol_tok, vol_ch, vol_val: optional sparse value outliers, the same CSR layout as the key
             outliers (``ol_*``): per key block offsets, then packed-token index, channel and fp16 residual
             ``x - dequant(quant(x))`` in the stored domain.
-        recent_len: optional ``(1,)`` int64 on the GPU, ``n_recent`` as the Triton kernels read it (the cache
-            keeps it there so that a decode step can be replayed as a CUDA graph); ``None``: made from
-            ``n_recent`` at each launch.
+        recent_len, packed_len: optional ``(1,)`` int64 on the GPU, ``n_recent`` and ``n_packed`` as the Triton
+            kernels read them (the cache keeps them there so that a decode step can be replayed as a CUDA
+            graph); ``None``: made from the ints at each launch.
     """
 
     k_words: torch.Tensor
@@ -133,6 +133,7 @@ class PackedKV:
     vol_ch: torch.Tensor | None = None
     vol_val: torch.Tensor | None = None
     recent_len: torch.Tensor | None = None
+    packed_len: torch.Tensor | None = None
 
     @property
     def plain(self) -> bool:

@@ -16,7 +16,7 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes that change as a cache grows: not specialised (a new value divisible by 16 would otherwise compile the
 # kernel again in the middle of generation, a second or more).
-GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_packed", "n_sink", "tiles_per_split", "n_splits"]
+GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_sink", "unit", "n_splits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +123,17 @@ def _fp16_tokens(q16, k_ptr, v_ptr, n_tok, m_i, l_i, acc, D: tl.constexpr, BTF: 
 
 
 @triton.jit
+def split_range(sp, packed_len_ptr, unit, n_splits):
+    """Packed tokens ``t_begin .. t_end - 1`` of split ``sp``: the count read from the GPU, cut into
+    ``n_splits`` splits of whole ``unit`` tokens (a replayed CUDA graph launches the splits it was captured
+    with over the tokens the cache holds now)."""
+    n_packed = tl.load(packed_len_ptr).to(tl.int32)
+    per = tl.cdiv(tl.cdiv(n_packed, unit), n_splits) * unit
+    t_begin = sp * per
+    return t_begin, tl.minimum(t_begin + per, n_packed)
+
+
+@triton.jit
 def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                n_sink, recent_len_ptr, sm_scale, NQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                BTF: tl.constexpr):
@@ -178,13 +189,15 @@ def use_inline_ptx(device) -> bool:
 
 @dataclass
 class SplitPlan:
-    """Flash-decoding split of the packed tokens: ``n_splits`` splits of ``tiles_per_split`` tiles, plus one
+    """Flash-decoding split of the packed tokens: ``n_splits`` splits of whole ``unit`` tokens (the kernels
+    cut the count they read from the GPU: ``tiles_per_split`` tiles each at the count of the plan), plus one
     split for the fp16 tokens. ``o_part (rows, n_splits + 1, D)`` fp32 and ``lse (rows, n_splits + 1)``."""
 
     tiles_per_split: int
     n_splits: int
     o_part: torch.Tensor
     lse: torch.Tensor
+    unit: int = 1
 
     @property
     def grid_splits(self) -> int:
@@ -192,11 +205,14 @@ class SplitPlan:
 
 
 def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: int | None = None) -> SplitPlan:
-    """Split ``kv.n_packed`` tokens in units of ``unit`` tokens (a multiple of ``tile``) so that at most
-    ``waves`` programs per SM are launched (``n_prog`` programs per split; rounded down, so that when
-    ``waves`` programs fit on an SM at once no SM runs a second, nearly empty round), unless ``n_splits``
-    is given."""
-    n_units = triton.cdiv(kv.n_packed, unit)
+    """Split the packed tokens in units of ``unit`` tokens (a multiple of ``tile``) so that at most ``waves``
+    programs per SM are launched (``n_prog`` programs per split; rounded down, so that when ``waves`` programs
+    fit on an SM at once no SM runs a second, nearly empty round), unless ``n_splits`` is given.
+
+    The split count follows the store's capacity (``kv.k_words.shape[2]``), not its count: a decode step
+    replayed as a CUDA graph keeps it while the cache fills up to that capacity (the splits past the tokens
+    held are empty); where the capacity is the count (a store built at its size) the two agree."""
+    n_units = triton.cdiv(max(kv.n_packed, kv.k_words.shape[2]), unit)
     if n_splits is None:
         n_splits = max(1, min(n_units, waves * num_sms(q.device) // n_prog))
     per = max(1, triton.cdiv(n_units, max(n_splits, 1)))
@@ -204,26 +220,26 @@ def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: i
     B, Hq, D = q.shape
     o_part = torch.empty(B * Hq, n_splits + 1, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * Hq, n_splits + 1, dtype=torch.float32, device=q.device)
-    return SplitPlan(per * unit // tile, n_splits, o_part, lse)
+    return SplitPlan(per * unit // tile, n_splits, o_part, lse, unit)
 
 
 def launch_args(q, kv, plan: SplitPlan, sm_scale: float) -> tuple:
     """The arguments every decode kernel starts with (its own follow)::
 
         q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, sink_k, sink_v, recent_k, recent_v,
-        o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr,
-        tiles_per_split, n_splits
+        o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr,
+        unit, n_splits
 
-    ``recent_len_ptr``: ``kv.recent_len``, the recent count on the GPU (made from ``kv.n_recent`` when unset).
+    ``packed_len_ptr``, ``recent_len_ptr``: ``kv.packed_len``, ``kv.recent_len``, the counts on the GPU (made
+    from ``kv.n_packed``, ``kv.n_recent`` when unset).
     """
-    recent_len = kv.recent_len
-    if recent_len is None:
-        recent_len = torch.full((1,), kv.n_recent, dtype=torch.int64, device=q.device)
+    counts = [t if t is not None else torch.full((1,), n, dtype=torch.int64, device=q.device)
+              for t, n in ((kv.packed_len, kv.n_packed), (kv.recent_len, kv.n_recent))]
     return (
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, plan.o_part, plan.lse,
         sm_scale, kv.k_words.shape[2], kv.k_scale.shape[2], kv.sink_k.shape[2], kv.recent_k.shape[2],
-        kv.n_packed, kv.n_sink, recent_len, plan.tiles_per_split, plan.n_splits,
+        counts[0], kv.n_sink, counts[1], plan.unit, plan.n_splits,
     )
 
 

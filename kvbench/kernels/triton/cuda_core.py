@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..reference import bit_slices
-from .common import GROWING, LOG2E, fp16_split, launch_args, magic_bits, split_plan, uniform_per_token, use_inline_ptx
+from .common import (GROWING, LOG2E, fp16_split, launch_args, magic_bits, split_plan, split_range, uniform_per_token,
+                     use_inline_ptx)
 
 BYTE, MAGIC = 1, 2
 FIELDS = {"byte": BYTE, "magic": MAGIC}
@@ -195,7 +196,7 @@ def _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, offs_t, t_end, NK: tl.c
 @triton.jit(do_not_specialize=GROWING)
 def _cuda_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     G: tl.constexpr, D: tl.constexpr, KW: tl.constexpr, KW1: tl.constexpr, VW: tl.constexpr, VW1: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, VEC: tl.constexpr, VEC1: tl.constexpr, MODE: tl.constexpr,
     ASM: tl.constexpr, KOFF: tl.constexpr, VOFF: tl.constexpr, KFAC: tl.constexpr, KFAC1: tl.constexpr,
@@ -215,8 +216,7 @@ def _cuda_core_kernel(
         NK1: tl.constexpr = KW1 * D // 32
         NV1: tl.constexpr = VW1 * D // 32
         qscale = sm_scale * LOG2E
-        t_begin = sp * tiles_per_split * BT
-        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         wk, wk1, wv, wv1, vsc, vzp = _load_tile(kw_ptr, vw_ptr, vs_ptr, vz_ptr, n, T_CAP, t_begin + tl.arange(0, BT),
                                                 t_end, NK, NK1, NV, NV1, VEC, VEC1)
         # loop-carried tiles start as zeros in the layout of the field tiles (no layout conversions)

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, split_plan, store_partial, unpack_tile,
+    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, split_plan, split_range, store_partial,
+    unpack_tile,
 )
 
 
@@ -82,7 +83,7 @@ def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_
 @triton.jit(do_not_specialize=GROWING + ["OL_CAP", "OL_NB", "VOL_CAP", "VOL_NB1"])
 def _split_k_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     klut_ptr, vlut_ptr, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr, H, OL_CAP,
     pos_ptr, kch_ptr, vch_ptr, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_CAP, OL_NB, VOL_NB1,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
@@ -110,8 +111,7 @@ def _split_k_kernel(
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        t_begin = sp * tiles_per_split * BT
-        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + tl.arange(0, BT)
             tm = offs_t < t_end

@@ -15,7 +15,7 @@ every tile. Per tile of ``BT`` tokens:
 
 * scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - OFFSET *
   sum(q * k_scale)``;
-* values ``acc_j (GP, D / NJ) = acc_j * alpha * unit / max(v_scale) + dot(p * v_scale / max(v_scale),
+* values ``acc_j (GP, D / NJ) = acc_j * alpha * v_unit / max(v_scale) + dot(p * v_scale / max(v_scale),
   codes_j(values)) - OFFSET * sum_t(...)``: the accumulators count in units of the last tile's max value scale
   (which keeps the fp16 products out of the subnormal range), so an element costs one FMA and one add;
   ``sum_t p * v_zero`` is added to every channel at the end.
@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROWING, LOG2E, fp16_split, launch_args, split_plan, uniform_per_token, use_inline_ptx
+from .common import (GROWING, LOG2E, fp16_split, launch_args, split_plan, split_range, uniform_per_token,
+                     use_inline_ptx)
 
 # Field J of an int16 half-word, two half-words per register (the tensor-core operand's K pairs), as exact fp16
 # ``2**WIDTH + code``: one shift moves the field to bits ``10 - WIDTH ..`` (the top of the mantissa), one LOP3
@@ -116,7 +117,7 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
 
 
 @triton.jit
-def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, NB, b_first, b_end,
+def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, b_first, b_end,
                     G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
     """The scaled-query table of KV row ``n``'s key blocks ``b_first .. b_end - 1``: per block the query rows
     scaled by the block's key scales (log2 domain), fp16, channels in group order (channel ``NJ * c + j`` at
@@ -134,7 +135,7 @@ def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP
         kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
         qk = (q * ks[None, :]).to(tl.float16)
         bias = tl.sum(q * kz[None, :] - OFF * qk.to(tl.float32), axis=1)
-        row = (n * NB + blk) * G + g
+        row = (n * NB_CAP + blk) * G + g
         tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
         tl.store(bias_ptr + row, bias, mask=gm)
 
@@ -153,11 +154,11 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
     tl.store(out + J, acc * inv + cz, mask=om)
 
 
-@triton.jit(do_not_specialize=GROWING + ["NB"])
+@triton.jit(do_not_specialize=GROWING)
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
-    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, n_packed, n_sink, recent_len_ptr, tiles_per_split, n_splits,
-    qk_ptr, bias_ptr, NB, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
+    qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
@@ -176,7 +177,7 @@ def _tensor_core_kernel(
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         corr = tl.zeros((GP,), tl.float32)  # sum p * value zero
-        unit = 1.0  # the accumulators' unit: the last tile's max value scale
+        v_unit = 1.0  # the accumulators' unit: the last tile's max value scale
         acc0 = tl.zeros((GP, NC), tl.float32)
         acc1 = tl.zeros((GP, NC), tl.float32)
         acc2 = tl.zeros((GP, NC), tl.float32)
@@ -186,17 +187,16 @@ def _tensor_core_kernel(
         acc6 = tl.zeros((GP, NC), tl.float32)
         acc7 = tl.zeros((GP, NC), tl.float32)
         om = g_mask[:, None]  # the real query rows
-        t_begin = sp * tiles_per_split * BT
-        t_end = tl.minimum(t_begin + tiles_per_split * BT, n_packed)
+        t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         # this split's key blocks' scaled queries, read back (from L1/L2) by every tile of the loop
-        _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, NB, t_begin // KB,
+        _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, t_begin // KB,
                         tl.cdiv(t_end, KB), G, D, NJ, OFF)
         tl.debug_barrier()
         ar = tl.arange(0, BT)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
-            blk = (n * NB + t0 // KB) * G + offs_g  # rows of the scaled-query table
+            blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
             qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
             s = tl.zeros((GP, BT), tl.float32)
@@ -222,8 +222,8 @@ def _tensor_core_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
             off_psum = OFF * tl.sum(pv.to(tl.float32), axis=1)[:, None]  # the codes' constant, this tile
-            a = (alpha * (unit / vmax))[:, None]  # the running sums to this tile's unit
-            unit = vmax
+            a = (alpha * (v_unit / vmax))[:, None]  # the running sums to this tile's unit
+            v_unit = vmax
             acc0 = _value_part(acc0, a, pv, off_psum, vmain, vlow, 0, BITS, ASM)
             acc1 = _value_part(acc1, a, pv, off_psum, vmain, vlow, 1, BITS, ASM)
             acc2 = _value_part(acc2, a, pv, off_psum, vmain, vlow, 2, BITS, ASM)
@@ -236,7 +236,7 @@ def _tensor_core_kernel(
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        inv = (unit / l_safe)[:, None]
+        inv = (v_unit / l_safe)[:, None]
         cz = (corr / l_safe)[:, None]
         out = o_ptr + (rows[:, None] * S1 + sp) * D + NJ * c[None, :]
         _store_part(out, acc0, inv, cz, om, 0)
@@ -269,11 +269,11 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     G = Hq // H
     NJ = channel_groups(kv.key_bits)
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
-    NB = triton.cdiv(kv.n_packed, kv.key_block)
-    qk = torch.empty(B * H, max(NB, 1), G, D, dtype=torch.float16, device=q.device)
-    bias = torch.empty(B * H, max(NB, 1), G, dtype=torch.float32, device=q.device)
+    NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
+    qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
+    bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale), qk, bias, NB,
+        *launch_args(q, kv, plan, sm_scale), qk, bias,
         G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
         OFF=OFFSET[kv.key_bits], ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
