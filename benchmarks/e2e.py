@@ -95,7 +95,7 @@ def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
     then :class:`~kvbench.cache.graphs.GraphedDecoder` steps. ``decode_ms_per_step`` is the mean over steps
     2..N-1 (step 0 of the graphed loop runs eagerly, step 1 captures; later packing steps and their re-captures
     count), with the 10/50/90 % quantiles of the graphed steps."""
-    from kvbench.cache.graphs import GraphedDecoder
+    from kvbench.cache.graphs import GraphedDecoder, decode_step
 
     B, T = prompt.shape
     logits_of, ms = {}, {}
@@ -113,9 +113,7 @@ def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
                 if dec is not None:
                     logits = dec(ids, T + i)
                 else:
-                    at = torch.tensor([T + i], device="cuda")
-                    logits = model(input_ids=ids, past_key_values=cache, position_ids=at.expand(B, 1),
-                                   cache_position=at, use_cache=True).logits[:, -1]
+                    logits = decode_step(model, cache, ids, torch.tensor([T + i], device="cuda"))
                 steps.append(logits.clone())
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)

@@ -29,7 +29,7 @@ def _model():
 
 def _decode(model, cache, prompt, steps: int, graphed: bool):
     """Greedy decode; returns the logits of every step ``(steps, B, vocab)`` and the decoder (or None)."""
-    from kvbench.cache.graphs import GraphedDecoder
+    from kvbench.cache.graphs import GraphedDecoder, decode_step
 
     B, T = prompt.shape
     dec = GraphedDecoder(model, cache, B) if graphed else None
@@ -41,9 +41,7 @@ def _decode(model, cache, prompt, steps: int, graphed: bool):
             if dec is not None:
                 logits = dec(ids, T + i)
             else:
-                at = torch.tensor([T + i], device="cuda")
-                logits = model(input_ids=ids, past_key_values=cache, position_ids=at.expand(B, 1),
-                               cache_position=at, use_cache=True).logits[:, -1]
+                logits = decode_step(model, cache, ids, torch.tensor([T + i], device="cuda"))
             out.append(logits.clone())
     return torch.stack(out), dec
 

@@ -26,6 +26,14 @@ import torch
 from .packed import PackedCache
 
 
+def decode_step(model, cache, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One forward of ``ids (B, 1)`` at position ``pos`` (a ``(1,)`` long tensor) over ``cache``, eagerly: the
+    logits ``(B, vocab)``."""
+    out = model(input_ids=ids, past_key_values=cache, position_ids=pos.expand(ids.shape[0], 1), cache_position=pos,
+                use_cache=True)
+    return out.logits[:, -1]
+
+
 class GraphedDecoder:
     """One-token decode steps of ``model`` over ``cache`` (batch ``B``), replayed as CUDA graphs where the cache
     allows it. Call it as ``logits = dec(ids (B, 1), position)``; ``logits (B, vocab)`` is a buffer the next
@@ -45,10 +53,7 @@ class GraphedDecoder:
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
 
     def _forward(self) -> torch.Tensor:
-        B = self.ids.shape[0]
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, position_ids=self.pos.expand(B, 1),
-                         cache_position=self.pos, use_cache=True)
-        return out.logits[:, -1]
+        return decode_step(self.model, self.cache, self.ids, self.pos)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
