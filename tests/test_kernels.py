@@ -243,3 +243,13 @@ def test_cache_left_padding_falls_back_to_masked_attention():
                                        do_sample=False, pad_token_id=0))
     assert cache.layers[0].mask_ok is False
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_graphed_decoder_refuses_a_cache_whose_shapes_grow():
+    """A DynamicCache's tensors grow every step: no graph can replay it, refused in one line before any work."""
+    from transformers import DynamicCache
+
+    from kvbench.cache.graphs import GraphedDecoder
+
+    with pytest.raises(ValueError, match="DynamicCache cannot be replayed as a CUDA graph"):
+        GraphedDecoder(_tiny_llama(), DynamicCache(), 2)
