@@ -82,3 +82,24 @@ def test_benchmark_formats_smoke(tmp_path):
     assert by["qokv", 4]["format"] == "k-token+pre-rope+channel-affine+mixed-4:3/4:4/4:5"
     assert by["kvquant", 3]["format"] == "k-channel+nuq+pre-rope+k-outliers+v-outliers"
     assert all(r["rel_err_vs_reference"] < 2e-3 and r["path"] == "split_k" for r in rows if r["method"] != "uniform")
+
+
+def test_roofline_floors_from_the_records():
+    """``benchmarks/roofline.py`` on the checked-in records: each tensor_core case gets the byte floor (packed
+    bytes over copy bandwidth) and the issue floor (codes x instructions per code over the issue rate), checked
+    here by hand for the largest case."""
+    spec = importlib.util.spec_from_file_location("roofline", ROOT / "benchmarks/roofline.py")
+    roof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roof)
+    records = json.loads((ROOT / "benchmarks/results/decode_attention.json").read_text())
+    sass = json.loads((ROOT / "benchmarks/results/kernel_sass.json").read_text())
+    table = roof.rows(records, sass, "NVIDIA H200", 132, 1.98)
+    assert len(table) == 30 and {r["bits"] for r in table} == {2, 3, 4}
+    big = max(table, key=lambda r: (r["bits"] == 4, r["batch"], r["T"]))
+    rec = next(r for r in records if r["gpu"] == "NVIDIA H200" and r["path"] == "tensor_core" and r["bits"] == 4
+               and r["batch"] == 8 and r["T"] == 131072 and r.get("method", "uniform") == "uniform")
+    ipc = next(s["thread_instr_per_code"] for s in sass if s["bits"] == 4 and s.get("min_rows", 16) == 16)
+    codes = 8 * 8 * (131072 - 128) * 128 * 2
+    assert big["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
+    assert big["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
+    assert 0 < big["bytes_share"] < 1 and 0 < big["issue_share"] < 1
