@@ -1,9 +1,11 @@
 """What a decode kernel costs per tile, read from its machine code (no GPU needed): compile a decode path for a
 GPU architecture with Triton's own ``ptxas`` and count the instructions of its main loop by kind.
 
-``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4] [--min-rows 16 1]`` writes ``benchmarks/results/kernel_sass.json``:
-per path, bit width and launch (the tuning table's rule for the H200), the instructions one warp issues per
-tile of the main loop, per code (key and value elements of one KV head), and by kind (unpack: shifts, LOP3,
+``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4] [--min-rows 16 1]`` writes
+``benchmarks/results/kernel_sass.json``: per path (``tensor_core`` on the GQA shape, G = 4; ``cuda_core`` on the
+MHA shape, one query head a program), bit width and launch (the tuning table's rule for the H200), the
+instructions one warp issues per tile of the main loop, per code (key and value elements of one KV head read by
+one program), and by kind (unpack: shifts, LOP3,
 byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), and
 the registers per thread and spill stack (``cuobjdump -res-usage``), which bound the programs an SM holds.
 Counts are per warp and per tile; with ``num_warps`` warps a tile of ``tile`` tokens costs
@@ -31,7 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kvbench.kernels import tuning  # noqa: E402
-from kvbench.kernels.triton import tensor_core  # noqa: E402
+from kvbench.kernels.triton import cuda_core, tensor_core  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = {
@@ -40,7 +42,17 @@ KINDS = {
     "barriers": ("BAR",), "float": ("FMUL", "FADD", "FFMA", "FMNMX", "FSEL", "MUFU", "F2FP"),
 }
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
-        "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits qk_ptr bias_ptr").split()
+        "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits").split()  # common.launch_args
+PATHS = {  # path: (kernel, its arguments after the common ones, G of the shape counted)
+    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr"], 4),
+    "cuda_core": (cuda_core._cuda_core_kernel, [], 1),
+}
+
+
+def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
+    if path == "tensor_core":
+        return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True)
+    return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
 def _sig(name: str) -> str:
@@ -72,12 +84,13 @@ def opcode(line: str) -> str:
     return re.sub(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
 
 
-def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
-    const = dict(G=G, GP=max(rule.get("min_rows", 16), triton.next_power_of_2(G)), D=D, BITS=bits, KB=128, BT=rule["tile"],
-                 NJ=tensor_core.channel_groups(bits), OFF=tensor_core.OFFSET[bits], ASM=True)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a.endswith("_ptr")}
-    src = ASTSource(fn=tensor_core._tensor_core_kernel, signature={**{a: _sig(a) for a in ARGS},
-                    **{k: "constexpr" for k in const}}, constexprs=const, attrs=aligned)
+def count(path: str, bits: int, D: int, rule: dict, arch: int) -> dict:
+    kernel, extra, G = PATHS[path]
+    const = constants(path, bits, G, D, rule)
+    args = ARGS + extra
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a.endswith("_ptr")}
+    src = ASTSource(fn=kernel, signature={**{a: _sig(a) for a in args}, **{k: "constexpr" for k in const}},
+                    constexprs=const, attrs=aligned)
     options = dict(num_warps=rule["num_warps"], num_stages=rule["num_stages"])
     if rule.get("maxnreg"):
         options["maxnreg"] = rule["maxnreg"]
@@ -93,9 +106,10 @@ def count(bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     ops = collections.Counter(opcode(x) for x in main_loop(sass))
     per_tile = sum(ops.values())
     codes = rule["tile"] * 2 * D
-    return dict(path="tensor_core", arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **{k: rule[k] for k in
-                ("tile", "num_warps", "num_stages")}, maxnreg=rule.get("maxnreg"), min_rows=rule.get("min_rows", 16),
-                aligned=True,
+    knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
+    if path == "tensor_core":
+        knobs["min_rows"] = rule.get("min_rows", 16)
+    return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
                 by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
@@ -108,18 +122,21 @@ def main(argv=None) -> None:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--gpu", default="NVIDIA H200", help="whose tuning rules give the launch parameters")
     p.add_argument("--out", type=Path, default=RESULTS / "kernel_sass.json")
-    p.add_argument("--min-rows", nargs="+", type=int, help="the launch's min_rows, each counted (default: the "
-                   "rule's); e.g. 16 1 compares the padded query rows with the exact ones")
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--min-rows", nargs="+", type=int, help="tensor_core: the launch's min_rows, each counted "
+                   "(default: the rule's); e.g. 16 1 compares the padded query rows with the exact ones")
     args = p.parse_args(argv)
     rows = []
-    for bits in args.bits:
-        rule = tuning.rules(args.gpu, 4, bits, bits, 128, "tensor_core")[0]
-        for min_rows in args.min_rows or [rule.get("min_rows", 16)]:
-            rows.append(count(bits, 4, 128, {**rule, "min_rows": min_rows}, args.arch))
-            r = rows[-1]
-            print(f"tensor_core {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {min_rows}: "
-                  f"{r['warp_instr_per_tile']} warp instructions per tile, {r['thread_instr_per_code']} per code, "
-                  f"{r['registers']} registers, {r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
+    for path in args.paths:
+        for bits in args.bits:
+            rule = tuning.rules(args.gpu, PATHS[path][2], bits, bits, 128, path)[0]
+            variants = args.min_rows if path == "tensor_core" and args.min_rows else [rule.get("min_rows")]
+            for min_rows in variants:
+                rows.append(count(path, bits, 128, {**rule, "min_rows": min_rows}, args.arch))
+                r = rows[-1]
+                print(f"{path} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}: "
+                      f"{r['warp_instr_per_tile']} warp instructions per tile, {r['thread_instr_per_code']} per code, "
+                      f"{r['registers']} registers, {r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -294,26 +294,32 @@ def applies(kv, G: int) -> bool:
     return uniform_per_token(kv) and _slices(kv.key_bits, d) is not None and _slices(kv.value_bits, d) is not None
 
 
-def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, vec: int,
-           fields: str, n_splits=None):
-    B, Hq, D = q.shape
-    kw0, kw1 = _slices(kv.key_bits, D)
-    vw0, vw1 = _slices(kv.value_bits, D)
+def constants(G: int, key_bits: int, value_bits: int, D: int, key_block: int, tile: int, vec: int, fields: str,
+              asm: bool) -> dict:
+    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
+    kw0, kw1 = _slices(key_bits, D)
+    vw0, vw1 = _slices(value_bits, D)
     if fields not in FIELDS:
         raise ValueError(f"fields must be one of {sorted(FIELDS)}, got {fields!r}")
     mode = FIELDS[fields]
     if mode == BYTE and max(kw0, kw1, vw0, vw1) > 4:
         mode = MAGIC  # byte fields need slices of at most 4 bits
-    kb = kv.key_block
-    if kb % tile:
-        raise ValueError(f"tile {tile} must divide key_block {kb}")
-    plan = split_plan(q, kv, tile, kb, B * Hq, waves, n_splits)  # splits start on a key block
+    if key_block % tile:
+        raise ValueError(f"tile {tile} must divide key_block {key_block}")
     off, fac = (0.5, lambda w: float(2 << w)) if mode == BYTE else (1024.0, lambda w: 1.0)
+    return dict(G=G, D=D, KW=kw0, KW1=kw1, VW=vw0, VW1=vw1, KB=key_block, BT=tile,
+                VEC=vec, VEC1=max(1, vec * kw1 // kw0) if kw1 else vec, MODE=mode, ASM=asm,
+                KOFF=off, VOFF=0.5 if mode == BYTE else 0.0, KFAC=fac(kw0), KFAC1=fac(kw1) * (1 << kw0),
+                VFAC=fac(vw0), VFAC1=fac(vw1) * (1 << vw0))
+
+
+def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, vec: int,
+           fields: str, n_splits=None):
+    B, Hq, D = q.shape
+    const = constants(Hq // kv.k_words.shape[1], kv.key_bits, kv.value_bits, D, kv.key_block, tile, vec, fields,
+                      use_inline_ptx(q.device))
+    plan = split_plan(q, kv, tile, kv.key_block, B * Hq, waves, n_splits)  # splits start on a key block
     _cuda_core_kernel[(B * Hq, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale),
-        G=Hq // kv.k_words.shape[1], D=D, KW=kw0, KW1=kw1, VW=vw0, VW1=vw1, KB=kb, BT=tile,
-        VEC=vec, VEC1=max(1, vec * kw1 // kw0) if kw1 else vec, MODE=mode, ASM=use_inline_ptx(q.device),
-        KOFF=off, VOFF=0.5 if mode == BYTE else 0.0, KFAC=fac(kw0), KFAC1=fac(kw1) * (1 << kw0),
-        VFAC=fac(vw0), VFAC1=fac(vw1) * (1 << vw0), num_warps=num_warps, num_stages=num_stages,
+        *launch_args(q, kv, plan, sm_scale), **const, num_warps=num_warps, num_stages=num_stages,
     )
     return plan

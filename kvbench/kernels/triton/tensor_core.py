@@ -251,6 +251,12 @@ def _tensor_core_kernel(
         tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=g_mask)
 
 
+def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool) -> dict:
+    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
+    return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
+                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm)
+
+
 def applies(kv, G: int) -> bool:
     """Uniform 2/3/4-bit codes (keys and values of one width), post-RoPE keys, no outliers, one value group per
     token, 2 <= G <= 16, head_dim 128 (a channel group of 16 or 32 channels: the K of one dot)."""
@@ -267,15 +273,14 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
-    NJ = channel_groups(kv.key_bits)
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias,
-        G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=kv.key_bits, KB=kv.key_block, BT=tile, NJ=NJ,
-        OFF=OFFSET[kv.key_bits], ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
+        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device)),
+        num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return plan
