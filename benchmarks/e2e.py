@@ -12,7 +12,8 @@ without ``generate``'s own loop) and profiled (``gpu_kernel_ms_per_step``: the G
 
 With ``--graphs`` (the default) the fp16 StaticCache and each packed cache also run a bare greedy loop twice,
 eagerly and with every step that the cache allows replayed as a CUDA graph (:mod:`kvbench.cache.graphs`; the
-packed cache runs a step that packs a key block eagerly and re-captures after it): ``<name>-graphs`` records
+packed cache runs a step that packs a key block eagerly, and captures again only once a store has grown and
+moved): ``<name>-graphs`` records
 both per-step times, the capture's, and whether every replayed step's logits equal the eager step's bit for
 bit. That is the same treatment for both caches, without the host's per-step cost.
 
@@ -63,11 +64,12 @@ def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: s
     """Bare forward decode steps on a generated cache (no ``generate`` loop): wall ms per step (host and GPU
     together) and the GPU's kernel ms per step (``torch.profiler``), whose table goes to ``out``. Positions
     start at ``pos``: inside the prompt, so a static cache overwrites slots it has (the others append)."""
+    from kvbench.cache.graphs import decode_step
+
     ids = torch.zeros(B, 1, dtype=torch.long, device="cuda")
 
     def step(i):
-        at = torch.tensor([pos + i], device="cuda")
-        model(input_ids=ids, past_key_values=cache, position_ids=at.expand(B, 1), cache_position=at, use_cache=True)
+        decode_step(model, cache, ids, torch.tensor([pos + i], device="cuda"))
 
     step(0)
     torch.cuda.synchronize()
@@ -93,7 +95,7 @@ def step_profile(model, cache, B: int, pos: int, steps: int, out: Path, title: s
 def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
     """Greedy decode of ``N`` tokens after ``prompt`` on fresh caches from ``make_cache``: eager forward steps,
     then :class:`~kvbench.cache.graphs.GraphedDecoder` steps. ``decode_ms_per_step`` is the mean over steps
-    2..N-1 (step 0 of the graphed loop runs eagerly, step 1 captures; later packing steps and their re-captures
+    2..N-1 (step 0 of the graphed loop runs eagerly, step 1 captures; later packing steps and any re-capture
     count), with the 10/50/90 % quantiles of the graphed steps."""
     from kvbench.cache.graphs import GraphedDecoder, decode_step
 

@@ -73,8 +73,6 @@ def test_kernels_read_the_counts_from_the_gpu(path):
     """What a replayed CUDA graph relies on: a launch whose host-side fields were taken when the cache held
     fewer tokens (packed and recent) attends over the counts on the GPU, as the reference does over the
     current cache; the split plan follows the capacity, so it is the same in both states."""
-    import dataclasses
-
     D = 128 if path == "tensor_core" else 64
     rep = 1 if path == "cuda_core" else 4
     q, kv = _case(4, 4, rep, 0, 6, 128, key_block=32, value_group=D, D=D)
@@ -190,6 +188,8 @@ def test_tensor_core_unpack_ptx_gives_offset_codes(width):
 def test_split_plan_never_launches_a_partial_second_round(n_prog, waves):
     """The splits are rounded down: at most ``waves`` programs per SM (``num_sms`` is 4 on a CPU), at least one
     split, and the splits cover every packed token with no empty one."""
+    import triton
+
     from kvbench.kernels.triton.common import num_sms, split_plan
 
     q, kv = _case(4, 4, 1, 0, 0, 2048, key_block=32)
@@ -197,8 +197,8 @@ def test_split_plan_never_launches_a_partial_second_round(n_prog, waves):
     slots = waves * num_sms(q.device)
     assert plan.n_splits == max(1, slots // n_prog)
     assert n_prog * plan.n_splits <= max(slots, n_prog)
-    per = plan.tiles_per_split * 16
-    assert per * plan.n_splits >= kv.n_packed > per * (plan.n_splits - 1)
+    per = triton.cdiv(triton.cdiv(kv.n_packed, plan.unit), plan.n_splits) * plan.unit  # split_range's cut
+    assert plan.unit == 16 and per * plan.n_splits >= kv.n_packed > per * (plan.n_splits - 1)
 
 
 def test_decode_kernels_do_not_recompile_as_the_cache_grows():

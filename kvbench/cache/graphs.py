@@ -50,6 +50,7 @@ class GraphedDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = self.logits = self.key = None
         self.warm = False  # an eager step has compiled and warmed every kernel of a step
+        self.moved = False  # an eager step ran since the key was taken: only such a step can move a buffer
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
 
     def _forward(self) -> torch.Tensor:
@@ -60,13 +61,16 @@ class GraphedDecoder:
         self.ids.copy_(ids)
         self.pos.fill_(position)
         if (self.packed and not self.cache.decode_step_replayable()) or not self.warm:
-            self.warm = True
+            self.warm = self.moved = True
             self.stats["eager"] += 1
             return self._forward()
-        key = self.cache.graph_key() if self.packed else None
-        if self.graph is None or key != self.key:
-            self.graph = None  # frees the old graph's memory pool before the new capture
-            self.graph, self.key = torch.cuda.CUDAGraph(), key
+        if self.moved:  # the key is taken after eager steps only: replays and captures move nothing
+            self.moved = False
+            key = self.cache.graph_key() if self.packed else None
+            if key != self.key:
+                self.graph, self.key = None, key  # frees the old graph's memory pool before the new capture
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # its own memory pool
                 self.logits = self._forward()  # host counts advance here; the GPU's with the replay below
             self.stats["captured"] += 1

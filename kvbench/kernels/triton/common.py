@@ -189,11 +189,10 @@ def use_inline_ptx(device) -> bool:
 
 @dataclass
 class SplitPlan:
-    """Flash-decoding split of the packed tokens: ``n_splits`` splits of whole ``unit`` tokens (the kernels
-    cut the count they read from the GPU: ``tiles_per_split`` tiles each at the count of the plan), plus one
-    split for the fp16 tokens. ``o_part (rows, n_splits + 1, D)`` fp32 and ``lse (rows, n_splits + 1)``."""
+    """Flash-decoding split of the packed tokens: ``n_splits`` splits of whole ``unit`` tokens (the kernels cut
+    the count they read from the GPU, :func:`split_range`), plus one split for the fp16 tokens.
+    ``o_part (rows, n_splits + 1, D)`` fp32 and ``lse (rows, n_splits + 1)``."""
 
-    tiles_per_split: int
     n_splits: int
     o_part: torch.Tensor
     lse: torch.Tensor
@@ -220,7 +219,7 @@ def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: i
     B, Hq, D = q.shape
     o_part = torch.empty(B * Hq, n_splits + 1, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * Hq, n_splits + 1, dtype=torch.float32, device=q.device)
-    return SplitPlan(per * unit // tile, n_splits, o_part, lse, unit)
+    return SplitPlan(n_splits, o_part, lse, unit)
 
 
 def launch_args(q, kv, plan: SplitPlan, sm_scale: float) -> tuple:

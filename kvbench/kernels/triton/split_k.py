@@ -206,4 +206,4 @@ def launch_parts(q, parts, sm_scale: float, **tuning) -> SplitPlan:
     and recent tokens (the others' fp16 splits are empty)."""
     plans = [launch(q, part, sm_scale, **tuning) for part in parts]
     o_part = torch.cat([p.o_part for p in plans], 1)
-    return SplitPlan(0, o_part.shape[1] - 1, o_part, torch.cat([p.lse for p in plans], 1))
+    return SplitPlan(o_part.shape[1] - 1, o_part, torch.cat([p.lse for p in plans], 1))
