@@ -80,12 +80,21 @@ def main(argv=None) -> None:
         del kv
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    args.out.write_text(json.dumps(merged(args.out, rows), indent=1) + "\n")
     if args.write_rules:
         write_rules(rows, gpu, args.path)
 
 
 KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows")
+CASE = ("gpu", "path", "shape", "batch", "T", "bits")
+
+
+def merged(out: Path, rows: list[dict]) -> list[dict]:
+    """The rows already in ``out`` that this run did not re-time (same GPU, path, case and knobs), then ``rows``."""
+    key = lambda r: tuple(r.get(x) for x in CASE + KNOBS)  # noqa: E731
+    new = {key(r) for r in rows}
+    old = json.loads(out.read_text()) if out.exists() else []
+    return [r for r in old if key(r) not in new] + rows
 
 
 def write_rules(rows: list[dict], gpu: str, path: str) -> None:
