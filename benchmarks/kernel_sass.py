@@ -43,10 +43,11 @@ KINDS = {
 }
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
         "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits").split()  # common.launch_args
-PATHS = {  # path: (kernel, its arguments after the common ones, G of the shape counted)
-    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr"], 4),
-    "cuda_core": (cuda_core._cuda_core_kernel, [], 1),
+PATHS = {  # path: (kernel, its arguments after the common ones)
+    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr"]),
+    "cuda_core": (cuda_core._cuda_core_kernel, []),
 }
+GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (Llama-3-8B, Llama-2-7B heads)
 
 
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
@@ -84,8 +85,8 @@ def opcode(line: str) -> str:
     return re.sub(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
 
 
-def count(path: str, bits: int, D: int, rule: dict, arch: int) -> dict:
-    kernel, extra, G = PATHS[path]
+def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
+    kernel, extra = PATHS[path]
     const = constants(path, bits, G, D, rule)
     args = ARGS + extra
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a.endswith("_ptr")}
@@ -127,14 +128,17 @@ def main(argv=None) -> None:
                    "(default: the rule's); e.g. 16 1 compares the padded query rows with the exact ones")
     args = p.parse_args(argv)
     rows = []
-    for path in args.paths:
+    for G in GROUPS.values():
         for bits in args.bits:
-            rule = tuning.rules(args.gpu, PATHS[path][2], bits, bits, 128, path)[0]
+            rule = tuning.rules(args.gpu, G, bits, bits, 128)[0]  # the launch the dispatcher picks
+            path = rule["path"]
+            if path not in args.paths:
+                continue
             variants = args.min_rows if path == "tensor_core" and args.min_rows else [rule.get("min_rows")]
             for min_rows in variants:
-                rows.append(count(path, bits, 128, {**rule, "min_rows": min_rows}, args.arch))
+                rows.append(count(path, bits, G, 128, {**rule, "min_rows": min_rows}, args.arch))
                 r = rows[-1]
-                print(f"{path} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}: "
+                print(f"{path} G={G} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}: "
                       f"{r['warp_instr_per_tile']} warp instructions per tile, {r['thread_instr_per_code']} per code, "
                       f"{r['registers']} registers, {r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

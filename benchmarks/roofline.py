@@ -29,19 +29,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KEY = ("tile", "num_warps", "vec", "fields")  # the launch knobs a count is for (min_rows: tensor_core's, 16 if unset)
 
 
-def _launch(path: str, bits: int, knobs: dict) -> tuple:
+def _launch(path: str, G: int, bits: int, knobs: dict) -> tuple:
     rows = knobs.get("min_rows") or 16 if path == "tensor_core" else None
-    return (path, bits, rows, *(knobs.get(k) for k in KEY))
+    return (path, G, bits, rows, *(knobs.get(k) for k in KEY))
 
 
 def rows(records: list[dict], sass: list[dict], gpu: str, sms: int, clock_ghz: float) -> list[dict]:
-    per_code = {_launch(r["path"], r["bits"], r): r["thread_instr_per_code"] for r in sass}
+    per_code = {_launch(r["path"], r["G"], r["bits"], r): r["thread_instr_per_code"] for r in sass}
     issue = sms * 4 * 32 * clock_ghz * 1e9  # thread instructions per second
     out = []
     for r in records:
         if r["gpu"] != gpu or r["path"] not in ("tensor_core", "cuda_core") or r.get("method", "uniform") != "uniform":
             continue
-        ipc = per_code.get(_launch(r["path"], r["bits"], r["tuning"]))
+        ipc = per_code.get(_launch(r["path"], r["h_q"] // r["h_kv"], r["bits"], r["tuning"]))
         if ipc is None:  # no count for this launch
             continue
         reads = r["h_q"] if r["path"] == "cuda_core" else r["h_kv"]  # programs reading a KV head's codes

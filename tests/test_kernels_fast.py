@@ -57,6 +57,10 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32}),  # 34 key blocks, 17 a split: the scaled-query table of each
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "min_rows": 1}),  # the G = 4 query rows unpadded
         ("tensor_core", 3, 3, 2, 0, 2, 96, {"tile": 16, "min_rows": 1}),
+        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1}),  # MHA: one query row
+        ("tensor_core", 4, 4, 1, 0, 3, 64, {"tile": 32}),  # MHA, padded to 16 rows
+        ("tensor_core", 2, 2, 4, 1, 2, 128, {"tile": 32, "min_rows": 1, "num_warps": 2}),  # two warps split the tokens
+        ("tensor_core", 2, 2, 4, 0, 1, 128, {"tile": 128}),  # a tile longer than the key block (32) is cut to it
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
         ("split_k", 2, 2, 1, 2, 5, 64, {"tile": 16}),
         ("split_k", 4, 4, 8, 0, 3, 64, {"tile": 32}),

@@ -1,8 +1,8 @@
-"""Decode path ``tensor_core``: GQA (2 <= G <= 16 query heads per KV head) on uniform codes of 2, 3 or 4 bits,
-head_dim 128.
+"""Decode path ``tensor_core``: 1 <= G <= 16 query heads per KV head (GQA, and MHA where it beats ``cuda_core``:
+3 bits on the H200) on uniform codes of 2, 3 or 4 bits, head_dim 128.
 
-One program per KV head and split; the G query heads (padded to 16 rows) are the M dimension of every
-``tl.dot``. The channels are cut into ``NJ`` groups (4 at 4 bits, 8 at 2 and 3 bits): group ``j`` holds channels
+One program per KV head and split; the G query heads (padded to ``min_rows`` rows, or inside the instruction)
+are the M dimension of every ``tl.dot``. The channels are cut into ``NJ`` groups (4 at 4 bits, 8 at 2 and 3 bits): group ``j`` holds channels
 ``NJ * c + j``, which in the word layout of :mod:`kvbench.kernels` is field ``j`` of int16 half-word ``c`` of a
 token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes of group ``j`` are therefore an
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
@@ -253,15 +253,17 @@ def _tensor_core_kernel(
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
+    if key_block % tile:  # a tile reads one key block's scales
+        raise ValueError(f"tile {tile} must divide key_block {key_block}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm)
 
 
 def applies(kv, G: int) -> bool:
     """Uniform 2/3/4-bit codes (keys and values of one width), post-RoPE keys, no outliers, one value group per
-    token, 2 <= G <= 16, head_dim 128 (a channel group of 16 or 32 channels: the K of one dot)."""
+    token, 1 <= G <= 16, head_dim 128 (a channel group of 16 or 32 channels: the K of one dot)."""
     D = kv.k_scale.shape[-1]
-    return uniform_per_token(kv) and 2 <= G <= 16 and kv.key_bits == kv.value_bits in (2, 3, 4) and D == 128
+    return uniform_per_token(kv) and 1 <= G <= 16 and kv.key_bits == kv.value_bits in (2, 3, 4) and D == 128
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
@@ -269,7 +271,8 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows)."""
+    softmax runs on fewer padding rows). A tile longer than the key block is cut to it."""
+    tile = min(tile, kv.key_block)
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
