@@ -2,8 +2,8 @@
 GPU architecture with Triton's own ``ptxas`` and count the instructions of its main loop by kind.
 
 ``python benchmarks/kernel_sass.py [--arch 90] [--bits 2 3 4] [--min-rows 16 1]`` writes
-``benchmarks/results/kernel_sass.json``: per path (``tensor_core`` on the GQA shape, G = 4; ``cuda_core`` on the
-MHA shape, one query head a program), bit width and launch (the tuning table's rule for the H200), the
+``benchmarks/results/kernel_sass.json``: per shape (GQA, G = 4 query heads per KV head; MHA, G = 1) and bit width, the
+path and launch the tuning table's rules pick on the H200 (``cuda_core`` runs one query head a program), the
 instructions one warp issues per tile of the main loop, per code (key and value elements of one KV head read by
 one program), and by kind (unpack: shifts, LOP3,
 byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), and

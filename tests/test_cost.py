@@ -94,13 +94,15 @@ def test_roofline_floors_from_the_records():
     records = json.loads((ROOT / "benchmarks/results/decode_attention.json").read_text())
     sass = json.loads((ROOT / "benchmarks/results/kernel_sass.json").read_text())
     table = roof.rows(records, sass, "NVIDIA H200", 132, 1.98)
-    assert {(r["path"], r["bits"]) for r in table} == {(p, b) for p in ("tensor_core", "cuda_core") for b in (2, 3, 4)}
-    for path, shape, reads in (("tensor_core", "llama3-8b", 8), ("cuda_core", "llama2-7b", 32)):
+    assert {(r["shape"], r["bits"]) for r in table} == {(s, b) for s in ("llama3-8b", "llama2-7b") for b in (2, 3, 4)}
+    for path, shape, G, reads in (("tensor_core", "llama3-8b", 4, 8), ("cuda_core", "llama2-7b", 1, 32)):
         got = next(r for r in table if r["path"] == path and r["bits"] == 4 and r["batch"] == 8 and r["T"] == 131072)
         rec = next(r for r in records if r["gpu"] == "NVIDIA H200" and r["shape"] == shape and r["bits"] == 4
                    and r["batch"] == 8 and r["T"] == 131072 and r.get("method", "uniform") == "uniform")
-        ipc = next(s["thread_instr_per_code"] for s in sass if s["path"] == path and s["bits"] == 4
-                   and s["tile"] == rec["tuning"]["tile"] and s.get("min_rows") in (None, 16))
+        knobs = rec["tuning"]
+        ipc = next(s["thread_instr_per_code"] for s in sass if s["path"] == path and s["G"] == G and s["bits"] == 4
+                   and s["tile"] == knobs["tile"] and s["num_warps"] == knobs["num_warps"]
+                   and (s.get("min_rows") or 16) == (knobs.get("min_rows") or 16))
         codes = 8 * reads * (131072 - 128) * 128 * 2
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
