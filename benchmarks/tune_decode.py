@@ -61,8 +61,14 @@ def main(argv=None) -> None:
             knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
             if maxnreg:
                 knobs["maxnreg"] = maxnreg
-            if min_rows != 16:
+            if args.path == "tensor_core":  # always given: the table's rule may name another
                 knobs["min_rows"] = min_rows
+            try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
+                launch = tk.choose(q, kv, args.path, **knobs)
+            except ValueError as e:
+                print(f"{shape} {bits}b: {e}", flush=True)
+                break
+            knobs = {k: launch[k] for k in KNOBS if k in launch}
             fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
             try:
                 rel = rel_err_vs_reference(q, kv, fn())  # every launch: a fast wrong one must not win
@@ -85,7 +91,7 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "vec", "fields")
 CASE = ("gpu", "path", "shape", "batch", "T", "bits")
 
 
