@@ -8,7 +8,7 @@ StaticCache and the packed cache (decode path chosen by the tuning table), and a
 
 After each run, ``--profile-steps`` bare forward steps on its cache are timed (``forward_ms_per_step``: the step
 without ``generate``'s own loop) and profiled (``gpu_kernel_ms_per_step``: the GPU's busy time; the table in
-``benchmarks/results/e2e_profile/``): a step far above its GPU time is bound by the host.
+``e2e_profile/`` beside ``--out``): a step far above its GPU time is bound by the host.
 
 With ``--graphs`` (the default) the fp16 StaticCache and each packed cache also run a bare greedy loop twice,
 eagerly and with every step that the cache allows replayed as a CUDA graph (:mod:`kvbench.cache.graphs`; the
@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from decode_attention import copy_bandwidth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROFILES = RESULTS / "e2e_profile"
 MODELS = {  # layer shapes of the real models (vocabulary included: the LM head is read every step)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                       num_key_value_heads=32),
@@ -202,8 +201,8 @@ def run_e2e(args, gpu: str) -> dict:
         elif args.profile_steps:
             try:
                 with torch.no_grad():
-                    rec.update(step_profile(model, pkv, B, T - 2 * args.profile_steps - 2, args.profile_steps,
-                                            PROFILES / f"{gpu.replace(' ', '-')}-{args.shape}-{name}.txt",
+                    table = args.out.parent / "e2e_profile" / f"{gpu.replace(' ', '-')}-{args.shape}-{name}.txt"
+                    rec.update(step_profile(model, pkv, B, T - 2 * args.profile_steps - 2, args.profile_steps, table,
                                             f"{gpu}, {args.shape} x {args.e2e_layers} layers, batch {B}, context {T}: "
                                             f"{name}"))
             except Exception as e:  # noqa: BLE001 - the timed run stands; say why its decomposition is missing
