@@ -154,6 +154,19 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
     tl.store(out + J, acc * inv + cz, mask=om)
 
 
+@triton.jit
+def _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs_g, g_mask, G: tl.constexpr,
+                 KB: tl.constexpr):
+    """The tile at ``t0``'s value scales and zeros ``(BT,)`` fp32 and its key block's score bias ``(GP,)``
+    (zeros past ``t_end``)."""
+    offs_t = t0 + ar
+    tm = offs_t < t_end
+    vs = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+    vz = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + (n * NB_CAP + t0 // KB) * G + offs_g, mask=g_mask & (t0 + offs_g * 0 < t_end), other=0.0)
+    return vs, vz, bias
+
+
 @triton.jit(do_not_specialize=GROWING)
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
@@ -193,9 +206,16 @@ def _tensor_core_kernel(
                         tl.cdiv(t_end, KB), G, D, NJ, OFF)
         tl.debug_barrier()
         ar = tl.arange(0, BT)
+        # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
+        # codes and the table, which feed the dots; these waited on memory in every tile)
+        vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t_begin, t_end,
+                                                   ar, offs_g, g_mask, G, KB)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
+            vs, vz, bias = vs_next, vz_next, bias_next
+            vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
+                                                       ar, offs_g, g_mask, G, KB)
             blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
             qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
@@ -209,14 +229,11 @@ def _tensor_core_kernel(
                 s = _score_part(s, qk_rows, om, kmain, klow, 5, NC, BITS, ASM)
                 s = _score_part(s, qk_rows, om, kmain, klow, 6, NC, BITS, ASM)
                 s = _score_part(s, qk_rows, om, kmain, klow, 7, NC, BITS, ASM)
-            bias = tl.load(bias_ptr + blk, mask=g_mask, other=0.0)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])  # (GP, BT)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vs = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
-            vz = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
             corr = corr * alpha + tl.sum(p * vz[None, :], axis=1)
             vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
