@@ -48,45 +48,47 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name()
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows))
-    for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
-        hq, hkv, d = SHAPES[shape]
-        torch.manual_seed(0)
-        k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
-        v = torch.randn_like(k)
-        q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
-        kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
-        del k, v
-        best = None
-        for tile, nw, ns, waves, maxnreg, min_rows in grid:
-            knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
-            if maxnreg:
-                knobs["maxnreg"] = maxnreg
-            if args.path == "tensor_core":  # always given: the table's rule may name another
-                knobs["min_rows"] = min_rows
-            try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
-                launch = tk.choose(q, kv, args.path, **knobs)
-            except ValueError as e:
-                print(f"{shape} {bits}b: {e}", flush=True)
-                break
-            knobs = {k: launch[k] for k in KNOBS if k in launch}
-            fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
-            try:
-                rel = rel_err_vs_reference(q, kv, fn())  # every launch: a fast wrong one must not win
-                if not rel <= REL_BAR:
-                    raise ValueError(f"relative error {rel:.2e} against the reference twin")
-                us = bench_us(fn)
-            except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
-                print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
-                continue
-            rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
-                             kernel_us=round(us, 2), rel_err_vs_reference=rel))
-            if best is None or us < best["kernel_us"]:
-                best = rows[-1]
-        print(f"BEST {shape} B={batch} T={T} {bits}b: {best}", flush=True)
-        del kv
-        torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(merged(args.out, rows), indent=1) + "\n")
+    try:
+        for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
+            hq, hkv, d = SHAPES[shape]
+            torch.manual_seed(0)
+            k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
+            v = torch.randn_like(k)
+            q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+            kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
+            del k, v
+            best = None
+            for tile, nw, ns, waves, maxnreg, min_rows in grid:
+                knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+                if maxnreg:
+                    knobs["maxnreg"] = maxnreg
+                if args.path == "tensor_core":  # always given: the table's rule may name another
+                    knobs["min_rows"] = min_rows
+                try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
+                    launch = tk.choose(q, kv, args.path, **knobs)
+                except ValueError as e:
+                    print(f"{shape} {bits}b: {e}", flush=True)
+                    break
+                knobs = {k: launch[k] for k in KNOBS if k in launch}
+                fn = lambda: tk.decode_attention(q, kv, path=args.path, **knobs)  # noqa: E731
+                try:
+                    rel = rel_err_vs_reference(q, kv, fn())  # every launch: a fast wrong one must not win
+                    if not rel <= REL_BAR:
+                        raise ValueError(f"relative error {rel:.2e} against the reference twin")
+                    us = bench_us(fn)
+                except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
+                    print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    continue
+                rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
+                                 kernel_us=round(us, 2), rel_err_vs_reference=rel))
+                if best is None or us < best["kernel_us"]:
+                    best = rows[-1]
+            print(f"BEST {shape} B={batch} T={T} {bits}b: {best}", flush=True)
+            del kv
+            torch.cuda.empty_cache()
+    finally:  # an interrupted run keeps the rows it timed (its rules are not written)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged(args.out, rows), indent=1) + "\n")
     if args.write_rules:
         write_rules(rows, gpu, args.path)
 
