@@ -107,3 +107,33 @@ def test_roofline_floors_from_the_records():
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
         assert 0 < got["bytes_share"] < 1 and 0 < got["issue_share"] < 1
+
+
+def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_path, monkeypatch):
+    """``benchmarks/tune_decode.py``: a run replaces only the rows it re-timed (same GPU, path, case, knobs); its
+    rule per bit width is the launch with the least summed time relative to each case's best (by hand here)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("tune_decode", ROOT / "benchmarks/tune_decode.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    assert "decode_attention" in sys.modules
+
+    def row(T, tile, us):
+        return dict(gpu="G", path="tensor_core", shape="llama3-8b", batch=1, T=T, bits=4, tile=tile, num_warps=1,
+                    num_stages=2, waves=8, min_rows=1, kernel_us=us)
+
+    out = tmp_path / "tune.json"
+    out.write_text(json.dumps([row(1, 64, 10.0), row(1, 128, 20.0)]))
+    assert tune.merged(out, [row(1, 64, 12.0)]) == [row(1, 128, 20.0), row(1, 64, 12.0)]
+
+    # tile 64: 10/10 + 100/88 = 2.14; tile 128: 20/10 + 88/88 = 3.0 -> 64 (the least total time, 108 us, is 128's)
+    rows = [row(1, 64, 10.0), row(2, 64, 100.0), row(1, 128, 20.0), row(2, 128, 88.0)]
+    table = tmp_path / "tuning.json"
+    table.write_text(json.dumps({"default": {"measured_on": "X", "rules": []}}))
+    monkeypatch.setattr(tune.tuning, "TABLE_PATH", table)
+    tune.write_rules(rows, "G", "tensor_core")
+    rule = json.loads(table.read_text())["G"]["rules"][0]
+    assert rule == {"when": {"group": "gqa", "bits": [4]}, "path": "tensor_core", "tile": 64, "num_warps": 1,
+                    "num_stages": 2, "waves": 8, "min_rows": 1}
