@@ -38,7 +38,8 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     gpu = tuning_table.gpu_name(q.device)
     for rule in tuning_table.rules(gpu, G, kv.key_bits, kv.value_bits, D, path):
         if (kv.plain or rule["path"] == "split_k") and PATHS[rule["path"]].applies(kv, G):
-            rule = {**rule, "tile": min(rule["tile"], kv.key_block), **overrides}
+            rule = {**rule, **overrides}
+            rule["tile"] = min(rule["tile"], kv.key_block)  # a tile reads one key block's scales
             return {**rule, "gpu": gpu, "measured_on": tuning_table.measured_on(gpu)}
     raise ValueError(f"decode path {path!r} does not apply to this packed format (G={G}, {kv.key_bits}/"
                      f"{kv.value_bits} bits, codebooks/pre-RoPE/outliers/grouped values)")

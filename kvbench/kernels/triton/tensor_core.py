@@ -288,8 +288,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows). A tile longer than the key block is cut to it."""
-    tile = min(tile, kv.key_block)
+    softmax runs on fewer padding rows)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
