@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS / "tune_decode.json")
-    p.add_argument("--path", default="tensor_core")
+    p.add_argument("--path", default="tensor_core", choices=list(tk.PATHS))
     p.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=[32768, 131072])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -45,6 +45,8 @@ def main(argv=None) -> None:
                    "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/tune_decode.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows))
