@@ -6,7 +6,8 @@ GPU architecture with Triton's own ``ptxas`` and count the instructions of its m
 path and launch the tuning table's rules pick on the H200 (``cuda_core`` runs one query head a program), the
 instructions one warp issues per tile of the main loop, per code (key and value elements of one KV head read by
 one program), and by kind (unpack: shifts, LOP3,
-byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), and
+byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), the
+register copies (``MOV``, ``IMAD.MOV``: operand shuffles, e.g. query rows padded inside the MMA), and
 the registers per thread and spill stack (``cuobjdump -res-usage``), which bound the programs an SM holds.
 Counts are per warp and per tile; with ``num_warps`` warps a tile of ``tile`` tokens costs
 ``num_warps * per_tile`` warp instructions for ``tile * 2 * head_dim`` codes.
@@ -104,7 +105,8 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
         usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
                                check=True).stdout
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    ops = collections.Counter(opcode(x) for x in main_loop(sass))
+    loop = main_loop(sass)
+    ops = collections.Counter(opcode(x) for x in loop)
     per_tile = sum(ops.values())
     codes = rule["tile"] * 2 * D
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
@@ -114,6 +116,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
                 registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
                 by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
+                register_copies=sum(1 for x in loop if opcode(x) == "MOV" or "IMAD.MOV" in x),
                 top=dict(ops.most_common(12)), triton=triton.__version__)
 
 
