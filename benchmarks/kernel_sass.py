@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import re
@@ -53,7 +54,8 @@ GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (
 
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
-        return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True)
+        return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
+                                     rule.get("m_axis", "group"))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -111,7 +113,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     codes = rule["tile"] * 2 * D
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
-        knobs["min_rows"] = rule.get("min_rows", 16)
+        knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
@@ -129,6 +131,9 @@ def main(argv=None) -> None:
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--min-rows", nargs="+", type=int, help="tensor_core: the launch's min_rows, each counted "
                    "(default: the rule's); e.g. 16 1 compares the padded query rows with the exact ones")
+    p.add_argument("--m-axis", nargs="+", choices=tensor_core.M_AXES, help="tensor_core: what the dots' M holds, "
+                   "each counted (default: the rule's)")
+    p.add_argument("--num-warps", nargs="+", type=int, help="tensor_core: each counted (default: the rule's)")
     args = p.parse_args(argv)
     rows = []
     for G in GROUPS.values():
@@ -137,11 +142,16 @@ def main(argv=None) -> None:
             path = rule["path"]
             if path not in args.paths:
                 continue
-            variants = args.min_rows if path == "tensor_core" and args.min_rows else [rule.get("min_rows")]
-            for min_rows in variants:
-                rows.append(count(path, bits, G, 128, {**rule, "min_rows": min_rows}, args.arch))
+            tc = path == "tensor_core"
+            for min_rows, m_axis, warps in itertools.product(
+                    args.min_rows if tc and args.min_rows else [rule.get("min_rows")],
+                    args.m_axis if tc and args.m_axis else [rule.get("m_axis", "group")],
+                    args.num_warps if tc and args.num_warps else [rule["num_warps"]]):
+                launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps}
+                rows.append(count(path, bits, G, 128, launch, args.arch))
                 r = rows[-1]
-                print(f"{path} G={G} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}: "
+                print(f"{path} G={G} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}, "
+                      f"M {r.get('m_axis')}: "
                       f"{r['warp_instr_per_tile']} warp instructions per tile, {r['thread_instr_per_code']} per code, "
                       f"{r['registers']} registers, {r['spill_stack_bytes']} B spill stack; {r['by_kind']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

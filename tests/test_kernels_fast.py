@@ -61,6 +61,9 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 1, 0, 3, 64, {"tile": 32}),  # MHA, padded to 16 rows
         ("tensor_core", 2, 2, 4, 1, 2, 128, {"tile": 32, "min_rows": 1, "num_warps": 2}),  # two warps split the tokens
         ("tensor_core", 2, 2, 4, 0, 1, 128, {"tile": 128}),  # a tile longer than the key block (32) is cut to it
+        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "min_rows": 1, "m_axis": "tokens"}),  # tokens as the dots' M
+        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "m_axis": "tokens"}),  # MHA
+        ("tensor_core", 2, 2, 8, 0, 2, 128, {"tile": 32, "min_rows": 1, "m_axis": "tokens", "num_warps": 2}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),

@@ -47,7 +47,8 @@ def _magic(width: int, j: int) -> str:
 ASM4 = tl.constexpr(tuple(_magic(4, j) for j in range(4)))
 ASM2 = tl.constexpr(tuple(_magic(2, j) for j in range(8)))
 ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))  # the 1-bit slice of 3-bit codes (bytes, as int16)
-OFFSET = {2: 4.0, 3: 12.0, 4: 16.0}  # the constant in the codes of :func:`_codes`; 3 bits: 4 * 2 + 4
+OFFSET = {2: 4.0, 3: 12.0, 4: 16.0}
+M_AXES = ("group", "tokens")  # what the dots' M dimension holds: the query rows, or the tile's tokens  # the constant in the codes of :func:`_codes`; 3 bits: 4 * 2 + 4
 
 
 def channel_groups(bits: int) -> int:
@@ -108,12 +109,16 @@ def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
-                ASM: tl.constexpr):
-    """Channel group ``J``'s part of the scores ``(GP, BT)``: its scaled query ``(GP, NC)`` fp16, read from
-    the table of :func:`_scaled_queries` (so it reaches the tensor cores as the codes do), times the
-    codes."""
+                ASM: tl.constexpr, TOKENS_M: tl.constexpr):
+    """Channel group ``J``'s part of the scores: its scaled query fp16, read from the table of
+    :func:`_scaled_queries` (so it reaches the tensor cores as the codes do), times the codes. ``(GP, BT)``, or
+    with ``TOKENS_M`` ``(BT, GP)`` (codes ``(BT, NC)`` times the query ``(NC, GP)``)."""
     qk = tl.load(qk_rows + J * NC, mask=qm, other=0.0)
-    return tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
+    if TOKENS_M:
+        s = tl.dot(_codes(main, low, J, BITS, ASM), qk, s)
+    else:
+        s = tl.dot(qk, _codes(main, low, J, BITS, ASM), s)
+    return s
 
 
 @triton.jit
@@ -142,11 +147,15 @@ def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP
 
 @triton.jit
 def _value_part(acc, a, pv, off_psum, main, low, J: tl.constexpr, BITS: tl.constexpr,
-                ASM: tl.constexpr):
+                ASM: tl.constexpr, TOKENS_M: tl.constexpr):
     """``acc * a + (pv @ codes - off_psum)``: the tile's dot starts from zero and is added with an FMA (fed the
     running sum as its accumulator, the tensor cores' sum drifted with the tiles of a split, past the 2e-3 bar
-    on the H200)."""
-    return acc * a + (tl.dot(pv, _codes(main, low, J, BITS, ASM)) - off_psum)
+    on the H200). With ``TOKENS_M`` the dot is ``codes (NC, BT) @ pv (BT, GP)``, transposed back."""
+    if TOKENS_M:
+        d = tl.trans(tl.dot(_codes(main, low, J, BITS, ASM), pv))
+    else:
+        d = tl.dot(pv, _codes(main, low, J, BITS, ASM))
+    return acc * a + (d - off_psum)
 
 
 @triton.jit
@@ -173,12 +182,13 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
+    TOKENS_M: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
     if sp == n_splits:  # the fp16 tokens' split
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
-                   n_sink, recent_len_ptr, sm_scale, G, GP, D, 32)
+                   n_sink, recent_len_ptr, sm_scale, G, GP, D, 16)
     else:
         NC: tl.constexpr = D // NJ  # channels per group (one dot's K)
         NW: tl.constexpr = D * BITS // 32  # words per token row
@@ -217,18 +227,26 @@ def _tensor_core_kernel(
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
                                                        ar, offs_g, g_mask, G, KB)
             blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
-            qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
-            kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, False)  # (NC, BT)
-            s = tl.zeros((GP, BT), tl.float32)
-            s = _score_part(s, qk_rows, om, kmain, klow, 0, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, om, kmain, klow, 1, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, om, kmain, klow, 2, NC, BITS, ASM)
-            s = _score_part(s, qk_rows, om, kmain, klow, 3, NC, BITS, ASM)
+            if TOKENS_M:  # the tokens are the dots' M: scores (BT, GP), transposed (a layout, not a copy)
+                qk_rows = qk_ptr + blk[None, :] * D + c[:, None]
+                qm = g_mask[None, :]
+                s = tl.zeros((BT, GP), tl.float32)
+            else:  # the query rows are the dots' M
+                qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
+                qm = om
+                s = tl.zeros((GP, BT), tl.float32)
+            kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
             if NJ == 8:
-                s = _score_part(s, qk_rows, om, kmain, klow, 4, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, om, kmain, klow, 5, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, om, kmain, klow, 6, NC, BITS, ASM)
-                s = _score_part(s, qk_rows, om, kmain, klow, 7, NC, BITS, ASM)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
+            if TOKENS_M:
+                s = tl.trans(s)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -237,19 +255,20 @@ def _tensor_core_kernel(
             corr = corr * alpha + tl.sum(p * vz[None, :], axis=1)
             vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
-            vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, True)  # (BT, NC)
+            pvm = tl.trans(pv) if TOKENS_M else pv  # the dots' operand
+            vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
             off_psum = OFF * tl.sum(pv.to(tl.float32), axis=1)[:, None]  # the codes' constant, this tile
             a = (alpha * (v_unit / vmax))[:, None]  # the running sums to this tile's unit
             v_unit = vmax
-            acc0 = _value_part(acc0, a, pv, off_psum, vmain, vlow, 0, BITS, ASM)
-            acc1 = _value_part(acc1, a, pv, off_psum, vmain, vlow, 1, BITS, ASM)
-            acc2 = _value_part(acc2, a, pv, off_psum, vmain, vlow, 2, BITS, ASM)
-            acc3 = _value_part(acc3, a, pv, off_psum, vmain, vlow, 3, BITS, ASM)
+            acc0 = _value_part(acc0, a, pvm, off_psum, vmain, vlow, 0, BITS, ASM, TOKENS_M)
+            acc1 = _value_part(acc1, a, pvm, off_psum, vmain, vlow, 1, BITS, ASM, TOKENS_M)
+            acc2 = _value_part(acc2, a, pvm, off_psum, vmain, vlow, 2, BITS, ASM, TOKENS_M)
+            acc3 = _value_part(acc3, a, pvm, off_psum, vmain, vlow, 3, BITS, ASM, TOKENS_M)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pv, off_psum, vmain, vlow, 4, BITS, ASM)
-                acc5 = _value_part(acc5, a, pv, off_psum, vmain, vlow, 5, BITS, ASM)
-                acc6 = _value_part(acc6, a, pv, off_psum, vmain, vlow, 6, BITS, ASM)
-                acc7 = _value_part(acc7, a, pv, off_psum, vmain, vlow, 7, BITS, ASM)
+                acc4 = _value_part(acc4, a, pvm, off_psum, vmain, vlow, 4, BITS, ASM, TOKENS_M)
+                acc5 = _value_part(acc5, a, pvm, off_psum, vmain, vlow, 5, BITS, ASM, TOKENS_M)
+                acc6 = _value_part(acc6, a, pvm, off_psum, vmain, vlow, 6, BITS, ASM, TOKENS_M)
+                acc7 = _value_part(acc7, a, pvm, off_psum, vmain, vlow, 7, BITS, ASM, TOKENS_M)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -268,12 +287,15 @@ def _tensor_core_kernel(
         tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=g_mask)
 
 
-def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool) -> dict:
+def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
+              m_axis: str = "group") -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
+    if m_axis not in M_AXES:
+        raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm)
+                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm, TOKENS_M=m_axis == "tokens")
 
 
 def applies(kv, G: int) -> bool:
@@ -284,7 +306,7 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
@@ -298,7 +320,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias,
-        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device)),
+        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
