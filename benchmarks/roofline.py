@@ -26,12 +26,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-KEY = ("tile", "num_warps", "vec", "fields")  # the launch knobs a count is for (min_rows: tensor_core's, 16 if unset)
+KEY = ("tile", "num_warps", "num_stages", "maxnreg", "vec", "fields")  # the launch knobs a count is for
 
 
 def _launch(path: str, G: int, bits: int, knobs: dict) -> tuple:
-    rows = knobs.get("min_rows") or 16 if path == "tensor_core" else None
-    return (path, G, bits, rows, *(knobs.get(k) for k in KEY))
+    """A count's launch; tensor_core's ``min_rows`` and ``m_axis`` at their defaults (16, ``group``) if unset."""
+    tc = (knobs.get("min_rows") or 16, knobs.get("m_axis") or "group") if path == "tensor_core" else (None, None)
+    return (path, G, bits, *tc, *(knobs.get(k) for k in KEY))
 
 
 def rows(records: list[dict], sass: list[dict], gpu: str, sms: int, clock_ghz: float) -> list[dict]:

@@ -87,7 +87,7 @@ def test_benchmark_formats_smoke(tmp_path):
 def test_roofline_floors_from_the_records():
     """``benchmarks/roofline.py`` on the checked-in records: each case gets the byte floor (packed bytes over copy
     bandwidth) and the issue floor (codes read x instructions per code over the issue rate), checked here by hand
-    for the largest case of each path (``cuda_core`` reads a KV head once per query head)."""
+    for the largest case of each shape (``cuda_core``, not on the H200 now, reads a KV head once per query head)."""
     spec = importlib.util.spec_from_file_location("roofline", ROOT / "benchmarks/roofline.py")
     roof = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(roof)
@@ -95,14 +95,16 @@ def test_roofline_floors_from_the_records():
     sass = json.loads((ROOT / "benchmarks/results/kernel_sass.json").read_text())
     table = roof.rows(records, sass, "NVIDIA H200", 132, 1.98)
     assert {(r["shape"], r["bits"]) for r in table} == {(s, b) for s in ("llama3-8b", "llama2-7b") for b in (2, 3, 4)}
-    for path, shape, G, reads in (("tensor_core", "llama3-8b", 4, 8), ("cuda_core", "llama2-7b", 1, 32)):
-        got = next(r for r in table if r["path"] == path and r["bits"] == 4 and r["batch"] == 8 and r["T"] == 131072)
+    for path, shape, G, reads in (("tensor_core", "llama3-8b", 4, 8), ("tensor_core", "llama2-7b", 1, 32)):
+        got = next(r for r in table if r["path"] == path and r["shape"] == shape and r["bits"] == 4 and r["batch"] == 8
+                   and r["T"] == 131072)
         rec = next(r for r in records if r["gpu"] == "NVIDIA H200" and r["shape"] == shape and r["bits"] == 4
                    and r["batch"] == 8 and r["T"] == 131072 and r.get("method", "uniform") == "uniform")
         knobs = rec["tuning"]
         ipc = next(s["thread_instr_per_code"] for s in sass if s["path"] == path and s["G"] == G and s["bits"] == 4
-                   and s["tile"] == knobs["tile"] and s["num_warps"] == knobs["num_warps"]
-                   and (s.get("min_rows") or 16) == (knobs.get("min_rows") or 16))
+                   and all(s.get(k) == knobs.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg"))
+                   and (s.get("min_rows") or 16) == (knobs.get("min_rows") or 16)
+                   and (s.get("m_axis") or "group") == (knobs.get("m_axis") or "group"))
         codes = 8 * reads * (131072 - 128) * 128 * 2
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
