@@ -55,7 +55,7 @@ GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
-                                     rule.get("m_axis", "group"), rule.get("ahead", False))
+                                     rule.get("m_axis", "group"))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -113,7 +113,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     codes = rule["tile"] * 2 * D
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
-        knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"), ahead=rule.get("ahead", False))
+        knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),

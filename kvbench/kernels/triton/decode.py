@@ -19,8 +19,7 @@ from .common import reduce_splits
 for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
-KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
-         "ahead"}
+KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis"}
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:

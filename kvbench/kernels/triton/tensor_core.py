@@ -176,48 +176,13 @@ def _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs
     return vs, vz, bias
 
 
-@triton.jit
-def _scores(kw_ptr, qk_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs_g, g_mask, bias, G: tl.constexpr, GP: tl.constexpr,
-            D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr,
-            ASM: tl.constexpr, TOKENS_M: tl.constexpr):
-    """The scores ``(GP, BT)`` (log2 domain) of the tile at ``t0``, ``-inf`` past ``t_end``."""
-    NC: tl.constexpr = D // NJ
-    NW: tl.constexpr = D * BITS // 32
-    c = tl.arange(0, NC)
-    offs_t = t0 + ar
-    tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
-    blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
-    rm = g_mask & (t0 + offs_g * 0 < t_end)  # (a tile past the split, read a tile ahead, has no rows there)
-    if TOKENS_M:  # the tokens are the dots' M: scores (BT, GP), transposed (a layout, not a copy)
-        qk_rows = qk_ptr + blk[None, :] * D + c[:, None]
-        qm = rm[None, :]
-        s = tl.zeros((BT, GP), tl.float32)
-    else:  # the query rows are the dots' M
-        qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
-        qm = rm[:, None]
-        s = tl.zeros((GP, BT), tl.float32)
-    kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
-    s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
-    s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
-    s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
-    s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
-    if NJ == 8:
-        s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
-        s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
-        s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
-        s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
-    if TOKENS_M:
-        s = tl.trans(s)
-    return tl.where(tm[None, :], s + bias[:, None], float("-inf"))
-
-
 @triton.jit(do_not_specialize=GROWING)
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, AHEAD: tl.constexpr,
+    TOKENS_M: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -255,22 +220,34 @@ def _tensor_core_kernel(
         # codes and the table, which feed the dots; these waited on memory in every tile)
         vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t_begin, t_end,
                                                    ar, offs_g, g_mask, G, KB)
-        if AHEAD:  # the scores a tile ahead: their dots overlap the last tile's softmax and value dots
-            s_next = _scores(kw_ptr, qk_ptr, n, T_CAP, NB_CAP, t_begin, t_end, ar, offs_g, g_mask, bias_next, G, GP, D,
-                             BITS, KB, BT, NJ, ASM, TOKENS_M)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
             vs, vz, bias = vs_next, vz_next, bias_next
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
                                                        ar, offs_g, g_mask, G, KB)
-            if AHEAD:  # this tile's scores were computed in the last iteration; the next tile's now
-                s = s_next
-                s_next = _scores(kw_ptr, qk_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end, ar, offs_g, g_mask, bias_next, G, GP,
-                                 D, BITS, KB, BT, NJ, ASM, TOKENS_M)
-            else:
-                s = _scores(kw_ptr, qk_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs_g, g_mask, bias, G, GP, D, BITS, KB,
-                            BT, NJ, ASM, TOKENS_M)
+            blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
+            if TOKENS_M:  # the tokens are the dots' M: scores (BT, GP), transposed (a layout, not a copy)
+                qk_rows = qk_ptr + blk[None, :] * D + c[:, None]
+                qm = g_mask[None, :]
+                s = tl.zeros((BT, GP), tl.float32)
+            else:  # the query rows are the dots' M
+                qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
+                qm = om
+                s = tl.zeros((GP, BT), tl.float32)
+            kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
+            if NJ == 8:
+                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
+            if TOKENS_M:
+                s = tl.trans(s)
+            s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])  # (GP, BT)
@@ -311,15 +288,14 @@ def _tensor_core_kernel(
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", ahead: bool = False) -> dict:
+              m_axis: str = "group") -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm, TOKENS_M=m_axis == "tokens",
-                AHEAD=bool(ahead))
+                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm, TOKENS_M=m_axis == "tokens")
 
 
 def applies(kv, G: int) -> bool:
@@ -330,7 +306,7 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", ahead: bool = False):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
@@ -344,8 +320,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias,
-        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                     ahead),
+        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
