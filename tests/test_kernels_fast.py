@@ -176,21 +176,25 @@ def _run_ptx(asm: str, words):
 
 @pytest.mark.parametrize("width", [1, 2, 4])
 def test_tensor_core_unpack_ptx_gives_offset_codes(width):
-    """Each field's PTX turns a register of two int16 half-words into fp16 ``2**width + code`` of that field
-    for both halves, for every bit pattern of the other fields (which must not leak in)."""
+    """Each field's PTX turns a register of two int16 half-words into fp16 ``constant + code`` of that field
+    for both halves, for every bit pattern of the other fields (which must not leak in); the constant is the one
+    the kernel takes off (``OFF*``)."""
     import numpy as np
 
     from kvbench.kernels.triton import tensor_core
 
     table = {4: tensor_core.ASM4, 2: tensor_core.ASM2, 1: tensor_core.ASM1}[width].value
+    consts = {4: tensor_core.OFF4, 2: tensor_core.OFF2, 1: tensor_core.OFF1}[width].value
     rng = np.random.default_rng(0)
     halves = rng.integers(0, 1 << 16, size=(4096, 2), dtype=np.uint32)
     if width == 1:  # the 1-bit slice is bytes widened (sign-extended) to int16
         halves = (halves & 0xFF) | np.where(halves & 0x80, 0xFF00, 0)
     words = halves[:, 0] | (halves[:, 1] << 16)
     for j, asm in enumerate(table):
-        want = ((halves >> (j * width)) & ((1 << width) - 1)).astype(np.float16) + (1 << width)
-        np.testing.assert_array_equal(_run_ptx(asm, words), want, err_msg=f"field {j}: {asm}")
+        field = (halves >> (j * width)) & ((1 << width) - 1)
+        got = _run_ptx(asm, words)
+        assert (got.astype(np.float64) - field == consts[j]).all(), (j, asm)  # exact: no rounding either
+        assert consts[j] + (1 << width) - 1 <= 2048  # fp16 holds every integer up to 2048
 
 
 @pytest.mark.parametrize("n_prog,waves", [(3, 2), (8, 4), (64, 4), (5, 1), (40, 1)])

@@ -7,16 +7,16 @@ are the M dimension of every ``tl.dot``. The channels are cut into ``NJ`` groups
 token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes of group ``j`` are therefore an
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
 shared memory into the tensor cores' operand layout (2 or 4 bits per code, not 16) and unpacks in registers:
-one shift and one LOP3 per two codes give exact fp16 ``OFFSET + code`` (:func:`_magic`); the constant comes
-off after the dots. Each program first writes, for the key blocks of its split (:func:`_scaled_queries`), the
+one LOP3 (and part of a shared shift) per two codes gives exact fp16 ``offset_j + code`` (:func:`_magic`); the
+constants come off after the dots. Each program first writes, for the key blocks of its split (:func:`_scaled_queries`), the
 query rows times the block's key scales (fp16, channels in group order) and the scores' bias to a scratch
 table, so the main loop reads them as it reads the codes instead of scaling and re-laying out the query in
 every tile. Per tile of ``BT`` tokens:
 
-* scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - OFFSET *
-  sum(q * k_scale)``;
+* scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - sum_j offset_j *
+  sum((q * k_scale)_j)``;
 * values ``acc_j (GP, D / NJ) = acc_j * alpha * v_unit / max(v_scale) + dot(p * v_scale / max(v_scale),
-  codes_j(values)) - OFFSET * sum_t(...)``: the accumulators count in units of the last tile's max value scale
+  codes_j(values)) - offset_j * sum_t(...)``: the accumulators count in units of the last tile's max value scale
   (which keeps the fp16 products out of the subnormal range), so an element costs one FMA and one add;
   ``sum_t p * v_zero`` is added to every channel at the end.
 """
@@ -31,23 +31,45 @@ from .common import (GROWING, LOG2E, fp16_split, launch_args, split_plan, split_
                      use_inline_ptx)
 
 # Field J of an int16 half-word, two half-words per register (the tensor-core operand's K pairs), as exact fp16
-# ``2**WIDTH + code``: one shift moves the field to bits ``10 - WIDTH ..`` (the top of the mantissa), one LOP3
-# masks it and ORs in the exponent that gives that bit the weight 1. The constant ``2**WIDTH`` (2 * the largest
-# code, not more: the values' correction subtracts it from sums of the same size) is taken off after the dot,
-# from the scores' bias and from the values' sums, so no fp16 subtraction is spent per two codes.
+# ``2**(10 - p) + code``: a LOP3 masks the field where it lies (at mantissa bit ``p``, ``p + width <= 10``) and
+# ORs in the exponent that gives that bit the weight 1. A field above the mantissa, or low enough to make the
+# constant large, is first moved by a shift that several fields share (ptxas computes it once), so two codes
+# cost one LOP3 and a fraction of a shift. The constants (at most 256; 3 bits: ``4 * low + main``, at most 320,
+# exact) are taken off after the dots, from the scores' bias and from the values' sums.
+SHIFTS = {  # per field: the shift before the LOP3 (> 0: right, < 0: left), shared by fields of one register
+    4: (-2, 0, 6, 6),
+    2: (-4, -4, 0, 0, 0, 6, 6, 6),
+    1: (-4, -4, -4, -4, 0, 0, 0, 0),  # the 1-bit slice of 3-bit codes (bytes, sign-extended to int16)
+}
+
+
+def _place(width: int, j: int) -> int:
+    """The mantissa bit field ``j`` of a ``width``-bit half-word lands on after its shift."""
+    p = width * j - SHIFTS[width][j]
+    assert 0 <= p and p + width <= 10, (width, j, p)
+    return p
+
+
 def _magic(width: int, j: int) -> str:
-    top = 10 - width
-    move = width * j - top  # > 0: right, < 0: left
-    mask = ((1 << width) - 1) << top
-    magic = (25 - top) << 10  # fp16 exponent (bias 15) whose mantissa bit ``top`` weighs 1
+    p, move = _place(width, j), SHIFTS[width][j]
+    mask = ((1 << width) - 1) << p
+    magic = (25 - p) << 10  # fp16 exponent (bias 15) whose mantissa bit ``p`` weighs 1
     shift = f"shr.b32 t, $1, {move};" if move > 0 else f"shl.b32 t, $1, {-move};" if move < 0 else "mov.b32 t, $1;"
     return "{ .reg .b32 t; " + shift + f" lop3.b32 $0, t, 0x{mask:04X}{mask:04X}, 0x{magic:04X}{magic:04X}, 0xEA; }}"
 
 
+def offsets(bits: int) -> tuple[float, ...]:
+    """The constant in the fp16 codes of each channel group (:func:`_codes`)."""
+    if bits == 3:
+        return tuple(4.0 * 2 ** (10 - _place(1, j)) + 2 ** (10 - _place(2, j)) for j in range(8))
+    return tuple(float(2 ** (10 - _place(bits, j))) for j in range(len(SHIFTS[bits])))
+
+
 ASM4 = tl.constexpr(tuple(_magic(4, j) for j in range(4)))
 ASM2 = tl.constexpr(tuple(_magic(2, j) for j in range(8)))
-ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))  # the 1-bit slice of 3-bit codes (bytes, as int16)
-OFFSET = {2: 4.0, 3: 12.0, 4: 16.0}
+ASM1 = tl.constexpr(tuple(_magic(1, j) for j in range(8)))
+OFF4, OFF3, OFF2 = (tl.constexpr(offsets(b)) for b in (4, 3, 2))
+OFF1 = tl.constexpr(tuple(float(2 ** (10 - _place(1, j))) for j in range(8)))
 M_AXES = ("group", "tokens")  # what the dots' M dimension holds: the query rows, or the tile's tokens  # the constant in the codes of :func:`_codes`; 3 bits: 4 * 2 + 4
 
 
@@ -83,7 +105,13 @@ def _field(h, J: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
             asm: tl.constexpr = ASM1[J]
         return tl.inline_asm_elementwise(asm, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        return ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16) + (1 << WIDTH)
+        if WIDTH == 4:
+            off: tl.constexpr = OFF4[J]
+        elif WIDTH == 2:
+            off: tl.constexpr = OFF2[J]
+        else:
+            off: tl.constexpr = OFF1[J]
+        return ((h >> (J * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.float16) + off
 
 
 @triton.jit
@@ -99,8 +127,20 @@ def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRS
 
 
 @triton.jit
+def _offset(J: tl.constexpr, BITS: tl.constexpr):
+    """The constant in the fp16 codes of channel group ``J`` (:func:`offsets`)."""
+    if BITS == 4:
+        off: tl.constexpr = OFF4[J]
+    elif BITS == 3:
+        off: tl.constexpr = OFF3[J]
+    else:
+        off: tl.constexpr = OFF2[J]
+    return off
+
+
+@triton.jit
 def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``OFFSET[BITS] + code`` of channel group ``J``, exact in fp16."""
+    """``offsets(BITS)[J] + code`` of channel group ``J``, exact in fp16."""
     if BITS == 3:
         return _field(low, J, 1, ASM) * 4.0 + _field(main, J, 2, ASM)
     else:
@@ -123,11 +163,11 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
 
 @triton.jit
 def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, b_first, b_end,
-                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr):
+                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr):
     """The scaled-query table of KV row ``n``'s key blocks ``b_first .. b_end - 1``: per block the query rows
     scaled by the block's key scales (log2 domain), fp16, channels in group order (channel ``NJ * c + j`` at
-    ``j * D / NJ + c``), and the scores' bias ``q . k_zero - OFF * sum(scaled query)`` (the codes' constant comes
-    off here). Two splits that share a block write the same values."""
+    ``j * D / NJ + c``), and the scores' bias ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the
+    codes' constants come off here). Two splits that share a block write the same values."""
     GQ: tl.constexpr = triton.next_power_of_2(G)
     g = tl.arange(0, GQ)
     d = tl.arange(0, D)
@@ -135,27 +175,30 @@ def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP
     q = tl.load(q_ptr + (n * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
     q = q * (sm_scale * LOG2E)
     grouped = (d % NJ) * (D // NJ) + d // NJ
+    off = tl.zeros((D,), tl.float32)  # each channel's code constant
+    for j in tl.static_range(NJ):
+        off = tl.where(d % NJ == j, _offset(j, BITS), off)
     for blk in range(b_first, b_end):
         ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
         kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
         qk = (q * ks[None, :]).to(tl.float16)
-        bias = tl.sum(q * kz[None, :] - OFF * qk.to(tl.float32), axis=1)
+        bias = tl.sum(q * kz[None, :] - off[None, :] * qk.to(tl.float32), axis=1)
         row = (n * NB_CAP + blk) * G + g
         tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
         tl.store(bias_ptr + row, bias, mask=gm)
 
 
 @triton.jit
-def _value_part(acc, a, pv, off_psum, main, low, J: tl.constexpr, BITS: tl.constexpr,
+def _value_part(acc, a, pv, psum, main, low, J: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr, TOKENS_M: tl.constexpr):
-    """``acc * a + (pv @ codes - off_psum)``: the tile's dot starts from zero and is added with an FMA (fed the
+    """``acc * a + (pv @ codes - offset_J * psum)``: the tile's dot starts from zero and is added with an FMA (fed the
     running sum as its accumulator, the tensor cores' sum drifted with the tiles of a split, past the 2e-3 bar
     on the H200). With ``TOKENS_M`` the dot is ``codes (NC, BT) @ pv (BT, GP)``, transposed back."""
     if TOKENS_M:
         d = tl.trans(tl.dot(_codes(main, low, J, BITS, ASM), pv))
     else:
         d = tl.dot(pv, _codes(main, low, J, BITS, ASM))
-    return acc * a + (d - off_psum)
+    return acc * a + (d - _offset(J, BITS) * psum)
 
 
 @triton.jit
@@ -181,7 +224,7 @@ def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, OFF: tl.constexpr, ASM: tl.constexpr,
+    KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
     TOKENS_M: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
@@ -213,7 +256,7 @@ def _tensor_core_kernel(
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         # this split's key blocks' scaled queries, read back (from L1/L2) by every tile of the loop
         _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, t_begin // KB,
-                        tl.cdiv(t_end, KB), G, D, NJ, OFF)
+                        tl.cdiv(t_end, KB), G, D, NJ, BITS)
         tl.debug_barrier()
         ar = tl.arange(0, BT)
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
@@ -257,18 +300,18 @@ def _tensor_core_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             pvm = tl.trans(pv) if TOKENS_M else pv  # the dots' operand
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
-            off_psum = OFF * tl.sum(pv.to(tl.float32), axis=1)[:, None]  # the codes' constant, this tile
+            psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]  # times the codes' constants, this tile
             a = (alpha * (v_unit / vmax))[:, None]  # the running sums to this tile's unit
             v_unit = vmax
-            acc0 = _value_part(acc0, a, pvm, off_psum, vmain, vlow, 0, BITS, ASM, TOKENS_M)
-            acc1 = _value_part(acc1, a, pvm, off_psum, vmain, vlow, 1, BITS, ASM, TOKENS_M)
-            acc2 = _value_part(acc2, a, pvm, off_psum, vmain, vlow, 2, BITS, ASM, TOKENS_M)
-            acc3 = _value_part(acc3, a, pvm, off_psum, vmain, vlow, 3, BITS, ASM, TOKENS_M)
+            acc0 = _value_part(acc0, a, pvm, psum, vmain, vlow, 0, BITS, ASM, TOKENS_M)
+            acc1 = _value_part(acc1, a, pvm, psum, vmain, vlow, 1, BITS, ASM, TOKENS_M)
+            acc2 = _value_part(acc2, a, pvm, psum, vmain, vlow, 2, BITS, ASM, TOKENS_M)
+            acc3 = _value_part(acc3, a, pvm, psum, vmain, vlow, 3, BITS, ASM, TOKENS_M)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pvm, off_psum, vmain, vlow, 4, BITS, ASM, TOKENS_M)
-                acc5 = _value_part(acc5, a, pvm, off_psum, vmain, vlow, 5, BITS, ASM, TOKENS_M)
-                acc6 = _value_part(acc6, a, pvm, off_psum, vmain, vlow, 6, BITS, ASM, TOKENS_M)
-                acc7 = _value_part(acc7, a, pvm, off_psum, vmain, vlow, 7, BITS, ASM, TOKENS_M)
+                acc4 = _value_part(acc4, a, pvm, psum, vmain, vlow, 4, BITS, ASM, TOKENS_M)
+                acc5 = _value_part(acc5, a, pvm, psum, vmain, vlow, 5, BITS, ASM, TOKENS_M)
+                acc6 = _value_part(acc6, a, pvm, psum, vmain, vlow, 6, BITS, ASM, TOKENS_M)
+                acc7 = _value_part(acc7, a, pvm, psum, vmain, vlow, 7, BITS, ASM, TOKENS_M)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -295,7 +338,7 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), OFF=OFFSET[bits], ASM=asm, TOKENS_M=m_axis == "tokens")
+                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens")
 
 
 def applies(kv, G: int) -> bool:
