@@ -174,17 +174,20 @@ def _run_ptx(asm: str, words):
     return out.astype(np.uint32).view(np.float16).reshape(-1, 2)
 
 
+@pytest.mark.parametrize("side", [0, 1])
 @pytest.mark.parametrize("width", [1, 2, 4])
-def test_tensor_core_unpack_ptx_gives_offset_codes(width):
+def test_tensor_core_unpack_ptx_gives_offset_codes(width, side):
     """Each field's PTX turns a register of two int16 half-words into fp16 ``constant + code`` of that field
     for both halves, for every bit pattern of the other fields (which must not leak in); the constant is the one
-    the kernel takes off (``OFF*``)."""
+    the kernel takes off (``FIELD_OFF``, keys and values)."""
     import numpy as np
 
     from kvbench.kernels.triton import tensor_core
 
-    table = {4: tensor_core.ASM4, 2: tensor_core.ASM2, 1: tensor_core.ASM1}[width].value
-    consts = {4: tensor_core.OFF4, 2: tensor_core.OFF2, 1: tensor_core.OFF1}[width].value
+    n = 16 // width if width > 1 else 8
+    at = (side * 5 + width) * 8  # the kernel's index of field 0
+    table = tensor_core.PTX.value[at: at + n]
+    consts = tensor_core.FIELD_OFF.value[at: at + n]
     rng = np.random.default_rng(0)
     halves = rng.integers(0, 1 << 16, size=(4096, 2), dtype=np.uint32)
     if width == 1:  # the 1-bit slice is bytes widened (sign-extended) to int16
@@ -194,7 +197,7 @@ def test_tensor_core_unpack_ptx_gives_offset_codes(width):
         field = (halves >> (j * width)) & ((1 << width) - 1)
         got = _run_ptx(asm, words)
         assert (got.astype(np.float64) - field == consts[j]).all(), (j, asm)  # exact: no rounding either
-        assert consts[j] + (1 << width) - 1 <= 2048  # fp16 holds every integer up to 2048
+        assert consts[j] <= (64 if side else 256)  # values keep small constants (see tensor_core.SHIFTS)
 
 
 @pytest.mark.parametrize("n_prog,waves", [(3, 2), (8, 4), (64, 4), (5, 1), (40, 1)])
