@@ -65,10 +65,8 @@ def main(argv=None) -> None:
             best = None
             for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
                 knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
-                if maxnreg:
-                    knobs["maxnreg"] = maxnreg
-                if args.path == "tensor_core":  # always given: the table's rule may name another
-                    knobs.update(min_rows=min_rows, m_axis=m_axis)
+                if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
+                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -124,13 +122,17 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             mine = [r for r in rows if r["bits"] == bits and (SHAPES[r["shape"]][0] != SHAPES[r["shape"]][1]) == (group == "gqa")]
             if not mine:
                 continue
-            score = {}
+            rel = {}  # knobs -> case -> its least time relative to the case's best
             for r in mine:
-                k = tuple(r.get(x) for x in KNOBS)
-                score[k] = score.get(k, 0.0) + r["kernel_us"] / best[(r["shape"], r["batch"], r["T"], r["bits"])]
+                case = (r["shape"], r["batch"], r["T"], r["bits"])
+                cases = rel.setdefault(tuple(r.get(x) for x in KNOBS), {})
+                cases[case] = min(cases.get(case, float("inf")), r["kernel_us"] / best[case])
             n_cases = len({(r["shape"], r["batch"], r["T"]) for r in mine})
-            knobs = min((k for k in score if sum(1 for r in mine if tuple(r.get(x) for x in KNOBS) == k) == n_cases),
-                        key=score.get)
+            score = {k: sum(v.values()) for k, v in rel.items() if len(v) == n_cases}  # launches that ran every case
+            if not score:
+                print(f"no {group} {bits}-bit launch ran every case; its rule is left as it was", flush=True)
+                continue
+            knobs = min(score, key=score.get)
             when = {"group": group, "bits": [bits]}
             entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
             entry["rules"].insert(0, {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}})
