@@ -1,8 +1,9 @@
-"""Decode path ``tensor_core``: 1 <= G <= 16 query heads per KV head (GQA, and MHA where it beats ``cuda_core``:
-3 bits on the H200) on uniform codes of 2, 3 or 4 bits, head_dim 128.
+"""Decode path ``tensor_core``: 1 <= G <= 16 query heads per KV head (GQA and MHA: every H200 rule) on uniform
+codes of 2, 3 or 4 bits, head_dim 128.
 
-One program per KV head and split; the G query heads (padded to ``min_rows`` rows, or inside the instruction)
-are the M dimension of every ``tl.dot``. The channels are cut into ``NJ`` groups (4 at 4 bits, 8 at 2 and 3 bits): group ``j`` holds channels
+One program per KV head and split. With ``m_axis="tokens"`` the tile's tokens are the M dimension of both
+``tl.dot``s and the G query heads their N (padded to 8 inside the instruction); with ``"group"`` the G query heads
+(padded to ``min_rows`` rows, or inside the instruction) are the M. The channels are cut into ``NJ`` groups (4 at 4 bits, 8 at 2 and 3 bits): group ``j`` holds channels
 ``NJ * c + j``, which in the word layout of :mod:`kvbench.kernels` is field ``j`` of int16 half-word ``c`` of a
 token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes of group ``j`` are therefore an
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
