@@ -64,6 +64,7 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "min_rows": 1, "m_axis": "tokens"}),  # tokens as the dots' M
         ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "m_axis": "tokens"}),  # MHA
         ("tensor_core", 2, 2, 8, 0, 2, 128, {"tile": 32, "min_rows": 1, "m_axis": "tokens", "num_warps": 2}),
+        ("tensor_core", 4, 4, 2, 0, 1, 64, {"tile": 32, "m_axis": "tokens"}),  # G = 2 padded to 16 rows (N)
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
