@@ -77,8 +77,12 @@ def offsets(side: str, bits: int) -> tuple[float, ...]:
 def _flat(f, widths) -> tl.constexpr:
     """``f(side, width)`` (a tuple per field) as one flat tuple, entry ``(side * 5 + width) * 8 + j`` (side 0:
     keys, 1: values), the index the kernel computes from its compile-time arguments."""
-    return tl.constexpr(tuple(x for side in SIDES for w in range(5)
-                              for x in (f(side, w) if w in widths else ()) + (0,) * (8 - len(f(side, w) if w in widths else ()))))
+    out = []
+    for side in SIDES:
+        for w in range(5):
+            row = f(side, w) if w in widths else ()
+            out += [*row, *[0] * (8 - len(row))]
+    return tl.constexpr(tuple(out))
 
 
 PTX = _flat(lambda side, w: tuple(_magic(side, w, j) for j in range(len(SHIFTS[side][w]))), (1, 2, 4))
