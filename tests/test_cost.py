@@ -111,7 +111,7 @@ def test_roofline_floors_from_the_records():
         assert 0 < got["bytes_share"] < 1 and 0 < got["issue_share"] < 1
 
 
-def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_path, monkeypatch):
+def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_path, monkeypatch, capsys):
     """``benchmarks/tune_decode.py``: a run replaces only the rows it re-timed (same GPU, path, case, knobs); its
     rule per bit width is the launch with the least summed time relative to each case's best (by hand here)."""
     import sys
@@ -139,3 +139,12 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     rule = json.loads(table.read_text())["G"]["rules"][0]
     assert rule == {"when": {"group": "gqa", "bits": [4]}, "path": "tensor_core", "tile": 64, "num_warps": 1,
                     "num_stages": 2, "waves": 8, "min_rows": 1}
+
+    # a launch timed twice counts its better time; one that missed a case (tile 32) is not a candidate, though its
+    # time sets that case's best: 64: 10/9 + 100/88 = 2.25, 128: 20/9 + 88/88 = 3.22
+    tune.write_rules(rows + [row(1, 64, 11.0), row(1, 32, 9.0)], "G", "tensor_core")
+    assert json.loads(table.read_text())["G"]["rules"][0] == rule
+    # no launch ran every case: the width keeps its rule, and says so in one line
+    tune.write_rules([row(1, 32, 9.0), row(2, 128, 88.0)], "G", "tensor_core")
+    assert json.loads(table.read_text())["G"]["rules"] == [rule]
+    assert "no gqa 4-bit launch ran every case" in capsys.readouterr().out
