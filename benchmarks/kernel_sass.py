@@ -144,7 +144,7 @@ def main(argv=None) -> None:
                 continue
             tc = path == "tensor_core"
             for min_rows, m_axis, warps in itertools.product(
-                    args.min_rows if tc and args.min_rows else [rule.get("min_rows")],
+                    args.min_rows if tc and args.min_rows else [rule.get("min_rows", 16) if tc else None],
                     args.m_axis if tc and args.m_axis else [rule.get("m_axis", "group")],
                     args.num_warps if tc and args.num_warps else [rule["num_warps"]]):
                 launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps}
