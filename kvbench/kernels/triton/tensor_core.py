@@ -163,11 +163,13 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
 
 @triton.jit
 def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, b_first, b_end,
-                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr):
+                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr,
+                    STAGES: tl.constexpr):
     """The scaled-query table of KV row ``n``'s key blocks ``b_first .. b_end - 1``: per block the query rows
     scaled by the block's key scales (log2 domain), fp16, channels in group order (channel ``NJ * c + j`` at
     ``j * D / NJ + c``), and the scores' bias ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the
-    codes' constants come off here). Two splits that share a block write the same values."""
+    codes' constants come off here). Two splits that share a block write the same values. The blocks' scales
+    are loaded ``STAGES - 1`` blocks ahead (1: each block waits on its own loads, a memory latency per block)."""
     GQ: tl.constexpr = triton.next_power_of_2(G)
     g = tl.arange(0, GQ)
     d = tl.arange(0, D)
@@ -178,7 +180,7 @@ def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP
     off = tl.zeros((D,), tl.float32)  # each channel's code constant
     for j in tl.static_range(NJ):
         off = tl.where(d % NJ == j, _offset(j, BITS, 0), off)
-    for blk in range(b_first, b_end):
+    for blk in tl.range(b_first, b_end, num_stages=STAGES):
         ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
         kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
         qk = (q * ks[None, :]).to(tl.float16)
@@ -225,7 +227,7 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr,
+    TOKENS_M: tl.constexpr, TABLE_STAGES: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -256,7 +258,7 @@ def _tensor_core_kernel(
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         # this split's key blocks' scaled queries, read back (from L1/L2) by every tile of the loop
         _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, t_begin // KB,
-                        tl.cdiv(t_end, KB), G, D, NJ, BITS)
+                        tl.cdiv(t_end, KB), G, D, NJ, BITS, TABLE_STAGES)
         tl.debug_barrier()
         ar = tl.arange(0, BT)
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
@@ -331,14 +333,14 @@ def _tensor_core_kernel(
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group") -> dict:
+              m_axis: str = "group", table_stages: int = 4) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens")
+                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", TABLE_STAGES=table_stages)
 
 
 def applies(kv, G: int) -> bool:
@@ -349,11 +351,12 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", table_stages: int = 4):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows)."""
+    softmax runs on fewer padding rows). ``table_stages``: the scaled-query table's key blocks in flight
+    (:func:`_scaled_queries`)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -363,7 +366,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale), qk, bias,
-        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
+        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis, table_stages),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
