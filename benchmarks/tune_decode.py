@@ -45,7 +45,7 @@ def main(argv=None) -> None:
                    "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--m-axis", nargs="+", default=["group"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
-    p.add_argument("--table-stages", nargs="+", type=int, default=[4], help="scaled-query table blocks in flight "
+    p.add_argument("--table-stages", nargs="+", type=int, default=[1], help="scaled-query table blocks in flight "
                    "(tensor_core only; 1: a memory latency per key block)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
