@@ -45,8 +45,6 @@ def main(argv=None) -> None:
                    "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--m-axis", nargs="+", default=["group"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
-    p.add_argument("--table-stages", nargs="+", type=int, default=[1], help="scaled-query table blocks in flight "
-                   "(tensor_core only; 1: a memory latency per key block)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -54,7 +52,7 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name()
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.table_stages))
+                                  args.m_axis))
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -65,10 +63,10 @@ def main(argv=None) -> None:
             kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, table_stages in grid:
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
                 knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
                 if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
-                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis, table_stages=table_stages)
+                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -98,7 +96,7 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "table_stages", "vec", "fields")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "vec", "fields")
 CASE = ("gpu", "path", "shape", "batch", "T", "bits")
 
 

@@ -227,7 +227,7 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows():
 
     kernels = {name: f for m in (common, cuda_core, split_k, tensor_core) for name, f in vars(m).items()
                if name.endswith("_kernel") and hasattr(f, "fn")}  # jitted (interpreted here)
-    assert len(kernels) == 4, sorted(kernels)
+    assert len(kernels) == 5, sorted(kernels)
     for name, k in kernels.items():
         unspecialised = getattr(k, "do_not_specialize", None) or k.kwargs.get("do_not_specialize", [])
         params = inspect.signature(k.fn).parameters.values()

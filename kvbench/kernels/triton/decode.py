@@ -19,7 +19,7 @@ from .common import reduce_splits
 for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
-KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis", "table_stages"}
+KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis"}
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
@@ -54,7 +54,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         sm_scale: softmax scale (default ``D ** -0.5``).
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
-            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``, ``min_rows``, ``m_axis``, ``table_stages``).
+            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``, ``min_rows``, ``m_axis``).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.

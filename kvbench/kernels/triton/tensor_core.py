@@ -9,10 +9,12 @@ token's codes (of byte ``c`` for the 1-bit slice of 3-bit codes). A tile's codes
 *elementwise* function of its tile of half-words, so the compiler stages only the packed half-words through
 shared memory into the tensor cores' operand layout (2 or 4 bits per code, not 16) and unpacks in registers:
 one LOP3 (and part of a shared shift) per two codes gives exact fp16 ``offset_j + code`` (:func:`_magic`); the
-constants come off after the dots. Each program first writes, for the key blocks of its split (:func:`_scaled_queries`), the
-query rows times the block's key scales (fp16, channels in group order) and the scores' bias to a scratch
-table, so the main loop reads them as it reads the codes instead of scaling and re-laying out the query in
-every tile. Per tile of ``BT`` tokens:
+constants come off after the dots. A launch before the decode kernel (:func:`_table_kernel`) writes, per key
+block, the query rows times the block's key scales (fp16, channels in group order) and the scores' bias to a
+scratch table, so the main loop reads them as it reads the codes instead of scaling and re-laying out the query
+in every tile. (Built inside the decode kernel, one block after the other before each split's loop, the table
+cost the H200 up to 44 % of the GQA time: ``tune_decode_table_stages.json`` and docs/kernels.md.) Per tile of
+``BT`` tokens:
 
 * scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - sum_j offset_j *
   sum((q * k_scale)_j)``;
@@ -28,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (GROWING, LOG2E, fp16_split, launch_args, split_plan, split_range, uniform_per_token,
-                     use_inline_ptx)
+from .common import (GROWING, LOG2E, fp16_split, gpu_counts, launch_args, split_plan, split_range,
+                     uniform_per_token, use_inline_ptx)
 
 # Field J of an int16 half-word, two half-words per register (the tensor-core operand's K pairs), as exact fp16
 # ``2**(10 - p) + code``: a LOP3 masks the field where it lies (at mantissa bit ``p``, ``p + width <= 10``) and
@@ -151,7 +153,7 @@ def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, ASM:
 def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr, TOKENS_M: tl.constexpr):
     """Channel group ``J``'s part of the scores: its scaled query fp16, read from the table of
-    :func:`_scaled_queries` (so it reaches the tensor cores as the codes do), times the codes. ``(GP, BT)``, or
+    :func:`_table_kernel` (so it reaches the tensor cores as the codes do), times the codes. ``(GP, BT)``, or
     with ``TOKENS_M`` ``(BT, GP)`` (codes ``(BT, NC)`` times the query ``(NC, GP)``)."""
     qk = tl.load(qk_rows + J * NC, mask=qm, other=0.0)
     if TOKENS_M:
@@ -161,33 +163,35 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
     return s
 
 
-@triton.jit
-def _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, b_first, b_end,
-                    G: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr,
-                    STAGES: tl.constexpr):
-    """The scaled-query table of KV row ``n``'s key blocks ``b_first .. b_end - 1``: per block the query rows
-    scaled by the block's key scales (log2 domain), fp16, channels in group order (channel ``NJ * c + j`` at
-    ``j * D / NJ + c``), and the scores' bias ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the
-    codes' constants come off here). Two splits that share a block write the same values. The blocks' scales
-    are loaded ``STAGES - 1`` blocks ahead (1: each block waits on its own loads, a memory latency per block)."""
-    GQ: tl.constexpr = triton.next_power_of_2(G)
-    g = tl.arange(0, GQ)
-    d = tl.arange(0, D)
-    gm = g < G
-    q = tl.load(q_ptr + (n * G + g[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-    q = q * (sm_scale * LOG2E)
-    grouped = (d % NJ) * (D // NJ) + d // NJ
-    off = tl.zeros((D,), tl.float32)  # each channel's code constant
+@triton.jit(do_not_specialize=["NB_CAP"])
+def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
+                  GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
+                  CB: tl.constexpr):
+    """The scaled-query table of KV row ``program_id(0)``, key blocks ``CB * program_id(1) ..`` (those holding
+    packed tokens): per block the query rows scaled by the block's key scales (log2 domain), fp16, channels in
+    group order (table column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias
+    ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the codes' constants come off here).
+    One program writes ``CB`` blocks' rows, each row one contiguous store."""
+    NC: tl.constexpr = D // NJ
+    n = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, CB * GQ)
+    blk = tl.program_id(1) * CB + r // GQ
+    g = r % GQ
+    ok = (g < G) & (blk < tl.cdiv(tl.load(packed_len_ptr).to(tl.int32), KB))
+    e = tl.arange(0, D)
+    ch = NJ * (e % NC) + e // NC  # the channel of table column e
+    off = tl.zeros((D,), tl.float32)  # each column's code constant
     for j in tl.static_range(NJ):
-        off = tl.where(d % NJ == j, _offset(j, BITS, 0), off)
-    for blk in tl.range(b_first, b_end, num_stages=STAGES):
-        ks = tl.load(ks_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
-        kz = tl.load(kz_ptr + (n * NB_CAP + blk) * D + d).to(tl.float32)
-        qk = (q * ks[None, :]).to(tl.float16)
-        bias = tl.sum(q * kz[None, :] - off[None, :] * qk.to(tl.float32), axis=1)
-        row = (n * NB_CAP + blk) * G + g
-        tl.store(qk_ptr + row[:, None] * D + grouped[None, :], qk, mask=gm[:, None])
-        tl.store(bias_ptr + row, bias, mask=gm)
+        off = tl.where(e // NC == j, _offset(j, BITS, 0), off)
+    q = tl.load(q_ptr + (n * G + g)[:, None] * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    q = q * (sm_scale * LOG2E)
+    at = (n * NB_CAP + blk)[:, None] * D + ch[None, :]
+    ks = tl.load(ks_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    kz = tl.load(kz_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    qk = (q * ks).to(tl.float16)
+    row = (n * NB_CAP + blk) * G + g
+    tl.store(qk_ptr + row[:, None] * D + e[None, :], qk, mask=ok[:, None])
+    tl.store(bias_ptr + row, tl.sum(q * kz - off[None, :] * qk.to(tl.float32), axis=1), mask=ok)
 
 
 @triton.jit
@@ -227,7 +231,7 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, TABLE_STAGES: tl.constexpr,
+    TOKENS_M: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -256,10 +260,6 @@ def _tensor_core_kernel(
         acc7 = tl.zeros((GP, NC), tl.float32)
         om = g_mask[:, None]  # the real query rows
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
-        # this split's key blocks' scaled queries, read back (from L1/L2) by every tile of the loop
-        _scaled_queries(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, sm_scale, n, NB_CAP, t_begin // KB,
-                        tl.cdiv(t_end, KB), G, D, NJ, BITS, TABLE_STAGES)
-        tl.debug_barrier()
         ar = tl.arange(0, BT)
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
         # codes and the table, which feed the dots; these waited on memory in every tile)
@@ -333,14 +333,14 @@ def _tensor_core_kernel(
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", table_stages: int = 1) -> dict:
+              m_axis: str = "group") -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", TABLE_STAGES=table_stages)
+                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens")
 
 
 def applies(kv, G: int) -> bool:
@@ -351,12 +351,11 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", table_stages: int = 1):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows). ``table_stages``: the scaled-query table's key blocks in flight
-    (:func:`_scaled_queries`)."""
+    softmax runs on fewer padding rows)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -364,9 +363,16 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
+    counts = gpu_counts(q, kv)
+    GQ = triton.next_power_of_2(G)
+    CB = max(1, 16 // GQ)  # key blocks per table program: 16 rows of D
+    _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
+        q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, G=G, GQ=GQ, D=D, NJ=channel_groups(kv.key_bits),
+        BITS=kv.key_bits, KB=kv.key_block, CB=CB, num_warps=4,
+    )
     _tensor_core_kernel[(B * H, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale), qk, bias,
-        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis, table_stages),
+        *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
+        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
