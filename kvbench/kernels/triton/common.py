@@ -157,15 +157,18 @@ def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n
 
 
 @triton.jit(do_not_specialize=["S1"])
-def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr):
+def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
+    """Query row ``program_id(0)``, channels ``DC * program_id(1) ..``: the splits' outputs weighted by their
+    sum-exps."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SP)
     sm = offs_s < S1
     lse = tl.load(lse_ptr + row * S1 + offs_s, mask=sm, other=float("-inf"))
     w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
-    o = tl.load(o_ptr + (row * S1 + offs_s)[:, None] * D + tl.arange(0, D)[None, :], mask=sm[:, None], other=0.0)
+    offs_d = tl.program_id(1) * DC + tl.arange(0, DC)
+    o = tl.load(o_ptr + (row * S1 + offs_s)[:, None] * D + offs_d[None, :], mask=sm[:, None], other=0.0)
     out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,18 +225,23 @@ def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: i
     return SplitPlan(n_splits, o_part, lse, unit)
 
 
-def launch_args(q, kv, plan: SplitPlan, sm_scale: float) -> tuple:
+def gpu_counts(q, kv) -> tuple:
+    """``(packed_len, recent_len)``: ``kv.packed_len``, ``kv.recent_len``, the counts on the GPU the kernels read
+    (made from ``kv.n_packed``, ``kv.n_recent`` when unset)."""
+    return tuple(t if t is not None else torch.full((1,), n, dtype=torch.int64, device=q.device)
+                 for t, n in ((kv.packed_len, kv.n_packed), (kv.recent_len, kv.n_recent)))
+
+
+def launch_args(q, kv, plan: SplitPlan, sm_scale: float, counts: tuple | None = None) -> tuple:
     """The arguments every decode kernel starts with (its own follow)::
 
         q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, sink_k, sink_v, recent_k, recent_v,
         o_part, lse, sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr,
         unit, n_splits
 
-    ``packed_len_ptr``, ``recent_len_ptr``: ``kv.packed_len``, ``kv.recent_len``, the counts on the GPU (made
-    from ``kv.n_packed``, ``kv.n_recent`` when unset).
+    ``packed_len_ptr``, ``recent_len_ptr``: ``counts``, or :func:`gpu_counts`.
     """
-    counts = [t if t is not None else torch.full((1,), n, dtype=torch.int64, device=q.device)
-              for t, n in ((kv.packed_len, kv.n_packed), (kv.recent_len, kv.n_recent))]
+    counts = counts or gpu_counts(q, kv)
     return (
         q, kv.k_words, kv.k_scale, kv.k_zero, kv.v_words, kv.v_scale, kv.v_zero,
         kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v, plan.o_part, plan.lse,
@@ -247,7 +255,8 @@ def reduce_splits(q, plan: SplitPlan) -> torch.Tensor:
     B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     S1 = plan.grid_splits
-    _reduce_kernel[(B * Hq,)](plan.o_part, plan.lse, out, S1, SP=triton.next_power_of_2(S1), D=D)
+    DC = min(D, 32)  # channels per program: at batch 1 a few dozen rows would leave most SMs idle
+    _reduce_kernel[(B * Hq, D // DC)](plan.o_part, plan.lse, out, S1, SP=triton.next_power_of_2(S1), D=D, DC=DC)
     return out
 
 
