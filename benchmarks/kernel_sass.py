@@ -46,7 +46,7 @@ KINDS = {
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
         "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits").split()  # common.launch_args
 PATHS = {  # path: (kernel, its arguments after the common ones)
-    "tensor_core": (tensor_core._tensor_core_kernel, ["ksg_ptr", "bias_ptr"]),
+    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr"]),
     "cuda_core": (cuda_core._cuda_core_kernel, []),
 }
 GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (Llama-3-8B, Llama-2-7B heads)

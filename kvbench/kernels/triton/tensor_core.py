@@ -150,25 +150,12 @@ def _codes(main, low, J: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, ASM:
 
 
 @triton.jit
-def _query_part(q_ptr, rows, g_mask, c, scale, J: tl.constexpr, NJ: tl.constexpr, D: tl.constexpr,
-                TOKENS_M: tl.constexpr):
-    """Channel group ``J`` of the query rows (channels ``NJ * c + J``), times ``scale``, fp16: ``(NC, GP)`` with
-    ``TOKENS_M`` (the dots' N), else ``(GP, NC)``."""
-    if TOKENS_M:
-        q = tl.load(q_ptr + rows[None, :] * D + (NJ * c + J)[:, None], mask=g_mask[None, :], other=0.0)
-    else:
-        q = tl.load(q_ptr + rows[:, None] * D + (NJ * c + J)[None, :], mask=g_mask[:, None], other=0.0)
-    return (q.to(tl.float32) * scale).to(tl.float16)
-
-
-@triton.jit
-def _score_part(s, q, ks_rows, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
+def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr,
                 ASM: tl.constexpr, TOKENS_M: tl.constexpr):
-    """Channel group ``J``'s part of the scores: the query part ``q`` (:func:`_query_part`) times the group's key
-    scales, read from the table of :func:`_table_kernel` (channels in group order, so that they reach the tensor
-    cores as the codes do), times the codes. ``(GP, BT)``, or with ``TOKENS_M`` ``(BT, GP)`` (codes ``(BT, NC)``
-    times the query ``(NC, GP)``)."""
-    qk = q * tl.load(ks_rows + J * NC)  # fp16 x fp16
+    """Channel group ``J``'s part of the scores: its scaled query fp16, read from the table of
+    :func:`_table_kernel` (so it reaches the tensor cores as the codes do), times the codes. ``(GP, BT)``, or
+    with ``TOKENS_M`` ``(BT, GP)`` (codes ``(BT, NC)`` times the query ``(NC, GP)``)."""
+    qk = tl.load(qk_rows + J * NC, mask=qm, other=0.0)
     if TOKENS_M:
         s = tl.dot(_codes(main, low, J, BITS, 0, ASM), qk, s)
     else:
@@ -177,13 +164,14 @@ def _score_part(s, q, ks_rows, main, low, J: tl.constexpr, NC: tl.constexpr, BIT
 
 
 @triton.jit(do_not_specialize=["NB_CAP"])
-def _table_kernel(q_ptr, ks_ptr, kz_ptr, ksg_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
+def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
                   GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
                   CB: tl.constexpr):
-    """The key-block table of KV row ``program_id(0)``, key blocks ``CB * program_id(1) ..`` (those holding
-    packed tokens): per block its key scales in channel-group order (column ``j * D / NJ + c`` holds channel
-    ``NJ * c + j``; fp16, a contiguous row), and per block and query row the scores' bias (log2 domain)
-    ``q . k_zero - sum_j offset_j * sum(q_j * k_scale_j)`` (the codes' constants come off here)."""
+    """The scaled-query table of KV row ``program_id(0)``, key blocks ``CB * program_id(1) ..`` (those holding
+    packed tokens): per block the query rows scaled by the block's key scales (log2 domain), fp16, channels in
+    group order (table column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias
+    ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the codes' constants come off here).
+    One program writes ``CB`` blocks' rows, each row one contiguous store."""
     NC: tl.constexpr = D // NJ
     n = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, CB * GQ)
@@ -200,9 +188,10 @@ def _table_kernel(q_ptr, ks_ptr, kz_ptr, ksg_ptr, bias_ptr, packed_len_ptr, sm_s
     at = (n * NB_CAP + blk)[:, None] * D + ch[None, :]
     ks = tl.load(ks_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    qk = (q.to(tl.float16) * ks.to(tl.float16)).to(tl.float32)  # as the decode kernel rounds it for the dot
-    tl.store(ksg_ptr + (n * NB_CAP + blk)[:, None] * D + e[None, :], ks.to(tl.float16), mask=(ok & (g == 0))[:, None])
-    tl.store(bias_ptr + (n * NB_CAP + blk) * G + g, tl.sum(q * kz - off[None, :] * qk, axis=1), mask=ok)
+    qk = (q * ks).to(tl.float16)
+    row = (n * NB_CAP + blk) * G + g
+    tl.store(qk_ptr + row[:, None] * D + e[None, :], qk, mask=ok[:, None])
+    tl.store(bias_ptr + row, tl.sum(q * kz - off[None, :] * qk.to(tl.float32), axis=1), mask=ok)
 
 
 @triton.jit
@@ -240,7 +229,7 @@ def _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
-    ksg_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
     TOKENS_M: tl.constexpr,
 ):
@@ -270,15 +259,6 @@ def _tensor_core_kernel(
         acc6 = tl.zeros((GP, NC), tl.float32)
         acc7 = tl.zeros((GP, NC), tl.float32)
         om = g_mask[:, None]  # the real query rows
-        qs = sm_scale * LOG2E  # the scores in the log2 domain
-        q0 = _query_part(q_ptr, rows, g_mask, c, qs, 0, NJ, D, TOKENS_M)
-        q1 = _query_part(q_ptr, rows, g_mask, c, qs, 1, NJ, D, TOKENS_M)
-        q2 = _query_part(q_ptr, rows, g_mask, c, qs, 2, NJ, D, TOKENS_M)
-        q3 = _query_part(q_ptr, rows, g_mask, c, qs, 3, NJ, D, TOKENS_M)
-        q4 = _query_part(q_ptr, rows, g_mask, c, qs, 4 % NJ, NJ, D, TOKENS_M)  # used only with NJ == 8
-        q5 = _query_part(q_ptr, rows, g_mask, c, qs, 5 % NJ, NJ, D, TOKENS_M)
-        q6 = _query_part(q_ptr, rows, g_mask, c, qs, 6 % NJ, NJ, D, TOKENS_M)
-        q7 = _query_part(q_ptr, rows, g_mask, c, qs, 7 % NJ, NJ, D, TOKENS_M)
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         ar = tl.arange(0, BT)
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
@@ -291,23 +271,25 @@ def _tensor_core_kernel(
             vs, vz, bias = vs_next, vz_next, bias_next
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
                                                        ar, offs_g, g_mask, G, KB)
-            ksb = ksg_ptr + (n * NB_CAP + t0 // KB) * D  # the tile's key block's scales, channels in group order
+            blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
             if TOKENS_M:  # the tokens are the dots' M: scores (BT, GP), transposed (a layout, not a copy)
-                ks_rows = ksb + c[:, None] + 0 * offs_g[None, :]  # (NC, GP): the query parts' layout
+                qk_rows = qk_ptr + blk[None, :] * D + c[:, None]
+                qm = g_mask[None, :]
                 s = tl.zeros((BT, GP), tl.float32)
             else:  # the query rows are the dots' M
-                ks_rows = ksb + c[None, :] + 0 * offs_g[:, None]
+                qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
+                qm = om
                 s = tl.zeros((GP, BT), tl.float32)
             kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
-            s = _score_part(s, q0, ks_rows, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, q1, ks_rows, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, q2, ks_rows, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, q3, ks_rows, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
+            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
             if NJ == 8:
-                s = _score_part(s, q4, ks_rows, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, q5, ks_rows, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, q6, ks_rows, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, q7, ks_rows, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
             if TOKENS_M:
                 s = tl.trans(s)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
@@ -379,17 +361,17 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     G = Hq // H
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
-    ksg = torch.empty(B * H, NB_CAP, D, dtype=torch.float16, device=q.device)
+    qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     counts = gpu_counts(q, kv)
     GQ = triton.next_power_of_2(G)
     CB = max(1, 16 // GQ)  # key blocks per table program: 16 rows of D
     _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
-        q, kv.k_scale, kv.k_zero, ksg, bias, counts[0], sm_scale, NB_CAP, G=G, GQ=GQ, D=D, NJ=channel_groups(kv.key_bits),
+        q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, G=G, GQ=GQ, D=D, NJ=channel_groups(kv.key_bits),
         BITS=kv.key_bits, KB=kv.key_block, CB=CB, num_warps=4,
     )
     _tensor_core_kernel[(B * H, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale, counts), ksg, bias,
+        *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
         **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
