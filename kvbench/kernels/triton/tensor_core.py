@@ -13,8 +13,7 @@ constants come off after the dots. A launch before the decode kernel (:func:`_ta
 block, the query rows times the block's key scales (fp16, channels in group order) and the scores' bias to a
 scratch table, so the main loop reads them as it reads the codes instead of scaling and re-laying out the query
 in every tile. (Built inside the decode kernel, one block after the other before each split's loop, the table
-cost the H200 up to 44 % of the GQA time: ``tune_decode_table_stages.json`` and docs/kernels.md.) Per tile of
-``BT`` tokens:
+cost the H200 up to 28 % of the GQA time: docs/kernels.md.) Per tile of ``BT`` tokens:
 
 * scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - sum_j offset_j *
   sum((q * k_scale)_j)``;
