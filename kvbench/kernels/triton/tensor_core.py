@@ -170,26 +170,28 @@ def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_sc
     packed tokens): per block the query rows scaled by the block's key scales (log2 domain), fp16, channels in
     group order (table column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias
     ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the codes' constants come off here).
-    One program writes ``CB`` blocks' rows, each row one contiguous store."""
+    One program writes ``CB`` blocks' rows; loads and stores are contiguous rows (the channels are put in group
+    order in registers)."""
     NC: tl.constexpr = D // NJ
+    R: tl.constexpr = CB * GQ
     n = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, CB * GQ)
+    r = tl.arange(0, R)
     blk = tl.program_id(1) * CB + r // GQ
     g = r % GQ
     ok = (g < G) & (blk < tl.cdiv(tl.load(packed_len_ptr).to(tl.int32), KB))
-    e = tl.arange(0, D)
-    ch = NJ * (e % NC) + e // NC  # the channel of table column e
-    off = tl.zeros((D,), tl.float32)  # each column's code constant
+    d = tl.arange(0, D)
+    off = tl.zeros((D,), tl.float32)  # each channel's code constant
     for j in tl.static_range(NJ):
-        off = tl.where(e // NC == j, _offset(j, BITS, 0), off)
-    q = tl.load(q_ptr + (n * G + g)[:, None] * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        off = tl.where(d % NJ == j, _offset(j, BITS, 0), off)
+    q = tl.load(q_ptr + (n * G + g)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     q = q * (sm_scale * LOG2E)
-    at = (n * NB_CAP + blk)[:, None] * D + ch[None, :]
+    at = (n * NB_CAP + blk)[:, None] * D + d[None, :]
     ks = tl.load(ks_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     qk = (q * ks).to(tl.float16)
     row = (n * NB_CAP + blk) * G + g
-    tl.store(qk_ptr + row[:, None] * D + e[None, :], qk, mask=ok[:, None])
+    grouped = tl.reshape(tl.permute(tl.reshape(qk, (R, NC, NJ)), (0, 2, 1)), (R, D))  # channel NJ * c + j -> j * NC + c
+    tl.store(qk_ptr + row[:, None] * D + d[None, :], grouped, mask=ok[:, None])
     tl.store(bias_ptr + row, tl.sum(q * kz - off[None, :] * qk.to(tl.float32), axis=1), mask=ok)
 
 
