@@ -145,8 +145,17 @@ def packed_bytes_read(kv) -> int:
 
 def build_format(fmt: str, k, v, bits: int, args):
     """The packed cache of ``k, v (B, H, T, D)`` in format ``fmt`` (see the module docstring), the last
-    ``args.recent`` tokens in fp16. Codebooks, thresholds and channel scales are stand-ins with the right shapes
-    and plausible values: the kernels' cost does not depend on them."""
+    ``args.recent`` tokens in fp16, its counts on the GPU as the cache keeps them (else every decode would also
+    time the two fills that make them). Codebooks, thresholds and channel scales are stand-ins with the right
+    shapes and plausible values: the kernels' cost does not depend on them."""
+    kv = _build_format(fmt, k, v, bits, args)
+    for store in kv if isinstance(kv, list) else [kv]:
+        store.packed_len, store.recent_len = (torch.full((1,), c, dtype=torch.int64, device=k.device)
+                                              for c in (store.n_packed, store.n_recent))
+    return kv
+
+
+def _build_format(fmt: str, k, v, bits: int, args):
     B, H, T, D = k.shape
     if fmt == "uniform":
         return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
