@@ -5,6 +5,7 @@ bit width, and print the best per case.
 ``benchmarks/results/tune_decode.json`` (every timing, named by its GPU); with ``--write-rules`` it also puts
 this GPU's rules for the tuned path into ``kvbench/kernels/tuning.json``: per bit width, the launch
 parameters with the least total time over the cases, each case's time taken relative to its best.
+The default grid is the region every H200 rule came from (one warp, tokens as the dots' M, 8 or 12 waves).
 Needs torch and kvbench.kernels.
 """
 
@@ -36,14 +37,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--tile", nargs="+", type=int, default=[64, 128])
-    p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--num-warps", nargs="+", type=int, default=[1])
     p.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
-    p.add_argument("--waves", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--waves", nargs="+", type=int, default=[8, 12])
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0], help="register caps per thread (0: none; "
                    "tensor_core only)")
-    p.add_argument("--min-rows", nargs="+", type=int, default=[16], help="least M of the dots (tensor_core only; "
+    p.add_argument("--min-rows", nargs="+", type=int, default=[1], help="least M of the dots (tensor_core only; "
                    "16: the query rows padded to the tensor cores' M)")
-    p.add_argument("--m-axis", nargs="+", default=["group"], choices=tk.tensor_core.M_AXES,
+    p.add_argument("--m-axis", nargs="+", default=["tokens"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
