@@ -65,6 +65,8 @@ def bench_us(fn, graph: bool = True, flush: str = "read") -> float:
     Triton launches of a packed decode (``kernel_call_us`` in the records), which made the GPU wait between
     the timing events and inflated the small cases of the earlier (eager) H200 records.
     """
+    if flush not in L2_FLUSHES:
+        raise ValueError(f"flush must be one of {L2_FLUSHES}, got {flush!r}")
     if not torch.cuda.is_available():  # --smoke on a CPU: wall time of a few calls (meaningless numbers)
         import time
 
@@ -74,8 +76,6 @@ def bench_us(fn, graph: bool = True, flush: str = "read") -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
         return sorted(times)[1]
-    if flush not in L2_FLUSHES:
-        raise ValueError(f"flush must be one of {L2_FLUSHES}, got {flush!r}")
     if graph:
         fn()  # compiled, allocator warm, outside the capture
         side = torch.cuda.Stream()

@@ -1,6 +1,7 @@
 """The cost of a run (issue 16): format names, the benchmark lookup, the derived report columns, and the decode
 benchmark's ``--formats`` smoke run on a CPU (Triton interpreter)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kvbench.kernels import ops, reference  # noqa: E402
@@ -82,6 +84,16 @@ def test_benchmark_formats_smoke(tmp_path):
     assert by["qokv", 4]["format"] == "k-token+pre-rope+channel-affine+mixed-4:3/4:4/4:5"
     assert by["kvquant", 3]["format"] == "k-channel+nuq+pre-rope+k-outliers+v-outliers"
     assert all(r["rel_err_vs_reference"] < 2e-3 and r["path"] == "split_k" for r in rows if r["method"] != "uniform")
+    assert {r["l2_flush"] for r in rows} == {"read"}  # the flush is recorded
+    with pytest.raises(ValueError, match="flush must be one of"):
+        bench.bench_us(lambda: None, flush="zero")
+    # the benchmark's caches hold their counts on the GPU as the cache does (no fills timed with each decode)
+    k, v = torch.randn(2, 2, 2, 80, 64).unbind(0)  # 64 packed tokens and 16 recent
+    args = argparse.Namespace(key_block=32, value_group=64, recent=16)
+    for fmt in ("uniform", "qokv"):
+        kv = bench.build_format(fmt, k, v, 4, args)
+        for store in kv if isinstance(kv, list) else [kv]:
+            assert (store.packed_len.item(), store.recent_len.item()) == (store.n_packed, store.n_recent)
 
 
 def test_roofline_floors_from_the_records():
