@@ -300,14 +300,15 @@ def write_markdown(records: list[dict], path: Path) -> None:
         "(default backend) time / kernel time; `vs best` uses the faster of SDPA default and flash; `bw frac` = "
         "packed bytes read per second / copy bandwidth. `timing`: `cuda graph` = GPU time of a replayed graph (both "
         "sides), with `call us` the packed decode called from Python (host work included); `eager` = older rows, "
-        "timed as called.",
+        "timed as called. `flush`: how the L2 was emptied before each run (`read`: 256 MiB read; `write`: 256 MiB "
+        "zeroed, as `triton.testing.do_bench` does, in rows without the field; see `bench_us`).",
         "",
-        "| gpu | shape | B | T | bits | method | path | timing | kernel us | call us | fp16 us | flash us | speedup | vs best | bw frac | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gpu | shape | B | T | bits | method | path | timing | flush | kernel us | call us | fp16 us | flash us | speedup | vs best | bw frac | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(f"| {r['gpu']} | {r['shape']} | {r['batch']} | {r['T']} | {r['bits']} | {r.get('method', 'uniform')} | "
-                     f"{r['path']} | {r.get('timing', 'eager')} | "
+                     f"{r['path']} | {r.get('timing', 'eager')} | {r.get('l2_flush', 'write')} | "
                      f"{r['kernel_us']} | {r.get('kernel_call_us', '–')} | {r['fp16_us']} | {r['fp16_flash_us']} | {r['speedup']} | "
                      f"{r['speedup_vs_best_fp16']} | {r['bandwidth_frac']} | {r['rel_err_vs_reference']} |")
     path.write_text("\n".join(lines) + "\n")
