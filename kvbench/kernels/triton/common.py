@@ -208,17 +208,15 @@ class SplitPlan:
 
 def split_plan(q, kv, tile: int, unit: int, n_prog: int, waves: int, n_splits: int | None = None) -> SplitPlan:
     """Split the packed tokens in units of ``unit`` tokens (a multiple of ``tile``) so that at most ``waves``
-    programs per SM are launched, the fp16 tokens' split included (``n_prog`` programs per split; rounded down,
-    so that when ``waves`` programs fit on an SM at once no SM runs a second, nearly empty round: before the
-    fp16 split was counted, its ``n_prog`` programs, the last in launch order, ran in such a round), unless
-    ``n_splits`` is given.
+    programs per SM are launched (``n_prog`` programs per split; rounded down, so that when ``waves`` programs
+    fit on an SM at once no SM runs a second, nearly empty round), unless ``n_splits`` is given.
 
     The split count follows the store's capacity (``kv.k_words.shape[2]``), not its count: a decode step
     replayed as a CUDA graph keeps it while the cache fills up to that capacity (the splits past the tokens
     held are empty); where the capacity is the count (a store built at its size) the two agree."""
     n_units = triton.cdiv(max(kv.n_packed, kv.k_words.shape[2]), unit)
     if n_splits is None:
-        n_splits = max(1, min(n_units, waves * num_sms(q.device) // n_prog - 1))
+        n_splits = max(1, min(n_units, waves * num_sms(q.device) // n_prog))
     per = max(1, triton.cdiv(n_units, max(n_splits, 1)))
     n_splits = triton.cdiv(n_units, per) if n_units else 0
     B, Hq, D = q.shape
