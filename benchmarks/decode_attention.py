@@ -155,6 +155,12 @@ def build_format(fmt: str, k, v, bits: int, args):
     return kv
 
 
+def plain_cache(k, v, bits: int):
+    """The uniform packed cache of ``k, v`` at the benchmark's defaults (key blocks of 128, one value group per
+    token, 128 recent fp16 tokens), counts on the GPU: what ``tune_decode.py`` and ``ncu_decode.py`` time."""
+    return build_format("uniform", k, v, bits, argparse.Namespace(key_block=128, value_group=k.shape[-1], recent=128))
+
+
 def _build_format(fmt: str, k, v, bits: int, args):
     B, H, T, D = k.shape
     if fmt == "uniform":

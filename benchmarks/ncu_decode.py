@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from decode_attention import SHAPES  # noqa: E402
+from decode_attention import SHAPES, plain_cache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ncu"
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis")
@@ -34,13 +34,12 @@ def case(text: str) -> tuple[str, int, int, int]:
 def launch(shape: str, bits: int, batch: int, T: int) -> None:
     import torch
 
-    from kvbench.kernels import ops
     from kvbench.kernels import triton as tk
 
     hq, hkv, d = SHAPES[shape]
     torch.manual_seed(0)
     k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
-    kv = ops.build_packed_kv(k, torch.randn_like(k), bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
+    kv = plain_cache(k, torch.randn_like(k), bits)
     q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
     print(shape, bits, batch, T, tk.choose(q, kv), flush=True)
     tk.decode_attention(q, kv)

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from decode_attention import REL_BAR, SHAPES, bench_us, rel_err_vs_reference  # noqa: E402
+from decode_attention import REL_BAR, SHAPES, bench_us, plain_cache, rel_err_vs_reference  # noqa: E402
 
-from kvbench.kernels import ops, tuning  # noqa: E402
+from kvbench.kernels import tuning  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
             v = torch.randn_like(k)
             q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
-            kv = ops.build_packed_kv(k, v, bits, bits, 128, d, n_sink=0, n_recent=128, impl="triton")
+            kv = plain_cache(k, v, bits)
             del k, v
             best = None
             for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
