@@ -234,3 +234,20 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows():
         counts = [p.name for p in params if "constexpr" not in str(p.annotation) and not p.name.endswith("_ptr")
                   and p.name not in ("sm_scale", "H")]  # H: the model's KV heads, fixed
         assert counts and set(counts) <= set(unspecialised), (name, counts, unspecialised)
+
+
+def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
+    """A bad ``m_axis`` or a tile that does not divide the key block is one ValueError before the table launch."""
+    from kvbench.kernels.triton import tensor_core
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(tensor_core, "_table_kernel", NoLaunch())
+    monkeypatch.setattr(tensor_core, "_tensor_core_kernel", NoLaunch())
+    q, kv = _case(4, 4, 4, 0, 2, 64, value_group=128, D=128)  # a format tensor_core applies to
+    with pytest.raises(ValueError, match="m_axis must be one of"):
+        ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, m_axis="rows")
+    with pytest.raises(ValueError, match="must divide key_block"):
+        ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=24)

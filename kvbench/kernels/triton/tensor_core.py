@@ -360,6 +360,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
+    const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis)  # checks first
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
@@ -368,13 +369,12 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     GQ = triton.next_power_of_2(G)
     CB = max(1, 16 // GQ)  # key blocks per table program: 16 rows of D
     _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
-        q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, G=G, GQ=GQ, D=D, NJ=channel_groups(kv.key_bits),
-        BITS=kv.key_bits, KB=kv.key_block, CB=CB, num_warps=4,
+        q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, GQ=GQ, CB=CB, num_warps=4,
+        **{k: const[k] for k in ("G", "D", "NJ", "BITS", "KB")},
     )
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
-        **constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis),
-        num_warps=num_warps, num_stages=num_stages,
+        **const, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return plan
