@@ -8,6 +8,8 @@ its reference-twin test in ``tests/test_kernels_fast.py``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from kvbench.registry import plugins, register, unknown_name_error
@@ -19,7 +21,7 @@ from .common import reduce_splits
 for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
-KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis"}
+KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis", "pdl"}
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
@@ -40,6 +42,9 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
         if (kv.plain or rule["path"] == "split_k") and PATHS[rule["path"]].applies(kv, G):
             rule = {**rule, **overrides}
             rule["tile"] = min(rule["tile"], kv.key_block)  # a tile reads one key block's scales
+            foreign = set(rule) - {"path"} - set(inspect.signature(PATHS[rule["path"]].launch).parameters)
+            if foreign:
+                raise ValueError(f"the {rule['path']} path takes no tuning keys {sorted(foreign)}")
             return {**rule, "gpu": gpu, "measured_on": tuning_table.measured_on(gpu)}
     raise ValueError(f"decode path {path!r} does not apply to this packed format (G={G}, {kv.key_bits}/"
                      f"{kv.value_bits} bits, codebooks/pre-RoPE/outliers/grouped values)")
@@ -54,7 +59,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         sm_scale: softmax scale (default ``D ** -0.5``).
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
-            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``, ``min_rows``, ``m_axis``).
+            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``, ``min_rows``, ``m_axis``, ``pdl``).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.
@@ -69,4 +74,4 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         return reduce_splits(q, split_k.launch_parts(q, kv, scale, **knobs))
     launch = choose(q, kv, path, **tuning)
     knobs = {k: v for k, v in launch.items() if k in KNOBS}
-    return reduce_splits(q, PATHS[launch["path"]].launch(q, kv, scale, **knobs))
+    return reduce_splits(q, PATHS[launch["path"]].launch(q, kv, scale, **knobs), pdl=knobs.get("pdl", "none") != "none")
