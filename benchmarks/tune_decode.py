@@ -46,8 +46,6 @@ def main(argv=None) -> None:
                    "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--m-axis", nargs="+", default=["tokens"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
-    p.add_argument("--pdl", nargs="+", default=["none"], choices=tk.tensor_core.PDLS, help="which launches are "
-                   "programmatic dependent launches (tensor_core only): the reduction, or every one")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -55,7 +53,7 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name()
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.pdl))
+                                  args.m_axis))
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -66,10 +64,10 @@ def main(argv=None) -> None:
             kv = plain_cache(k, v, bits)
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, pdl in grid:
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
                 knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
                 if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
-                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis, pdl=pdl)
+                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -85,8 +83,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                     print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
-                shown = {k: v for k, v in knobs.items() if (k, v) != ("pdl", "none")}  # as the rows before the knob
-                rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **shown,
+                rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
                                  kernel_us=round(us, 2), rel_err_vs_reference=rel))
                 if best is None or us < best["kernel_us"]:
                     best = rows[-1]
@@ -100,7 +97,7 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "pdl", "vec", "fields")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "vec", "fields")
 CASE = ("gpu", "path", "shape", "batch", "T", "bits")
 
 

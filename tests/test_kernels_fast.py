@@ -157,23 +157,8 @@ def test_choice_is_data_and_forced_paths_are_checked():
         tk.choose(q, kv, "fmag")
     with pytest.raises(ValueError, match="unknown tuning keys"):
         tk.choose(q, kv, mode=3)
-    assert tk.choose(q, kv, pdl="all")["pdl"] == "all"
-    with pytest.raises(ValueError, match=r"cuda_core path takes no tuning keys \['pdl'\]"):
-        tk.choose(q, kv, "cuda_core", pdl="all")  # a knob of another path: one error, not a TypeError in the launch
-
-
-def test_programmatic_launch_is_gpu_only():
-    """``pdl`` needs Hopper's grid-dependency PTX: off the GPU (the interpreter) the kernels are the plain ones, and
-    the answer is the reference's."""
-    from kvbench.kernels.triton import tensor_core
-
-    pick = lambda c: (c["PDL"], c["PDL_NEXT"])  # noqa: E731
-    assert pick(tensor_core.constants(4, 4, 128, 128, 64, 1, asm=False, pdl="all")) == (False, False)
-    assert pick(tensor_core.constants(4, 4, 128, 128, 64, 1, asm=True, pdl="all")) == (True, True)
-    assert pick(tensor_core.constants(4, 4, 128, 128, 64, 1, asm=True, pdl="reduce")) == (False, True)
-    with pytest.raises(ValueError, match="pdl must be one of"):
-        tensor_core.constants(4, 4, 128, 128, 64, 1, asm=True, pdl=True)
-    _check(*_case(4, 4, 4, 2, 3, 96, value_group=128, D=128), "tensor_core", tile=32, pdl="all")
+    with pytest.raises(ValueError, match=r"cuda_core path takes no tuning keys \['maxnreg'\]"):
+        tk.choose(q, kv, "cuda_core", maxnreg=128)  # another path's knob: one error, not a TypeError in the launch
 
 
 def _run_ptx(asm: str, words):

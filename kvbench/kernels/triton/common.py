@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes that change as a cache grows: not specialised (a new value divisible by 16 would otherwise compile the
@@ -158,12 +157,9 @@ def fp16_split(q_ptr, row0, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n
 
 
 @triton.jit(do_not_specialize=["S1"])
-def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                   PDL: tl.constexpr):
+def _reduce_kernel(o_ptr, lse_ptr, out_ptr, S1, SP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
     """Query row ``program_id(0)``, channels ``DC * program_id(1) ..``: the splits' outputs weighted by their
-    sum-exps. With ``PDL`` (launched while the decode kernel runs) it first waits for that kernel."""
-    if PDL:
-        gdc_wait()
+    sum-exps."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SP)
     sm = offs_s < S1
@@ -254,16 +250,13 @@ def launch_args(q, kv, plan: SplitPlan, sm_scale: float, counts: tuple | None = 
     )
 
 
-def reduce_splits(q, plan: SplitPlan, pdl: bool = False) -> torch.Tensor:
-    """Combine the splits' partial outputs by their log-sum-exps: ``(B, H_q, D)`` in ``q.dtype``. ``pdl``: a
-    programmatic dependent launch (on the GPU only), which starts while the decode kernel finishes."""
+def reduce_splits(q, plan: SplitPlan) -> torch.Tensor:
+    """Combine the splits' partial outputs by their log-sum-exps: ``(B, H_q, D)`` in ``q.dtype``."""
     B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     S1 = plan.grid_splits
     DC = min(D, 32)  # channels per program: at batch 1 a few dozen rows would leave most SMs idle
-    pdl = pdl and use_inline_ptx(q.device)
-    _reduce_kernel[(B * Hq, D // DC)](plan.o_part, plan.lse, out, S1, SP=triton.next_power_of_2(S1), D=D, DC=DC,
-                                      PDL=pdl, launch_pdl=pdl)
+    _reduce_kernel[(B * Hq, D // DC)](plan.o_part, plan.lse, out, S1, SP=triton.next_power_of_2(S1), D=D, DC=DC)
     return out
 
 

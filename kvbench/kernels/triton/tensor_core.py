@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .common import (GROWING, LOG2E, fp16_split, gpu_counts, launch_args, split_plan, split_range,
                      uniform_per_token, use_inline_ptx)
@@ -91,7 +90,6 @@ PTX = _flat(lambda side, w: tuple(_magic(side, w, j) for j in range(len(SHIFTS[s
 FIELD_OFF = _flat(field_offsets, (1, 2, 4))
 CODE_OFF = _flat(offsets, (2, 3, 4))
 M_AXES = ("group", "tokens")  # what the dots' M dimension holds: the query rows, or the tile's tokens
-PDLS = ("none", "reduce", "all")  # which launches start while the kernel before them finishes (launch's pdl)
 
 
 def channel_groups(bits: int) -> int:
@@ -167,17 +165,13 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
 @triton.jit(do_not_specialize=["NB_CAP"])
 def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
                   GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
-                  CB: tl.constexpr, PDL: tl.constexpr):
+                  CB: tl.constexpr):
     """The scaled-query table of KV row ``program_id(0)``, key blocks ``CB * program_id(1) ..`` (those holding
     packed tokens): per block the query rows scaled by the block's key scales (log2 domain), fp16, channels in
     group order (table column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias
     ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the codes' constants come off here).
     One program writes ``CB`` blocks' rows; loads and stores are contiguous rows (the channels are put in group
-    order in registers). With ``PDL`` (a programmatic dependent launch) it waits for the kernel before it (which
-    wrote the query and the key scales) and lets the decode kernel launch at once."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    order in registers)."""
     NC: tl.constexpr = D // NJ
     R: tl.constexpr = CB * GQ
     n = tl.program_id(0).to(tl.int64)
@@ -238,15 +232,11 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, PDL: tl.constexpr, PDL_NEXT: tl.constexpr,
+    TOKENS_M: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
-    if PDL_NEXT:  # the reduction may launch now (it waits for this kernel)
-        gdc_launch_dependents()
     if sp == n_splits:  # the fp16 tokens' split
-        if PDL:  # launched while the table launch runs: every program waits for it, so that this kernel ends after it
-            gdc_wait()
         fp16_split(q_ptr, n * G, n, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr, n_splits, S_CAP, R_CAP,
                    n_sink, recent_len_ptr, sm_scale, G, GP, D, 16)
     else:
@@ -272,8 +262,6 @@ def _tensor_core_kernel(
         om = g_mask[:, None]  # the real query rows
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
         ar = tl.arange(0, BT)
-        if PDL:  # what is read above was written before the table launch passed its own wait; the table was not
-            gdc_wait()
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
         # codes and the table, which feed the dots; these waited on memory in every tile)
         vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t_begin, t_end,
@@ -346,18 +334,14 @@ def _tensor_core_kernel(
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", pdl: str = "none") -> dict:
-    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles);
-    ``asm``: on a GPU (inline PTX, and ``pdl`` with it)."""
+              m_axis: str = "group") -> dict:
+    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
-    if pdl not in PDLS:
-        raise ValueError(f"pdl must be one of {PDLS}, got {pdl!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", PDL=asm and pdl == "all",
-                PDL_NEXT=asm and pdl != "none")
+                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens")
 
 
 def applies(kv, G: int) -> bool:
@@ -368,19 +352,15 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", pdl: str = "none"):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows). ``pdl`` (:data:`PDLS`): which launches are programmatic dependent launches
-    (Hopper and later; on the GPU only), each starting while the kernel before it finishes: ``"reduce"`` the
-    reduction (:func:`~.common.reduce_splits` is told by the dispatcher), ``"all"`` the table and decode kernels
-    too."""
+    softmax runs on fewer padding rows)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
-    const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                      pdl)  # checks first
+    const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis)  # checks first
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
@@ -390,11 +370,11 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     CB = max(1, 16 // GQ)  # key blocks per table program: 16 rows of D
     _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
         q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, GQ=GQ, CB=CB, num_warps=4,
-        launch_pdl=const["PDL"], **{k: const[k] for k in ("G", "D", "NJ", "BITS", "KB", "PDL")},
+        **{k: const[k] for k in ("G", "D", "NJ", "BITS", "KB")},
     )
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
-        **const, num_warps=num_warps, num_stages=num_stages, launch_pdl=const["PDL"],
+        **const, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return plan
