@@ -9,9 +9,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
-from kvbench.kernels import ops, tuning  # noqa: E402
+from kvbench.kernels import ops, reference, tuning  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
+from kvbench.kernels.triton.common import sincos  # noqa: E402
 
 REL_TOL = 2e-3  # measured 1e-5 .. 9e-4 here (tensor_core: fp16 folded query), 1e-4 .. 1.6e-3 on an H100
 
@@ -253,3 +256,23 @@ def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
         ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, m_axis="rows")
     with pytest.raises(ValueError, match="must divide key_block"):
         ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=24)
+
+
+@triton.jit
+def _sincos_kernel(x_ptr, s_ptr, c_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    s, c = sincos(tl.load(x_ptr + o), False)
+    tl.store(s_ptr + o, s)
+    tl.store(c_ptr + o, c)
+
+
+def test_sincos_reduction_matches_float64_at_long_positions():
+    """The split_k kernel's RoPE ``sincos``: HF's fp32 angles ``position * inv_freq`` for positions up to 3M (past
+    libdevice's fast range, 105615), within 3e-7 of float64 sin/cos of the same fp32 angle. On a GPU the reduced
+    angle goes to the one-instruction approximations (about 5e-7 more); here to tl.sin/tl.cos."""
+    pos = torch.tensor([0, 1, 4095, 32767, 105616, 131071, 1_000_003, 3_000_000], dtype=torch.float32)
+    x = (pos[:, None] * reference.default_inv_freq(128)[None, :]).reshape(-1)  # 8 x 64 fp32 angles
+    s, c = torch.empty_like(x), torch.empty_like(x)
+    _sincos_kernel[(1,)](x, s, c, N=x.numel())
+    assert (s.double() - x.double().sin()).abs().max() < 3e-7
+    assert (c.double() - x.double().cos()).abs().max() < 3e-7

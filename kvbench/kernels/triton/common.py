@@ -17,6 +17,25 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes that change as a cache grows: not specialised (a new value divisible by 16 would otherwise compile the
 # kernel again in the middle of generation, a second or more).
 GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_sink", "unit", "n_splits"]
+# 2 pi in three fp32 parts (Cody-Waite): the first has 5 significant bits, so n * TWO_PI_1 is exact for n < 2**19
+TWO_PI_1, TWO_PI_2, TWO_PI_3 = tl.constexpr(6.25), tl.constexpr(0.03318530693650246), tl.constexpr(2.430837753308879e-10)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def sincos(x, ASM: tl.constexpr):
+    """``(sin x, cos x)`` of fp32 ``x`` with ``|x| < 2**19 * 2 pi`` (RoPE angles of positions up to 3.2M): ``x``
+    less the nearest multiple of 2 pi (exactly: absolute error about 2e-7), then with ``ASM`` the GPU's
+    one-instruction approximations (absolute error about 2**-21 on [-pi, pi]); else ``tl.sin``, ``tl.cos``.
+    libdevice's ``sinf``/``cosf`` take tens of instructions each, and a slower path past ``|x| = 105615``."""
+    n = tl.floor(x * INV_TWO_PI + 0.5)
+    r = tl.fma(-n, TWO_PI_3, tl.fma(-n, TWO_PI_2, x - n * TWO_PI_1))
+    if ASM:
+        bits = r.to(tl.uint32, bitcast=True)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [bits], dtype=tl.uint32, is_pure=True, pack=1)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [bits], dtype=tl.uint32, is_pure=True, pack=1)
+        return s.to(tl.float32, bitcast=True), c.to(tl.float32, bitcast=True)
+    return tl.sin(r), tl.cos(r)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,19 +11,17 @@ import triton
 import triton.language as tl
 
 from .common import (
-    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, split_plan, split_range, store_partial,
-    unpack_tile,
+    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, sincos, split_plan, split_range,
+    store_partial, unpack_tile, use_inline_ptx,
 )
 
 
 @triton.jit
-def _rope_tile(k, pos, inv_freq_ptr, D: tl.constexpr, BT: tl.constexpr):
+def _rope_tile(k, pos, inv_freq_ptr, D: tl.constexpr, BT: tl.constexpr, ASM: tl.constexpr):
     """Rotate a ``(BT, D)`` fp32 key tile at positions ``pos (BT,)`` (HF rotate_half)."""
     HALF: tl.constexpr = D // 2
     inv = tl.load(inv_freq_ptr + tl.arange(0, HALF))
-    ang = pos.to(tl.float32)[:, None] * inv[None, :]  # (BT, D/2)
-    c = tl.cos(ang)
-    s = tl.sin(ang)
+    s, c = sincos(pos.to(tl.float32)[:, None] * inv[None, :], ASM)  # (BT, D/2): HF's fp32 angles
     k1, k2 = tl.split(tl.permute(tl.reshape(k, (BT, 2, HALF)), (0, 2, 1)))
     r = tl.join(k1 * c - k2 * s, k2 * c + k1 * s)  # (BT, D/2, 2)
     return tl.reshape(tl.permute(r, (0, 2, 1)), (BT, D))
@@ -32,7 +30,7 @@ def _rope_tile(k, pos, inv_freq_ptr, D: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_ptr, olv_ptr, invf_ptr,
                     sm_scale, n_sink, NB_CAP, OL_CAP, PRE_ROPE: tl.constexpr, D: tl.constexpr,
-                    BT: tl.constexpr, OL_CHUNK: tl.constexpr):
+                    BT: tl.constexpr, OL_CHUNK: tl.constexpr, ASM: tl.constexpr):
     """Add the sparse key outliers of key block ``blk`` (residuals, pre-RoPE with ``PRE_ROPE``) to the
     scores ``s (GP, BT)`` of the tile starting at token ``t0``."""
     HALF: tl.constexpr = D // 2
@@ -50,9 +48,9 @@ def _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_
             lowh = ch < HALF
             pair = tl.where(lowh, ch + HALF, ch - HALF)
             sign = tl.where(lowh, 1.0, -1.0)
-            ang = (n_sink + tok).to(tl.float32) * tl.load(invf_ptr + ch % HALF)
+            sin, cos = sincos((n_sink + tok).to(tl.float32) * tl.load(invf_ptr + ch % HALF), ASM)
             qp = tl.load(q_ptr + q_rows[:, None] + pair[None, :], mask=qm, other=0.0).to(tl.float32)
-            contrib = val[None, :] * (qd * tl.cos(ang)[None, :] + sign[None, :] * qp * tl.sin(ang)[None, :])
+            contrib = val[None, :] * (qd * cos[None, :] + sign[None, :] * qp * sin[None, :])
         else:
             contrib = qd * val[None, :]
         contrib = contrib * (sm_scale * LOG2E)  # (GP, CHUNK)
@@ -90,7 +88,7 @@ def _split_k_kernel(
     KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
     NGK: tl.constexpr, K_TOKEN: tl.constexpr, HAS_POS: tl.constexpr, K_CHAN: tl.constexpr,
-    V_CHAN: tl.constexpr, HAS_VOL: tl.constexpr,
+    V_CHAN: tl.constexpr, HAS_VOL: tl.constexpr, ASM: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     if tl.program_id(1) == n_splits:  # the fp16 tokens' split
@@ -141,11 +139,11 @@ def _split_k_kernel(
             if K_CHAN:  # stored (k - shift) / scale: back before RoPE (pre-RoPE scales need not commute with it)
                 k = k * tl.load(kch_ptr + h * D + offs_d)[None, :] + tl.load(kch_ptr + (H + h) * D + offs_d)[None, :]
             if PRE_ROPE:
-                k = _rope_tile(k, pos, invf_ptr, D, BT)
+                k = _rope_tile(k, pos, invf_ptr, D, BT, ASM)
             s = tl.dot(q16, tl.trans(k.to(tl.float16)))  # (GP, BT)
             if HAS_OL:
                 s = _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_ptr, olv_ptr,
-                                    invf_ptr, sm_scale, n_sink, OL_NB, OL_CAP, PRE_ROPE, D, BT, 32)
+                                    invf_ptr, sm_scale, n_sink, OL_NB, OL_CAP, PRE_ROPE, D, BT, 32, ASM)
             s = tl.where(tm[None, :], s, float("-inf"))
             # empty slots: finite, so that a tile of only empty slots keeps the online softmax finite
             s = tl.where(ok[None, :], s, -1.0e30)
@@ -195,7 +193,7 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
         V_LUT=kv.v_lut is not None, PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol,
         NGK=kv.k_scale.shape[-1] if kv.key_axis == "token" else 1, K_TOKEN=kv.key_axis == "token",
         HAS_POS=kv.positions is not None, K_CHAN=kv.k_chan is not None, V_CHAN=kv.v_chan is not None,
-        HAS_VOL=has_vol, num_warps=num_warps, num_stages=num_stages,
+        HAS_VOL=has_vol, ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     return plan
 
