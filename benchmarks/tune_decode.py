@@ -4,7 +4,8 @@ bit width, and print the best per case.
 ``python benchmarks/tune_decode.py --path tensor_core --shapes llama3-8b [--write-rules]`` writes
 ``benchmarks/results/tune_decode.json`` (every timing, named by its GPU); with ``--write-rules`` it also puts
 this GPU's rules for the tuned path into ``kvbench/kernels/tuning.json``: per bit width, the launch
-parameters with the least total time over the cases, each case's time taken relative to its best.
+parameters with the least total time over the cases, each case's time taken relative to its best
+(``split_k`` rules, tuned on ``--format kvquant``, go after the others: that path reads every format).
 The default grid is the region every H200 rule came from (one warp, tokens as the dots' M, 8 or 12 waves).
 Needs torch and kvbench.kernels.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from decode_attention import REL_BAR, SHAPES, bench_us, plain_cache, rel_err_vs_reference  # noqa: E402
+from decode_attention import REL_BAR, SHAPES, bench_us, build_format, rel_err_vs_reference  # noqa: E402
 
 from kvbench.kernels import tuning  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
@@ -32,6 +33,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=RESULTS / "tune_decode.json")
     p.add_argument("--path", default="tensor_core", choices=list(tk.PATHS))
+    p.add_argument("--format", default="uniform", choices=TUNED_FORMATS, help="the packed format timed (kvquant: "
+                   "decode_attention.py's, for split_k)")
     p.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=[32768, 131072])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -51,6 +54,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune_decode.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
+    fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
                                   args.m_axis))
@@ -61,7 +65,7 @@ def main(argv=None) -> None:
             k = torch.randn(batch, hkv, T, d, dtype=torch.float16, device="cuda")
             v = torch.randn_like(k)
             q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
-            kv = plain_cache(k, v, bits)
+            kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
             for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                     print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
-                rows.append(dict(gpu=gpu, path=args.path, shape=shape, batch=batch, T=T, bits=bits, **knobs,
+                rows.append(dict(gpu=gpu, path=args.path, **fmt, shape=shape, batch=batch, T=T, bits=bits, **knobs,
                                  kernel_us=round(us, 2), rel_err_vs_reference=rel))
                 if best is None or us < best["kernel_us"]:
                     best = rows[-1]
@@ -97,8 +101,9 @@ def main(argv=None) -> None:
         write_rules(rows, gpu, args.path)
 
 
+TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)
 KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "vec", "fields")
-CASE = ("gpu", "path", "shape", "batch", "T", "bits")
+CASE = ("gpu", "path", "format", "shape", "batch", "T", "bits")
 
 
 def merged(out: Path, rows: list[dict]) -> list[dict]:
@@ -136,8 +141,10 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             knobs = min(score, key=score.get)
             when = {"group": group, "bits": [bits]}
             entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
-            entry["rules"].insert(0, {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}})
-            print(f"rule {gpu}: {entry['rules'][0]} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
+            rule = {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}}
+            # split_k reads every format, so its rules go last: first, they would take the plain formats too
+            entry["rules"].insert(len(entry["rules"]) if path == "split_k" else 0, rule)
+            print(f"rule {gpu}: {rule} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
 
 
