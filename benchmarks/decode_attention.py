@@ -11,8 +11,9 @@ measures, for Llama-2-7B (32/32 heads) and Llama-3-8B (32/8 heads) head shapes (
 
 ``--formats`` picks the packed formats (default ``uniform``): ``uniform`` (uniform codes, keys per channel in
 key blocks, values per token), ``kvquant`` (NUQ codebooks, pre-RoPE keys, 1 % key and value outliers in CSR)
-and ``qokv`` (per-token keys and values, channel shifts/scales, pre-RoPE keys, token groups of 10/60/30 % with
-values at bits + 1 / bits / bits - 1, one store per width). Each record names its ``method`` and its
+``qokv`` (per-token keys and values, channel shifts/scales, pre-RoPE keys, token groups of 10/60/30 % with
+values at bits + 1 / bits / bits - 1, one store per width), and ``nuq``, ``pre-rope``, ``k-outliers``,
+``v-outliers``: one of KVQuant's components on the uniform format, what it costs alone. Each record names its ``method`` and its
 ``format`` (:func:`kvbench.kernels.records.format_name`, what a run records as ``kv_format``).
 
 Writes ``benchmarks/results/decode_attention.json`` (one record per GPU, shape, batch, T, bits, format; rows
@@ -39,7 +40,8 @@ from kvbench.kernels.records import PLAIN, format_name  # noqa: E402
 from kvbench.kernels import triton as tk  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "tiny": (4, 2, 64)}  # (H_q, H_kv, D); tiny: --smoke
-FORMATS = ("uniform", "kvquant", "qokv")
+KVQUANT_PARTS = ("nuq", "pre-rope", "k-outliers", "v-outliers")  # each alone on the uniform format: what it costs
+FORMATS = ("uniform", "kvquant", "qokv", *KVQUANT_PARTS)
 QOKV_SHARES, QOKV_VALUE_OFFSETS = (0.1, 0.6, 0.3), (1, 0, -1)  # methods/qokv.py defaults (min_bits 2)
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda"  # "cpu" only with --smoke
@@ -167,13 +169,16 @@ def _build_format(fmt: str, k, v, bits: int, args):
         return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
                                    impl="triton")
     inv_freq = reference.default_inv_freq(D).to(k.device)
-    if fmt == "kvquant":  # a normal-quantile codebook, thresholds at the 0.5 % / 99.5 % points of N(0, 1)
+    if fmt == "kvquant" or fmt in KVQUANT_PARTS:  # all of KVQuant's components, or one
+        # a normal-quantile codebook, thresholds at the 0.5 % / 99.5 % points of N(0, 1)
         cb = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.5, 2**bits - 0.5, 2**bits) / 2**bits)
         lut = ops.codebook_from_unit(cb / cb.abs().max(), bits).to(k.device).expand(H, D, 2**bits).contiguous()
         th = torch.full((H, D), 2.576, device=k.device)
+        parts = {"nuq": dict(k_lut=lut, v_lut=lut), "pre-rope": dict(inv_freq=inv_freq),
+                 "k-outliers": dict(k_clamp=(-th, th)), "v-outliers": dict(value_outlier_frac=0.01)}
+        kw = {k: v for part in (KVQUANT_PARTS if fmt == "kvquant" else [fmt]) for k, v in parts[part].items()}
         return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
-                                   k_lut=lut, v_lut=lut, k_clamp=(-th, th), inv_freq=inv_freq, impl="triton",
-                                   value_outlier_frac=0.01)
+                                   impl="triton", **kw)
     if fmt == "qokv":
         g = torch.Generator(device="cpu").manual_seed(0)
         chan = lambda shift: torch.stack([torch.rand(H, D, generator=g) + 0.5,  # noqa: E731
@@ -362,7 +367,8 @@ def main(argv=None) -> None:
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--check", action="store_true", help="first check every path against the reference twin")
     p.add_argument("--formats", nargs="+", default=["uniform"], choices=FORMATS,
-                   help="packed formats: uniform (the default), kvquant, qokv (see the module docstring)")
+                   help="packed formats: uniform (the default), kvquant, qokv, or one KVQuant component (see the module "
+                   "docstring)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny shape on a CPU under TRITON_INTERPRET=1 (checks the code path; times are meaningless)")
     args = p.parse_args(argv)

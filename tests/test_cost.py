@@ -94,6 +94,8 @@ def test_benchmark_formats_smoke(tmp_path):
         kv = bench.build_format(fmt, k, v, 4, args)
         for store in kv if isinstance(kv, list) else [kv]:
             assert (store.packed_len.item(), store.recent_len.item()) == (store.n_packed, store.n_recent)
+    for part in bench.KVQUANT_PARTS:  # one KVQuant component alone on the uniform format
+        assert format_name(bench.build_format(part, k, v, 4, args)) == f"{PLAIN}+{part}"
     plain = bench.plain_cache(*torch.randn(2, 1, 2, 384, 64).unbind(0), 4)  # what tune_decode/ncu_decode time
     assert format_name(plain) == PLAIN and plain.key_block == 128 and plain.n_recent == 128
     assert (plain.packed_len.item(), plain.recent_len.item()) == (256, 128)
