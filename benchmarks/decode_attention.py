@@ -241,11 +241,17 @@ def run(args, copy_bw: float, gpu: str, records: list[dict]) -> list[dict]:
                 best = min(x for x in (fp16_us, flash_us) if x is not None)
                 fp16_bytes = _nbytes(k, v)
                 for bits, fmt in [(b, f) for b in args.bits for f in args.formats]:
-                    kv = build_format(fmt, k, v, bits, args)
-                    mixed = isinstance(kv, list)
-                    launch = tk.choose(q, kv[0] if mixed else kv, "split_k" if mixed else args.path)
-                    fn = lambda: tk.decode_attention(q, kv, path=args.path)  # noqa: E731
-                    rel = rel_err_vs_reference(q, kv, fn())
+                    try:  # building a format (outlier splits, the reference twin) takes several times the fp16 K/V
+                        kv = build_format(fmt, k, v, bits, args)
+                        mixed = isinstance(kv, list)
+                        launch = tk.choose(q, kv[0] if mixed else kv, "split_k" if mixed else args.path)
+                        fn = lambda: tk.decode_attention(q, kv, path=args.path)  # noqa: E731
+                        rel = rel_err_vs_reference(q, kv, fn())
+                    except torch.OutOfMemoryError:
+                        print(f"skip {shape} B={batch} T={T} {bits}b {fmt}: out of memory", flush=True)
+                        kv = fn = None
+                        torch.cuda.empty_cache()
+                        continue
                     us = bench_us(fn, flush=args.l2_flush)
                     call_us = bench_us(fn, graph=False, flush=args.l2_flush)
                     nbytes = packed_bytes_read(kv)
@@ -269,7 +275,7 @@ def run(args, copy_bw: float, gpu: str, records: list[dict]) -> list[dict]:
                     print(f"{shape:9s} {fmt:8s} B={batch} T={T:6d} {bits}b {rec['path']:11s} {us:8.1f}us fp16 {fp16_us:8.1f}us "
                           f"flash {flash_us or float('nan'):8.1f}us x{rec['speedup']:.2f} (best x"
                           f"{rec['speedup_vs_best_fp16']:.2f}) bw {rec['bandwidth_frac']:.2f} rel {rel:.1e}", flush=True)
-                    del kv
+                    del kv, fn  # fn holds the cache too: the next format would be built beside it
                 del k, v
                 torch.cuda.empty_cache()
     return records
