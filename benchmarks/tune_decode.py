@@ -49,6 +49,7 @@ def main(argv=None) -> None:
                    "16: the query rows padded to the tensor cores' M)")
     p.add_argument("--m-axis", nargs="+", default=["tokens"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
+    p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis))
+                                  args.m_axis, args.ol_chunk))
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -68,10 +69,12 @@ def main(argv=None) -> None:
             kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis in grid:
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk in grid:
                 knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
                 if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
                     knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis)
+                if args.path == "split_k":
+                    knobs.update(ol_chunk=ol_chunk)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
 
 
 TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "vec", "fields")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields")
 CASE = ("gpu", "path", "format", "shape", "batch", "T", "bits")
 
 

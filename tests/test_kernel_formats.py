@@ -101,6 +101,22 @@ def test_value_outliers_csr(key_group):
     assert int(kv.vol_ptr[:, :, -1].sum()) == int(mask.sum())
 
 
+@pytest.mark.parametrize("ol_chunk", [8, 64])
+def test_outlier_chunks(ol_chunk):
+    """KVQuant's layout (NUQ-free here, pre-RoPE keys, key outliers past per-channel thresholds, per-token value
+    outliers) with many entries per key block: the kernel's loop over them, ``ol_chunk`` at a time (several
+    steps, the last one partial), gives the reference twin's answer."""
+    q, k, v = _data(seed=5)
+    H, D = k.shape[1], k.shape[-1]
+    th = torch.full((H, D), 1.0)  # most of these keys' entries lie past it: more than 1000 per block
+    kv = ops.build_packed_kv(k, v, 4, 4, 32, 64, n_sink=0, n_recent=6, k_clamp=(-th, th),
+                             inv_freq=reference.default_inv_freq(D), value_outlier_frac=0.1, impl="reference")
+    for ptr in (kv.ol_ptr, kv.vol_ptr):  # entries per key block
+        counts = ptr[:, :, 1:] - ptr[:, :, :-1]
+        assert int(counts.min()) > 2 * 64 and bool((counts % 8 != 0).any())
+    _check_triton(q, kv, ol_chunk=ol_chunk)
+
+
 @pytest.mark.parametrize("pre_rope", [False, True])
 def test_mixed_width_stores(pre_rope):
     """QoKV's token groups at different widths: one store per width pair with token positions (empty slots

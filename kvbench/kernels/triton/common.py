@@ -18,7 +18,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # kernel again in the middle of generation, a second or more).
 GROWING = ["T_CAP", "NB_CAP", "S_CAP", "R_CAP", "n_sink", "unit", "n_splits"]
 # 2 pi in three fp32 parts (Cody-Waite): the first has 5 significant bits, so n * TWO_PI_1 is exact for n < 2**19
-TWO_PI_1, TWO_PI_2, TWO_PI_3 = tl.constexpr(6.25), tl.constexpr(0.03318530693650246), tl.constexpr(2.430837753308879e-10)
+TWO_PI_1, TWO_PI_2 = tl.constexpr(6.25), tl.constexpr(0.03318530693650246)
+TWO_PI_3 = tl.constexpr(2.430837753308879e-10)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 

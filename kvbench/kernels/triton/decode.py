@@ -21,7 +21,8 @@ from .common import reduce_splits
 for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
-KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis"}
+KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
+         "ol_chunk"}
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
@@ -59,7 +60,8 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         sm_scale: softmax scale (default ``D ** -0.5``).
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
-            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``, ``min_rows``, ``m_axis``).
+            ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``,
+            ``min_rows``, ``m_axis``; ``split_k`` also ``ol_chunk``).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.

@@ -88,7 +88,7 @@ def _split_k_kernel(
     KB: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, PRE_ROPE: tl.constexpr, HAS_OL: tl.constexpr,
     NGK: tl.constexpr, K_TOKEN: tl.constexpr, HAS_POS: tl.constexpr, K_CHAN: tl.constexpr,
-    V_CHAN: tl.constexpr, HAS_VOL: tl.constexpr, ASM: tl.constexpr,
+    V_CHAN: tl.constexpr, HAS_VOL: tl.constexpr, ASM: tl.constexpr, OL_CHUNK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     if tl.program_id(1) == n_splits:  # the fp16 tokens' split
@@ -143,7 +143,7 @@ def _split_k_kernel(
             s = tl.dot(q16, tl.trans(k.to(tl.float16)))  # (GP, BT)
             if HAS_OL:
                 s = _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_ptr, olv_ptr,
-                                    invf_ptr, sm_scale, n_sink, OL_NB, OL_CAP, PRE_ROPE, D, BT, 32, ASM)
+                                    invf_ptr, sm_scale, n_sink, OL_NB, OL_CAP, PRE_ROPE, D, BT, OL_CHUNK, ASM)
             s = tl.where(tm[None, :], s, float("-inf"))
             # empty slots: finite, so that a tile of only empty slots keeps the online softmax finite
             s = tl.where(ok[None, :], s, -1.0e30)
@@ -158,7 +158,7 @@ def _split_k_kernel(
             vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
             v = tl.reshape(tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None], (BT, D))
             if HAS_VOL:
-                v = _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D, BT, 32)
+                v = _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D, BT, OL_CHUNK)
             m_i, l_i, acc = online_softmax(s, v.to(tl.float16), m_i, l_i, acc)
         if V_CHAN:  # values stored as (v - shift) / scale: folded into the output, shift + scale * acc / l
             acc = acc * tl.load(vch_ptr + h * D + offs_d)[None, :] + \
@@ -170,7 +170,10 @@ def applies(kv, G: int) -> bool:
     return True
 
 
-def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None):
+def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
+           ol_chunk: int = 32):
+    """``ol_chunk``: sparse outlier entries (keys' or values') added per step of a tile's loop over its key
+    block's entries (a power of two)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
@@ -193,7 +196,8 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
         V_LUT=kv.v_lut is not None, PRE_ROPE=kv.inv_freq is not None, HAS_OL=has_ol,
         NGK=kv.k_scale.shape[-1] if kv.key_axis == "token" else 1, K_TOKEN=kv.key_axis == "token",
         HAS_POS=kv.positions is not None, K_CHAN=kv.k_chan is not None, V_CHAN=kv.v_chan is not None,
-        HAS_VOL=has_vol, ASM=use_inline_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
+        HAS_VOL=has_vol, ASM=use_inline_ptx(q.device), OL_CHUNK=ol_chunk, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return plan
 
