@@ -13,7 +13,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvbench.kernels import ops, reference  # noqa: E402
+from kvbench.kernels import ops, reference, tuning  # noqa: E402
+from kvbench.kernels import triton as tk  # noqa: E402
 from kvbench.kernels.records import PLAIN, decode_cost, format_name, lookup  # noqa: E402
 from kvbench.report.cost import add_cost_columns  # noqa: E402
 
@@ -165,3 +166,38 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     tune.write_rules([row(1, 32, 9.0), row(2, 128, 88.0)], "G", "tensor_core")
     assert json.loads(table.read_text())["G"]["rules"] == [rule]
     assert "no gqa 4-bit launch ran every case" in capsys.readouterr().out
+
+
+def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypatch):
+    """``split_k`` reads every format, so a tuned split_k rule goes after the GPU's other rules: placed first, it
+    would take the plain formats from their faster paths (the dispatcher takes the first rule whose path applies)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("tune_decode", ROOT / "benchmarks/tune_decode.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    table = tmp_path / "tuning.json"
+    plain = {"when": {"group": "gqa", "bits": [4]}, "path": "tensor_core", "tile": 64, "num_warps": 1,
+             "num_stages": 3, "waves": 8}
+    table.write_text(json.dumps({"default": {"measured_on": "X", "rules": []},
+                                 "G": {"measured_on": "G", "rules": [plain]}}))
+    monkeypatch.setattr(tune.tuning, "TABLE_PATH", table)
+    row = dict(gpu="G", path="split_k", format="kvquant", shape="llama3-8b", batch=1, T=1, bits=4, tile=128,
+               num_warps=4, num_stages=2, waves=4, ol_chunk=16, kernel_us=1.0)
+    tune.write_rules([row], "G", "split_k")
+    rules = json.loads(table.read_text())["G"]["rules"]
+    assert rules == [plain, {"when": {"group": "gqa", "bits": [4]}, "path": "split_k", "tile": 128, "num_warps": 4,
+                             "num_stages": 2, "waves": 4, "ol_chunk": 16}]
+    monkeypatch.setattr(tuning, "TABLE_PATH", table)  # the dispatcher reads the table written
+    tuning.table.cache_clear()
+    monkeypatch.setattr(tuning, "gpu_name", lambda device: "G")
+    try:
+        q, k, v = torch.randn(1, 4, 128), torch.randn(1, 1, 64, 128), torch.randn(1, 1, 64, 128)
+        plain_kv = ops.build_packed_kv(k, v, 4, 4, 32, 128, impl="reference")
+        nuq_kv = ops.build_packed_kv(k, v, 4, 4, 32, 128, k_lut=torch.linspace(-1, 1, 16).expand(1, 128, 16),
+                                     impl="reference")
+        assert tk.choose(q, plain_kv)["path"] == "tensor_core"
+        assert tk.choose(q, nuq_kv) | {"gpu": None, "measured_on": None} == {
+            "path": "split_k", "tile": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "ol_chunk": 16, "gpu": None,
+            "measured_on": None}  # tile cut to the key block
+    finally:
+        tuning.table.cache_clear()
