@@ -8,7 +8,8 @@ instructions one warp issues per tile of the main loop, per code (key and value 
 one program), and by kind (unpack: shifts, LOP3,
 byte permutes, fp16x2 adds; tensor-core MMAs; shared-memory traffic; predicates; local-memory spills), the
 register copies (``MOV``, ``IMAD.MOV``: operand shuffles, e.g. query rows padded inside the MMA), and
-the registers per thread and spill stack (``cuobjdump -res-usage``), which bound the programs an SM holds.
+the registers per thread and spill stack (``cuobjdump -res-usage``) and the shared memory per program, which bound
+the programs an SM holds (``programs_per_sm``, Hopper's limits).
 Counts are per warp and per tile; with ``num_warps`` warps a tile of ``tile`` tokens costs
 ``num_warps * per_tile`` warp instructions for ``tile * 2 * head_dim`` codes.
 
@@ -88,6 +89,14 @@ def opcode(line: str) -> str:
     return re.sub(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
 
 
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Programs resident on one Hopper SM at once (64K registers, allocated per warp in units of 256; 227 KB of
+    shared memory per SM, 1 KB of it reserved per program; at most 32 programs, 64 warps)."""
+    by_regs = 65536 // (num_warps * -(-registers * 32 // 256) * 256)
+    by_smem = 227 * 1024 // (shared + 1024)
+    return min(by_regs, by_smem, 32, 64 // num_warps)
+
+
 def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     kernel, extra = PATHS[path]
     const = constants(path, bits, G, D, rule)
@@ -115,7 +124,9 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     if path == "tensor_core":
         knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
-                registers=regs, spill_stack_bytes=stack, warp_instr_per_tile=per_tile,
+                registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
+                programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),
+                warp_instr_per_tile=per_tile,
                 thread_instr_per_code=round(per_tile * rule["num_warps"] * 32 / codes, 2),
                 by_kind={kind: sum(ops[o] for o in names) for kind, names in KINDS.items()},
                 register_copies=sum(1 for x in loop if opcode(x) == "MOV" or "IMAD.MOV" in x),
