@@ -10,11 +10,11 @@ measures, for Llama-2-7B (32/32 heads) and Llama-3-8B (32/8 heads) head shapes (
   twin.
 
 ``--formats`` picks the packed formats (default ``uniform``): ``uniform`` (uniform codes, keys per channel in
-key blocks, values per token), ``kvquant`` (NUQ codebooks, pre-RoPE keys, 1 % key and value outliers in CSR)
+key blocks, values per token), ``kvquant`` (NUQ codebooks, pre-RoPE keys, 1 % key and value outliers in CSR),
 ``qokv`` (per-token keys and values, channel shifts/scales, pre-RoPE keys, token groups of 10/60/30 % with
 values at bits + 1 / bits / bits - 1, one store per width), and ``nuq``, ``pre-rope``, ``k-outliers``,
-``v-outliers``: one of KVQuant's components on the uniform format, what it costs alone. Each record names its ``method`` and its
-``format`` (:func:`kvbench.kernels.records.format_name`, what a run records as ``kv_format``).
+``v-outliers``: one of KVQuant's components on the uniform format, what it costs alone. Each record names its
+``method`` and its ``format`` (:func:`kvbench.kernels.records.format_name`, what a run records as ``kv_format``).
 
 Writes ``benchmarks/results/decode_attention.json`` (one record per GPU, shape, batch, T, bits, format; rows
 not measured again are kept), ``decode_attention.md`` and a PNG plot where matplotlib is installed
@@ -176,7 +176,7 @@ def _build_format(fmt: str, k, v, bits: int, args):
         th = torch.full((H, D), 2.576, device=k.device)
         parts = {"nuq": dict(k_lut=lut, v_lut=lut), "pre-rope": dict(inv_freq=inv_freq),
                  "k-outliers": dict(k_clamp=(-th, th)), "v-outliers": dict(value_outlier_frac=0.01)}
-        kw = {k: v for part in (KVQUANT_PARTS if fmt == "kvquant" else [fmt]) for k, v in parts[part].items()}
+        kw = {key: val for part in (KVQUANT_PARTS if fmt == "kvquant" else [fmt]) for key, val in parts[part].items()}
         return ops.build_packed_kv(k, v, bits, bits, args.key_block, args.value_group, n_sink=0, n_recent=args.recent,
                                    impl="triton", **kw)
     if fmt == "qokv":

@@ -27,6 +27,17 @@ def _kv(**kw):
     return k, v, ops.build_packed_kv(k, v, 4, 4, 32, 64, impl="reference", **kw)
 
 
+
+def _benchmark(name: str, monkeypatch):
+    """``benchmarks/<name>.py`` as a module (``benchmarks/`` on the path, as when it is run: it imports its
+    neighbours)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_format_names():
     _, _, plain = _kv()
     assert format_name(plain) == PLAIN
@@ -71,12 +82,10 @@ def test_cost_columns():
     assert speed[:2] == [1.0, 1.5] and pd.isna(speed[2])  # no record of QoKV's format: an empty cell
 
 
-def test_benchmark_formats_smoke(tmp_path):
+def test_benchmark_formats_smoke(tmp_path, monkeypatch):
     """``benchmarks/decode_attention.py --smoke --formats ...`` on a CPU: one record per format and width, each
     naming its method and format, the kernel within the reference twin's tolerance."""
-    spec = importlib.util.spec_from_file_location("decode_attention", ROOT / "benchmarks/decode_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("decode_attention", monkeypatch)
     bench.main(["--smoke", "--out", str(tmp_path), "--formats", "uniform", "kvquant", "qokv", "--bits", "4", "3"])
     rows = json.loads((tmp_path / "decode_attention.json").read_text())
     assert sorted((r["method"], r["bits"]) for r in rows) == sorted(
@@ -102,13 +111,11 @@ def test_benchmark_formats_smoke(tmp_path):
     assert (plain.packed_len.item(), plain.recent_len.item()) == (256, 128)
 
 
-def test_roofline_floors_from_the_records():
+def test_roofline_floors_from_the_records(monkeypatch):
     """``benchmarks/roofline.py`` on the checked-in records: each case gets the byte floor (packed bytes over copy
     bandwidth) and the issue floor (codes read x instructions per code over the issue rate), checked here by hand
     for the largest case of each shape (``cuda_core``, not on the H200 now, reads a KV head once per query head)."""
-    spec = importlib.util.spec_from_file_location("roofline", ROOT / "benchmarks/roofline.py")
-    roof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(roof)
+    roof = _benchmark("roofline", monkeypatch)
     records = json.loads((ROOT / "benchmarks/results/decode_attention.json").read_text())
     sass = json.loads((ROOT / "benchmarks/results/kernel_sass.json").read_text())
     table = roof.rows(records, sass, "NVIDIA H200", 132, 1.98)
@@ -134,10 +141,7 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     rule per bit width is the launch with the least summed time relative to each case's best (by hand here)."""
     import sys
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("tune_decode", ROOT / "benchmarks/tune_decode.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = _benchmark("tune_decode", monkeypatch)
     assert "decode_attention" in sys.modules
 
     def row(T, tile, us):
@@ -171,10 +175,7 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
 def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypatch):
     """``split_k`` reads every format, so a tuned split_k rule goes after the GPU's other rules: placed first, it
     would take the plain formats from their faster paths (the dispatcher takes the first rule whose path applies)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("tune_decode", ROOT / "benchmarks/tune_decode.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = _benchmark("tune_decode", monkeypatch)
     table = tmp_path / "tuning.json"
     plain = {"when": {"group": "gqa", "bits": [4]}, "path": "tensor_core", "tile": 64, "num_warps": 1,
              "num_stages": 3, "waves": 8}

@@ -8,6 +8,7 @@ its reference-twin test in ``tests/test_kernels_fast.py``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -23,6 +24,12 @@ for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_
 PATHS = plugins("kernel path", load=False)
 KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
          "ol_chunk"}
+
+
+@functools.cache
+def _launch_keys(path: str) -> frozenset:
+    """The tuning keys ``path``'s launch takes (read once: ``choose`` runs in every eager decode call)."""
+    return frozenset(inspect.signature(PATHS[path].launch).parameters)
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
@@ -43,7 +50,7 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
         if (kv.plain or rule["path"] == "split_k") and PATHS[rule["path"]].applies(kv, G):
             rule = {**rule, **overrides}
             rule["tile"] = min(rule["tile"], kv.key_block)  # a tile reads one key block's scales
-            foreign = set(rule) - {"path"} - set(inspect.signature(PATHS[rule["path"]].launch).parameters)
+            foreign = set(rule) - {"path"} - _launch_keys(rule["path"])
             if foreign:
                 raise ValueError(f"the {rule['path']} path takes no tuning keys {sorted(foreign)}")
             return {**rule, "gpu": gpu, "measured_on": tuning_table.measured_on(gpu)}

@@ -158,7 +158,8 @@ def _split_k_kernel(
             vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
             v = tl.reshape(tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None], (BT, D))
             if HAS_VOL:
-                v = _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D, BT, OL_CHUNK)
+                v = _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D, BT,
+                                    OL_CHUNK)
             m_i, l_i, acc = online_softmax(s, v.to(tl.float16), m_i, l_i, acc)
         if V_CHAN:  # values stored as (v - shift) / scale: folded into the output, shift + scale * acc / l
             acc = acc * tl.load(vch_ptr + h * D + offs_d)[None, :] + \
