@@ -52,6 +52,13 @@ def main(argv=None) -> None:
     p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
+    if args.format != "uniform" and args.path != "split_k":  # before any cache is built
+        p.error(f"--format {args.format} is read by the split_k path only, not {args.path}")
+    try:
+        for n in args.ol_chunk:
+            tk.split_k.check_ol_chunk(n)
+    except ValueError as e:
+        p.error(str(e))
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune_decode.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()

@@ -170,6 +170,12 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     tune.write_rules([row(1, 32, 9.0), row(2, 128, 88.0)], "G", "tensor_core")
     assert json.loads(table.read_text())["G"]["rules"] == [rule]
     assert "no gqa 4-bit launch ran every case" in capsys.readouterr().out
+    # bad arguments: one line each, before any cache is built (here, before the CUDA check)
+    for argv, says in ((["--format", "kvquant"], "is read by the split_k path only, not tensor_core"),
+                       (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two, got 24")):
+        with pytest.raises(SystemExit):
+            tune.main(argv)
+        assert says in capsys.readouterr().err
 
 
 def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypatch):

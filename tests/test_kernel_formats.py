@@ -115,6 +115,8 @@ def test_outlier_chunks(ol_chunk):
         counts = ptr[:, :, 1:] - ptr[:, :, :-1]
         assert int(counts.min()) > 2 * 64 and bool((counts % 8 != 0).any())
     _check_triton(q, kv, ol_chunk=ol_chunk)
+    with pytest.raises(ValueError, match="ol_chunk must be a power of two, got 24"):
+        _check_triton(q, kv, ol_chunk=24)  # one line, not a Triton compile error
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])

@@ -171,10 +171,17 @@ def applies(kv, G: int) -> bool:
     return True
 
 
+def check_ol_chunk(ol_chunk: int) -> None:
+    """``ol_chunk`` must be a power of two (the length of a ``tl.arange``)."""
+    if ol_chunk < 1 or ol_chunk & (ol_chunk - 1):
+        raise ValueError(f"ol_chunk must be a power of two, got {ol_chunk}")
+
+
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            ol_chunk: int = 32):
     """``ol_chunk``: sparse outlier entries (keys' or values') added per step of a tile's loop over its key
     block's entries (a power of two)."""
+    check_ol_chunk(ol_chunk)
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
