@@ -56,7 +56,7 @@ GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
-                                     rule.get("m_axis", "group"))
+                                     rule.get("m_axis", "group"), rule.get("inline_table", 0))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 

@@ -4,8 +4,8 @@ bit width, and print the best per case.
 ``python benchmarks/tune_decode.py --path tensor_core --shapes llama3-8b [--write-rules]`` writes
 ``benchmarks/results/tune_decode.json`` (every timing, named by its GPU); with ``--write-rules`` it also puts
 this GPU's rules for the tuned path into ``kvbench/kernels/tuning.json``: per bit width, the launch
-parameters with the least total time over the cases, each case's time taken relative to its best
-(``split_k`` rules, tuned on ``--format kvquant``, go after the others: that path reads every format).
+parameters with the least total time over the cases, each case's time taken relative to its best; batch 1 gets
+its own rule where its best launch differs from the larger batches' (``split_k`` rules, tuned on ``--format kvquant``, go after the others: that path reads every format).
 The default grid is the region every H200 rule came from (one warp, tokens as the dots' M, 8 or 12 waves).
 Needs torch and kvbench.kernels.
 """
@@ -50,6 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--m-axis", nargs="+", default=["tokens"], choices=tk.tensor_core.M_AXES,
                    help="what the dots' M holds (tensor_core only): the query rows, or the tile's tokens")
     p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
+    p.add_argument("--inline-table", nargs="+", type=int, default=[0], help="key blocks per step of the table each "
+                   "split writes itself (tensor_core only; 0: a launch before the decode writes it)")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if args.format != "uniform" and args.path != "split_k":  # before any cache is built
@@ -57,6 +59,8 @@ def main(argv=None) -> None:
     try:
         for n in args.ol_chunk:
             tk.split_k.check_ol_chunk(n)
+        for n in args.inline_table:
+            tk.tensor_core.constants(4, 4, 128, 128, 64, 1, False, inline_table=n)
     except ValueError as e:
         p.error(str(e))
     if not torch.cuda.is_available():
@@ -65,7 +69,7 @@ def main(argv=None) -> None:
     fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.ol_chunk))
+                                  args.m_axis, args.ol_chunk, args.inline_table))
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -76,10 +80,10 @@ def main(argv=None) -> None:
             kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk in grid:
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table in grid:
                 knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
                 if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
-                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis)
+                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis, inline_table=inline_table)
                 if args.path == "split_k":
                     knobs.update(ol_chunk=ol_chunk)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
@@ -112,7 +116,8 @@ def main(argv=None) -> None:
 
 
 TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields")
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields",
+         "inline_table")
 CASE = ("gpu", "path", "format", "shape", "batch", "T", "bits")
 
 
@@ -124,9 +129,27 @@ def merged(out: Path, rows: list[dict]) -> list[dict]:
     return [r for r in old if key(r) not in new] + rows
 
 
+def _best_knobs(rows: list[dict], best: dict) -> tuple | None:
+    """The knobs with the least summed time relative to each case's best over ``rows``' cases, and their mean
+    relative time; ``None`` when no launch ran every case."""
+    rel = {}  # knobs -> case -> its least time relative to the case's best
+    for r in rows:
+        case = (r["shape"], r["batch"], r["T"], r["bits"])
+        cases = rel.setdefault(tuple(r.get(x) for x in KNOBS), {})
+        cases[case] = min(cases.get(case, float("inf")), r["kernel_us"] / best[case])
+    n_cases = len({(r["shape"], r["batch"], r["T"]) for r in rows})
+    score = {k: sum(v.values()) for k, v in rel.items() if len(v) == n_cases}  # launches that ran every case
+    if not score:
+        return None
+    knobs = min(score, key=score.get)
+    return knobs, score[knobs] / n_cases
+
+
 def write_rules(rows: list[dict], gpu: str, path: str) -> None:
     """This GPU's rules for ``path`` in the tuning table: per bit width, the knobs with the least total
-    relative time (time / the case's best) over the cases measured; GQA shapes give ``group: gqa`` rules."""
+    relative time (time / the case's best) over the cases measured; GQA shapes give ``group: gqa`` rules.
+    Where batch 1 and larger batches were both measured and their best knobs differ, batch 1 gets its own rule
+    (``max_batch: 1``, first) and the other rule is chosen on the larger batches."""
     best = {}
     for r in rows:
         case = (r["shape"], r["batch"], r["T"], r["bits"])
@@ -138,23 +161,24 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             mine = [r for r in rows if r["bits"] == bits and (SHAPES[r["shape"]][0] != SHAPES[r["shape"]][1]) == (group == "gqa")]
             if not mine:
                 continue
-            rel = {}  # knobs -> case -> its least time relative to the case's best
-            for r in mine:
-                case = (r["shape"], r["batch"], r["T"], r["bits"])
-                cases = rel.setdefault(tuple(r.get(x) for x in KNOBS), {})
-                cases[case] = min(cases.get(case, float("inf")), r["kernel_us"] / best[case])
-            n_cases = len({(r["shape"], r["batch"], r["T"]) for r in mine})
-            score = {k: sum(v.values()) for k, v in rel.items() if len(v) == n_cases}  # launches that ran every case
-            if not score:
+            chosen = _best_knobs(mine, best)
+            if chosen is None:
                 print(f"no {group} {bits}-bit launch ran every case; its rule is left as it was", flush=True)
                 continue
-            knobs = min(score, key=score.get)
             when = {"group": group, "bits": [bits]}
-            entry["rules"] = [x for x in entry["rules"] if not (x["when"] == when and x["path"] == path)]
-            rule = {"when": when, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}}
+            picks = [(when, *chosen)]
+            one, more = ([r for r in mine if (r["batch"] == 1) == b1] for b1 in (True, False))
+            by_batch = [_best_knobs(x, best) for x in (one, more)] if one and more else [None]
+            if None not in by_batch and by_batch[0][0] != by_batch[1][0]:
+                picks = [({**when, "max_batch": 1}, *by_batch[0]), (when, *by_batch[1])]
+            entry["rules"] = [x for x in entry["rules"] if not (
+                {k: v for k, v in x["when"].items() if k != "max_batch"} == when and x["path"] == path)]
             # split_k reads every format, so its rules go last: first, they would take the plain formats too
-            entry["rules"].insert(len(entry["rules"]) if path == "split_k" else 0, rule)
-            print(f"rule {gpu}: {rule} (mean relative time {score[knobs] / n_cases:.3f})", flush=True)
+            at = len(entry["rules"]) if path == "split_k" else 0
+            for i, (w, knobs, mean) in enumerate(picks):
+                rule = {"when": w, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}}
+                entry["rules"].insert(at + i, rule)
+                print(f"rule {gpu}: {rule} (mean relative time {mean:.3f})", flush=True)
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
 
 

@@ -172,10 +172,42 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     assert "no gqa 4-bit launch ran every case" in capsys.readouterr().out
     # bad arguments: one line each, before any cache is built (here, before the CUDA check)
     for argv, says in ((["--format", "kvquant"], "is read by the split_k path only, not tensor_core"),
-                       (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two, got 24")):
+                       (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two, got 24"),
+                       (["--inline-table", "0", "3"], "inline_table must be 0 or a power of two, got 3")):
         with pytest.raises(SystemExit):
             tune.main(argv)
         assert says in capsys.readouterr().err
+
+
+def test_tune_decode_gives_batch_1_its_own_rule_where_its_best_differs(tmp_path, monkeypatch):
+    """Batch 1 and batch 8 measured, their best launches differ: a ``max_batch: 1`` rule (batch 1's best) goes
+    before the rule chosen on batch 8, and the dispatcher's rules follow the batch; a later run whose classes
+    agree replaces both with one rule."""
+    tune = _benchmark("tune_decode", monkeypatch)
+    table = tmp_path / "tuning.json"
+    table.write_text(json.dumps({"default": {"measured_on": "X", "rules": []}}))
+    monkeypatch.setattr(tune.tuning, "TABLE_PATH", table)
+
+    def row(batch, inline, us):
+        return dict(gpu="G", path="tensor_core", shape="llama3-8b", batch=batch, T=1, bits=2, tile=64, num_warps=1,
+                    num_stages=3, waves=8, inline_table=inline, kernel_us=us)
+
+    # over both batches inline 0 would win (10/9 + 50/50 = 2.11 against 9/9 + 60/50 = 2.2); batch 1 alone takes 2
+    rows = [row(1, 0, 10.0), row(1, 2, 9.0), row(8, 0, 50.0), row(8, 2, 60.0)]
+    tune.write_rules(rows, "G", "tensor_core")
+    rules = json.loads(table.read_text())["G"]["rules"]
+    base = {"path": "tensor_core", "tile": 64, "num_warps": 1, "num_stages": 3, "waves": 8}
+    assert rules == [{"when": {"group": "gqa", "bits": [2], "max_batch": 1}, **base, "inline_table": 2},
+                     {"when": {"group": "gqa", "bits": [2]}, **base, "inline_table": 0}]
+    tuning.table.cache_clear()
+    monkeypatch.setattr(tuning, "TABLE_PATH", table)
+    try:
+        assert [tuning.rules("G", 4, 2, 2, 128, batch=b)[0]["inline_table"] for b in (1, 2, 8)] == [2, 0, 0]
+    finally:
+        tuning.table.cache_clear()
+    tune.write_rules([row(1, 0, 9.0), row(1, 2, 10.0), row(8, 0, 50.0), row(8, 2, 60.0)], "G", "tensor_core")
+    assert json.loads(table.read_text())["G"]["rules"] == [{"when": {"group": "gqa", "bits": [2]}, **base,
+                                                           "inline_table": 0}]
 
 
 def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypatch):

@@ -68,6 +68,10 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "m_axis": "tokens"}),  # MHA
         ("tensor_core", 2, 2, 8, 0, 2, 128, {"tile": 32, "min_rows": 1, "m_axis": "tokens", "num_warps": 2}),
         ("tensor_core", 4, 4, 2, 0, 1, 64, {"tile": 32, "m_axis": "tokens"}),  # G = 2 padded to 16 rows (N)
+        # the table written by each split (key blocks of 32): splits that end mid-block, several steps a split
+        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 16, "m_axis": "tokens", "min_rows": 1, "inline_table": 1}),
+        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2}),
+        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "inline_table": 4}),  # MHA
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -81,8 +85,9 @@ def test_path_matches_reference(path, kbits, vbits, rep, sink, recent, n_packed,
     _check(q, kv, path, n_splits=2, **kw)
 
 
-@pytest.mark.parametrize("path", ["split_k", "cuda_core", "tensor_core"])
-def test_kernels_read_the_counts_from_the_gpu(path):
+@pytest.mark.parametrize("path,kw", [("split_k", {}), ("cuda_core", {}), ("tensor_core", {}),
+                                     ("tensor_core", {"inline_table": 2})])
+def test_kernels_read_the_counts_from_the_gpu(path, kw):
     """What a replayed CUDA graph relies on: a launch whose host-side fields were taken when the cache held
     fewer tokens (packed and recent) attends over the counts on the GPU, as the reference does over the
     current cache; the split plan follows the capacity, so it is the same in both states."""
@@ -92,7 +97,7 @@ def test_kernels_read_the_counts_from_the_gpu(path):
     ref = ops.decode_attention(q, kv, impl="reference")
     stale = dataclasses.replace(kv, n_packed=64, n_recent=2, packed_len=torch.tensor([128]),
                                 recent_len=torch.tensor([6]))
-    out = ops.decode_attention(q, stale, impl="triton", path=path, tile=16)
+    out = ops.decode_attention(q, stale, impl="triton", path=path, tile=16, **kw)
     assert _rel(out, ref) < REL_TOL, _rel(out, ref)
 
 
@@ -115,6 +120,7 @@ def test_head_dim_128_uneven_splits_large_scores():
         (4, 4, "tensor_core", {}),  # tile 64: the second (only partial) tile of the second key block
         (2, 4, "tensor_core", {"tile": 16}),
         (3, 4, "tensor_core", {"tile": 16}),
+        (4, 4, "tensor_core", {"tile": 16, "inline_table": 2}),  # a split's table rows stop at its tokens
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):
@@ -242,7 +248,8 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows():
 
 
 def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
-    """A bad ``m_axis`` or a tile that does not divide the key block is one ValueError before the table launch."""
+    """A bad ``m_axis``, a tile that does not divide the key block, or an ``inline_table`` that is not a power of
+    two is one ValueError before the table launch."""
     from kvbench.kernels.triton import tensor_core
 
     class NoLaunch:
@@ -256,6 +263,9 @@ def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
         ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, m_axis="rows")
     with pytest.raises(ValueError, match="must divide key_block"):
         ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=24)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="inline_table must be 0 or a power of two"):
+            ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, inline_table=bad)
 
 
 @triton.jit

@@ -41,8 +41,11 @@ def gpu_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def matches(when: dict, group: int, key_bits: int, value_bits: int, head_dim: int) -> bool:
-    """True when a rule's ``when`` holds for ``group`` query heads per KV head and the given code widths."""
+def matches(when: dict, group: int, key_bits: int, value_bits: int, head_dim: int, batch: int = 1) -> bool:
+    """True when a rule's ``when`` holds for ``group`` query heads per KV head, the given code widths and
+    ``batch`` (``max_batch``: the rule is for batches up to that size)."""
+    if "max_batch" in when and batch > when["max_batch"]:
+        return False
     if "group" in when and when["group"] != ("mha" if group == 1 else "gqa"):
         return False
     if "bits" in when and not (key_bits in when["bits"] and value_bits in when["bits"]):
@@ -50,7 +53,8 @@ def matches(when: dict, group: int, key_bits: int, value_bits: int, head_dim: in
     return "head_dim" not in when or head_dim in when["head_dim"]
 
 
-def rules(gpu: str, group: int, key_bits: int, value_bits: int, head_dim: int, path: str = "auto") -> list[dict]:
+def rules(gpu: str, group: int, key_bits: int, value_bits: int, head_dim: int, path: str = "auto",
+          batch: int = 1) -> list[dict]:
     """``[{"path": ..., **tuning}]`` in order of preference: this GPU's matching rules, then the defaults.
 
     With a named ``path``, that path's matching rules, else its first rule of any shape (so a path can be
@@ -58,7 +62,7 @@ def rules(gpu: str, group: int, key_bits: int, value_bits: int, head_dim: int, p
     tab = table()
     own = [r for key, entry in tab.items() if key != "default" and key in gpu for r in entry["rules"]]
     every = own + tab["default"]["rules"]
-    out = [r for r in every if matches(r["when"], group, key_bits, value_bits, head_dim)
+    out = [r for r in every if matches(r["when"], group, key_bits, value_bits, head_dim, batch)
            and path in ("auto", r["path"])]
     if not out and path != "auto":
         out = [r for r in every if r["path"] == path][:1]

@@ -23,7 +23,7 @@ for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
 KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
-         "ol_chunk"}
+         "ol_chunk", "inline_table"}
 
 
 @functools.cache
@@ -46,7 +46,7 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     B, Hq, D = q.shape
     G = Hq // kv.k_words.shape[1]
     gpu = tuning_table.gpu_name(q.device)
-    for rule in tuning_table.rules(gpu, G, kv.key_bits, kv.value_bits, D, path):
+    for rule in tuning_table.rules(gpu, G, kv.key_bits, kv.value_bits, D, path, B):
         if (kv.plain or rule["path"] == "split_k") and PATHS[rule["path"]].applies(kv, G):
             rule = {**rule, **overrides}
             rule["tile"] = min(rule["tile"], kv.key_block)  # a tile reads one key block's scales

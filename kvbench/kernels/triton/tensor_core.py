@@ -162,23 +162,20 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
     return s
 
 
-@triton.jit(do_not_specialize=["NB_CAP"])
-def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
-                  GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
-                  CB: tl.constexpr):
-    """The scaled-query table of KV row ``program_id(0)``, key blocks ``CB * program_id(1) ..`` (those holding
-    packed tokens): per block the query rows scaled by the block's key scales (log2 domain), fp16, channels in
-    group order (table column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias
-    ``q . k_zero - sum_j offset_j * sum(scaled query of group j)`` (the codes' constants come off here).
-    One program writes ``CB`` blocks' rows; loads and stores are contiguous rows (the channels are put in group
-    order in registers)."""
+@triton.jit
+def _table_rows(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, n, blk0, n_blk, sm_scale, NB_CAP, G: tl.constexpr,
+                GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr):
+    """The scaled-query table of KV row ``n``, key blocks ``blk0 .. blk0 + CB - 1`` (those below ``n_blk``): per
+    block the query rows scaled by the block's key scales (log2 domain), fp16, channels in group order (table
+    column ``j * D / NJ + c`` holds channel ``NJ * c + j``), and the scores' bias ``q . k_zero - sum_j offset_j *
+    sum(scaled query of group j)`` (the codes' constants come off here). Loads and stores are contiguous rows
+    (the channels are put in group order in registers)."""
     NC: tl.constexpr = D // NJ
     R: tl.constexpr = CB * GQ
-    n = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, R)
-    blk = tl.program_id(1) * CB + r // GQ
+    blk = blk0 + r // GQ
     g = r % GQ
-    ok = (g < G) & (blk < tl.cdiv(tl.load(packed_len_ptr).to(tl.int32), KB))
+    ok = (g < G) & (blk < n_blk)
     d = tl.arange(0, D)
     off = tl.zeros((D,), tl.float32)  # each channel's code constant
     for j in tl.static_range(NJ):
@@ -193,6 +190,15 @@ def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_sc
     grouped = tl.reshape(tl.permute(tl.reshape(qk, (R, NC, NJ)), (0, 2, 1)), (R, D))  # channel NJ * c + j -> j * NC + c
     tl.store(qk_ptr + row[:, None] * D + d[None, :], grouped, mask=ok[:, None])
     tl.store(bias_ptr + row, tl.sum(q * kz - off[None, :] * qk.to(tl.float32), axis=1), mask=ok)
+
+
+@triton.jit(do_not_specialize=["NB_CAP"])
+def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_scale, NB_CAP, G: tl.constexpr,
+                  GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
+                  CB: tl.constexpr):
+    """The table of KV row ``program_id(0)``, ``CB`` key blocks per program (those holding packed tokens)."""
+    _table_rows(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1) * CB,
+                tl.cdiv(tl.load(packed_len_ptr).to(tl.int32), KB), sm_scale, NB_CAP, G, GQ, D, NJ, BITS, CB)
 
 
 @triton.jit
@@ -232,7 +238,7 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr,
+    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -261,6 +267,11 @@ def _tensor_core_kernel(
         acc7 = tl.zeros((GP, NC), tl.float32)
         om = g_mask[:, None]  # the real query rows
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
+        if TCB > 0:  # this split's rows of the table, TCB key blocks at a time (else a launch before wrote them)
+            for b in range(t_begin // KB, tl.cdiv(t_end, KB), TCB):
+                _table_rows(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, n, b, tl.cdiv(t_end, KB), sm_scale, NB_CAP,
+                            G, GQ, D, NJ, BITS, TCB)
+            tl.debug_barrier()  # the program's threads read rows other threads wrote
         ar = tl.arange(0, BT)
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
         # codes and the table, which feed the dots; these waited on memory in every tile)
@@ -334,14 +345,17 @@ def _tensor_core_kernel(
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group") -> dict:
+              m_axis: str = "group", inline_table: int = 0) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
+    if inline_table < 0 or inline_table & (inline_table - 1):
+        raise ValueError(f"inline_table must be 0 or a power of two, got {inline_table}")
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
-                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens")
+                NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
+                TCB=inline_table)
 
 
 def applies(kv, G: int) -> bool:
@@ -352,26 +366,29 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group"):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
-    softmax runs on fewer padding rows)."""
+    softmax runs on fewer padding rows). ``inline_table``: each split writes its own rows of the scaled-query
+    table before its loop, that many key blocks at a time (one launch fewer per decode); 0 writes the table in a
+    launch before the decode kernel."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
-    const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis)  # checks first
+    const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
+                      inline_table)  # checks first
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     counts = gpu_counts(q, kv)
-    GQ = triton.next_power_of_2(G)
-    CB = max(1, 16 // GQ)  # key blocks per table program: 16 rows of D
-    _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
-        q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, GQ=GQ, CB=CB, num_warps=4,
-        **{k: const[k] for k in ("G", "D", "NJ", "BITS", "KB")},
-    )
+    if not inline_table:
+        CB = max(1, 16 // const["GQ"])  # key blocks per table program: 16 rows of D
+        _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
+            q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, CB=CB, num_warps=4,
+            **{k: const[k] for k in ("G", "GQ", "D", "NJ", "BITS", "KB")},
+        )
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
         **const, num_warps=num_warps, num_stages=num_stages,
