@@ -51,6 +51,7 @@ PATHS = {  # path: (kernel, its arguments after the common ones)
     "cuda_core": (cuda_core._cuda_core_kernel, []),
 }
 GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (Llama-3-8B, Llama-2-7B heads)
+BATCHES = (1, 8)  # the benchmark's batches: a rule may hold for batch 1 only (``max_batch``)
 
 
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
@@ -122,7 +123,8 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     codes = rule["tile"] * 2 * D
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
-        knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"))
+        knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"),
+                     inline_table=rule.get("inline_table", 0))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
                 programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),
@@ -148,9 +150,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     rows = []
     for G in GROUPS.values():
-        for bits in args.bits:
-            rule = tuning.rules(args.gpu, G, bits, bits, 128)[0]  # the launch the dispatcher picks
-            path = rule["path"]
+        for bits, rule in {(bits, json.dumps(rule)): (bits, rule) for bits in args.bits for batch in BATCHES
+                           for rule in tuning.rules(args.gpu, G, bits, bits, 128, batch=batch)[:1]}.values():
+            path = rule["path"]  # the launch the dispatcher picks at each batch, counted once
             if path not in args.paths:
                 continue
             tc = path == "tensor_core"

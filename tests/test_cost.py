@@ -129,7 +129,8 @@ def test_roofline_floors_from_the_records(monkeypatch):
         ipc = next(s["thread_instr_per_code"] for s in sass if s["path"] == path and s["G"] == G and s["bits"] == 4
                    and all(s.get(k) == knobs.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg"))
                    and (s.get("min_rows") or 16) == (knobs.get("min_rows") or 16)
-                   and (s.get("m_axis") or "group") == (knobs.get("m_axis") or "group"))
+                   and (s.get("m_axis") or "group") == (knobs.get("m_axis") or "group")
+                   and (s.get("inline_table") or 0) == (knobs.get("inline_table") or 0))
         codes = 8 * reads * (131072 - 128) * 128 * 2
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
