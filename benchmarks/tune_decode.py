@@ -171,15 +171,53 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             by_batch = [_best_knobs(x, best) for x in (one, more)] if one and more else [None]
             if None not in by_batch and by_batch[0][0] != by_batch[1][0]:
                 picks = [({**when, "max_batch": 1}, *by_batch[0]), (when, *by_batch[1])]
-            entry["rules"] = [x for x in entry["rules"] if not (
-                {k: v for k, v in x["when"].items() if k != "max_batch"} == when and x["path"] == path)]
+            entry["rules"] = without_width(entry["rules"], path, group, bits)
             # split_k reads every format, so its rules go last: first, they would take the plain formats too
             at = len(entry["rules"]) if path == "split_k" else 0
             for i, (w, knobs, mean) in enumerate(picks):
                 rule = {"when": w, "path": path, **{k: v for k, v in zip(KNOBS, knobs) if v is not None}}
                 entry["rules"].insert(at + i, rule)
                 print(f"rule {gpu}: {rule} (mean relative time {mean:.3f})", flush=True)
+    entry["rules"] = merge_widths(entry["rules"])
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
+
+
+def without_width(rules: list[dict], path: str, group: str, bits: int) -> list[dict]:
+    """``rules`` less ``path``'s rules for ``group`` at ``bits`` (any ``max_batch``); a rule of several widths
+    keeps its others."""
+    out = []
+    for x in rules:
+        w = x["when"]
+        if x["path"] == path and w.get("group") == group and bits in w.get("bits", ()):
+            x = {**x, "when": {**w, "bits": [b for b in w["bits"] if b != bits]}}
+            if not x["when"]["bits"]:
+                continue
+        out.append(x)
+    return out
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    """Whether two rules' ``when`` hold for a common shape (every rule holds for batch 1)."""
+    return all(k not in a or k not in b or (a[k] == b[k] if k == "group" else set(a[k]) & set(b[k]))
+               for k in ("group", "bits", "head_dim"))
+
+
+def merge_widths(rules: list[dict]) -> list[dict]:
+    """Rules alike but for their widths, as one rule of all of them at the first one's place, where no rule
+    between them holds for one of the later rule's shapes (so no shape changes its rule). A mixed-width store
+    (QoKV's 3-bit keys with 2-bit values) matches a rule only if the rule holds both widths."""
+    out = []
+    for x in rules:
+        rest = lambda r: ({k: v for k, v in r.items() if k != "when"},  # noqa: E731
+                          {k: v for k, v in r["when"].items() if k != "bits"})
+        for i, y in enumerate(out):
+            if ("bits" in x["when"] and "bits" in y["when"] and rest(x) == rest(y)
+                    and not any(_overlap(z["when"], x["when"]) for z in out[i + 1:])):
+                out[i] = {**y, "when": {**y["when"], "bits": sorted({*y["when"]["bits"], *x["when"]["bits"]})}}
+                break
+        else:
+            out.append(x)
+    return out
 
 
 if __name__ == "__main__":

@@ -211,6 +211,32 @@ def test_tune_decode_gives_batch_1_its_own_rule_where_its_best_differs(tmp_path,
                                                            "inline_table": 0}]
 
 
+def test_tune_decode_merges_rules_alike_but_for_their_widths(monkeypatch):
+    """Rules alike but for their widths become one rule of all of them where no rule between them holds for a
+    shape of the later one (no shape changes its rule); re-tuning one width takes it out of a merged rule only;
+    a mixed-width store (keys 3 bits, values 2) then finds the merged rule."""
+    tune = _benchmark("tune_decode", monkeypatch)
+    knobs = {"path": "tensor_core", "tile": 64}
+    sk = {"path": "split_k", "tile": 128}
+    rules = [{"when": {"group": "gqa", "bits": [2]}, **knobs},
+             {"when": {"group": "gqa", "bits": [3], "max_batch": 1}, **knobs, "inline_table": 2},
+             {"when": {"group": "gqa", "bits": [3]}, **knobs},  # the batch-1 rule above holds for its shapes
+             {"when": {"group": "gqa", "bits": [4]}, **knobs},
+             {"when": {"group": "mha", "bits": [2]}, **sk},
+             {"when": {"group": "mha", "bits": [3]}, **sk}]
+    merged = tune.merge_widths(rules)
+    assert merged == [{"when": {"group": "gqa", "bits": [2, 4]}, **knobs}, rules[1], rules[2],
+                      {"when": {"group": "mha", "bits": [2, 3]}, **sk}]
+    for batch in (1, 8):  # every shape keeps its rule
+        for bits in (2, 3, 4):
+            pick = lambda rs: next(r for r in rs if tuning.matches(r["when"], 4, bits, bits, 128, batch))  # noqa: E731
+            assert {k: v for k, v in pick(merged).items() if k != "when"} == \
+                {k: v for k, v in pick(rules).items() if k != "when"}
+    assert tune.without_width(merged, "tensor_core", "gqa", 4)[0]["when"]["bits"] == [2]
+    assert tune.without_width(merged, "split_k", "mha", 3)[-1]["when"]["bits"] == [2]
+    assert tuning.matches(merged[-1]["when"], 1, 3, 2, 128) and not tuning.matches(rules[-1]["when"], 1, 3, 2, 128)
+
+
 def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypatch):
     """``split_k`` reads every format, so a tuned split_k rule goes after the GPU's other rules: placed first, it
     would take the plain formats from their faster paths (the dispatcher takes the first rule whose path applies)."""
