@@ -173,7 +173,7 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     assert "no gqa 4-bit launch ran every case" in capsys.readouterr().out
     # bad arguments: one line each, before any cache is built (here, before the CUDA check)
     for argv, says in ((["--format", "kvquant"], "is read by the split_k path only, not tensor_core"),
-                       (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two, got 24"),
+                       (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two of at least 16, got 24"),
                        (["--inline-table", "0", "3"], "inline_table must be 0 or a power of two, got 3")):
         with pytest.raises(SystemExit):
             tune.main(argv)

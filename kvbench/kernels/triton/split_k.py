@@ -172,9 +172,10 @@ def applies(kv, G: int) -> bool:
 
 
 def check_ol_chunk(ol_chunk: int) -> None:
-    """``ol_chunk`` must be a power of two (the length of a ``tl.arange``)."""
-    if ol_chunk < 1 or ol_chunk & (ol_chunk - 1):
-        raise ValueError(f"ol_chunk must be a power of two, got {ol_chunk}")
+    """``ol_chunk`` must be a power of two (the length of a ``tl.arange``) of at least 16 (the K of the fp16
+    ``tl.dot`` that adds the entries: an NVIDIA GPU's least; the interpreter would take 8)."""
+    if ol_chunk < 16 or ol_chunk & (ol_chunk - 1):
+        raise ValueError(f"ol_chunk must be a power of two of at least 16, got {ol_chunk}")
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
