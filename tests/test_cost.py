@@ -120,6 +120,9 @@ def test_roofline_floors_from_the_records(monkeypatch):
     sass = json.loads((ROOT / "benchmarks/results/kernel_sass.json").read_text())
     table = roof.rows(records, sass, "NVIDIA H200", 132, 1.98)
     assert {(r["shape"], r["bits"]) for r in table} == {(s, b) for s in ("llama3-8b", "llama2-7b") for b in (2, 3, 4)}
+    timed = [r for r in records if r["gpu"] == "NVIDIA H200" and r["path"] in ("tensor_core", "cuda_core")
+             and r.get("method", "uniform") == "uniform"]
+    assert len(table) == len(timed)  # every launch timed has its count (a batch-1 rule's too)
     for path, shape, G, reads in (("tensor_core", "llama3-8b", 4, 8), ("tensor_core", "llama2-7b", 1, 32)):
         got = next(r for r in table if r["path"] == path and r["shape"] == shape and r["bits"] == 4 and r["batch"] == 8
                    and r["T"] == 131072)
