@@ -18,10 +18,9 @@ cost the H200 up to 28 % of the GQA time: docs/kernels.md.) Per tile of ``BT`` t
 * scores ``(GP, BT) = sum_j dot((q * k_scale)_j, codes_j(keys))`` plus the bias ``q . k_zero - sum_j offset_j *
   sum((q * k_scale)_j)``;
 * values ``acc_j (GP, D / NJ) = acc_j * alpha * v_unit / max(v_scale) + dot(p * v_scale / max(v_scale),
-  codes_j(values))``: the accumulators count in units of the last tile's max value scale (which keeps the fp16
-  products out of the subnormal range), so an element costs one FMA; the codes' constants come off at the end
-  (``offset_j`` times the running sum of ``p * v_scale``, kept in the same unit), and ``sum_t p * v_zero`` is
-  added to every channel.
+  codes_j(values)) - offset_j * sum_t(...)``: the accumulators count in units of the last tile's max value scale
+  (which keeps the fp16 products out of the subnormal range), so an element costs one FMA and one add;
+  ``sum_t p * v_zero`` is added to every channel at the end.
 """
 
 from __future__ import annotations
@@ -203,23 +202,21 @@ def _table_kernel(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, packed_len_ptr, sm_sc
 
 
 @triton.jit
-def _value_part(acc, a, pv, main, low, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
-                TOKENS_M: tl.constexpr):
-    """``acc * a + pv @ codes``: the tile's dot starts from zero and is added with an FMA (fed the running sum as
-    its accumulator, the tensor cores' sum drifted with the tiles of a split, past the 2e-3 bar on the H200); the
-    codes' constant comes off once, at the store (:func:`_store_part`). With ``TOKENS_M`` the dot is
-    ``codes (NC, BT) @ pv (BT, GP)``, transposed back."""
+def _value_part(acc, a, pv, psum, main, low, J: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr, TOKENS_M: tl.constexpr):
+    """``acc * a + (pv @ codes - offset_J * psum)``: the tile's dot starts from zero and is added with an FMA (fed the
+    running sum as its accumulator, the tensor cores' sum drifted with the tiles of a split, past the 2e-3 bar
+    on the H200). With ``TOKENS_M`` the dot is ``codes (NC, BT) @ pv (BT, GP)``, transposed back."""
     if TOKENS_M:
         d = tl.trans(tl.dot(_codes(main, low, J, BITS, 1, ASM), pv))
     else:
         d = tl.dot(pv, _codes(main, low, J, BITS, 1, ASM))
-    return acc * a + d
+    return acc * a + (d - _offset(J, BITS, 1) * psum)
 
 
 @triton.jit
-def _store_part(out, acc, osum, inv, cz, om, J: tl.constexpr, BITS: tl.constexpr):
-    """Channel group ``J``'s output: its sum less the codes' constant times the running ``sum p``, normalised."""
-    tl.store(out + J, (acc - _offset(J, BITS, 1) * osum) * inv + cz, mask=om)
+def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
+    tl.store(out + J, acc * inv + cz, mask=om)
 
 
 @triton.jit
@@ -259,7 +256,6 @@ def _tensor_core_kernel(
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         corr = tl.zeros((GP,), tl.float32)  # sum p * value zero
-        osum = tl.zeros((GP, 1), tl.float32)  # sum p * v_scale in the accumulators' unit (times each group's constant)
         v_unit = 1.0  # the accumulators' unit: the last tile's max value scale
         acc0 = tl.zeros((GP, NC), tl.float32)
         acc1 = tl.zeros((GP, NC), tl.float32)
@@ -318,33 +314,33 @@ def _tensor_core_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             pvm = tl.trans(pv) if TOKENS_M else pv  # the dots' operand
             vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
+            psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]  # times the codes' constants, this tile
             a = (alpha * (v_unit / vmax))[:, None]  # the running sums to this tile's unit
-            osum = osum * a + tl.sum(pv.to(tl.float32), axis=1)[:, None]
             v_unit = vmax
-            acc0 = _value_part(acc0, a, pvm, vmain, vlow, 0, BITS, ASM, TOKENS_M)
-            acc1 = _value_part(acc1, a, pvm, vmain, vlow, 1, BITS, ASM, TOKENS_M)
-            acc2 = _value_part(acc2, a, pvm, vmain, vlow, 2, BITS, ASM, TOKENS_M)
-            acc3 = _value_part(acc3, a, pvm, vmain, vlow, 3, BITS, ASM, TOKENS_M)
+            acc0 = _value_part(acc0, a, pvm, psum, vmain, vlow, 0, BITS, ASM, TOKENS_M)
+            acc1 = _value_part(acc1, a, pvm, psum, vmain, vlow, 1, BITS, ASM, TOKENS_M)
+            acc2 = _value_part(acc2, a, pvm, psum, vmain, vlow, 2, BITS, ASM, TOKENS_M)
+            acc3 = _value_part(acc3, a, pvm, psum, vmain, vlow, 3, BITS, ASM, TOKENS_M)
             if NJ == 8:
-                acc4 = _value_part(acc4, a, pvm, vmain, vlow, 4, BITS, ASM, TOKENS_M)
-                acc5 = _value_part(acc5, a, pvm, vmain, vlow, 5, BITS, ASM, TOKENS_M)
-                acc6 = _value_part(acc6, a, pvm, vmain, vlow, 6, BITS, ASM, TOKENS_M)
-                acc7 = _value_part(acc7, a, pvm, vmain, vlow, 7, BITS, ASM, TOKENS_M)
+                acc4 = _value_part(acc4, a, pvm, psum, vmain, vlow, 4, BITS, ASM, TOKENS_M)
+                acc5 = _value_part(acc5, a, pvm, psum, vmain, vlow, 5, BITS, ASM, TOKENS_M)
+                acc6 = _value_part(acc6, a, pvm, psum, vmain, vlow, 6, BITS, ASM, TOKENS_M)
+                acc7 = _value_part(acc7, a, pvm, psum, vmain, vlow, 7, BITS, ASM, TOKENS_M)
             m_i = m_new
         # normalise and store (as store_partial does), channel NJ * c + j from acc_j
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         inv = (v_unit / l_safe)[:, None]
         cz = (corr / l_safe)[:, None]
         out = o_ptr + (rows[:, None] * S1 + sp) * D + NJ * c[None, :]
-        _store_part(out, acc0, osum, inv, cz, om, 0, BITS)
-        _store_part(out, acc1, osum, inv, cz, om, 1, BITS)
-        _store_part(out, acc2, osum, inv, cz, om, 2, BITS)
-        _store_part(out, acc3, osum, inv, cz, om, 3, BITS)
+        _store_part(out, acc0, inv, cz, om, 0)
+        _store_part(out, acc1, inv, cz, om, 1)
+        _store_part(out, acc2, inv, cz, om, 2)
+        _store_part(out, acc3, inv, cz, om, 3)
         if NJ == 8:
-            _store_part(out, acc4, osum, inv, cz, om, 4, BITS)
-            _store_part(out, acc5, osum, inv, cz, om, 5, BITS)
-            _store_part(out, acc6, osum, inv, cz, om, 6, BITS)
-            _store_part(out, acc7, osum, inv, cz, om, 7, BITS)
+            _store_part(out, acc4, inv, cz, om, 4)
+            _store_part(out, acc5, inv, cz, om, 5)
+            _store_part(out, acc6, inv, cz, om, 6)
+            _store_part(out, acc7, inv, cz, om, 7)
         tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=g_mask)
 
 
