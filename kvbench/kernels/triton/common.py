@@ -108,14 +108,20 @@ def magic_bits(words, J: tl.constexpr, WIDTH: tl.constexpr):
 # Online softmax and the fp16 sink / recent split
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def online_softmax(s, v16, m_i, l_i, acc):
-    """One online-softmax step (log2 domain) for scores ``s (GP, BT)`` and values ``(BT, D)`` fp16."""
+def softmax_step(s, m_i, l_i):
+    """The online softmax's running max and sum after scores ``s (GP, BT)`` (log2 domain), the factor ``alpha``
+    that rescales what came before, and the tile's weights ``p`` (fp16)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p.to(tl.float16)
+
+
+@triton.jit
+def online_softmax(s, v16, m_i, l_i, acc):
+    """One online-softmax step (log2 domain) for scores ``s (GP, BT)`` and values ``(BT, D)`` fp16."""
+    m_i, l_i, alpha, p16 = softmax_step(s, m_i, l_i)
+    return m_i, l_i, acc * alpha[:, None] + tl.dot(p16, v16)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, online_softmax, sincos, split_plan, split_range,
+    GROWING, LOG2E, SplitPlan, dummy, fp16_split, launch_args, sincos, softmax_step, split_plan, split_range,
     store_partial, unpack_tile, use_inline_ptx,
 )
 
@@ -60,9 +60,10 @@ def _outlier_scores(s, t0, blk, n, q_ptr, q_rows, g_mask, olp_ptr, olt_ptr, olc_
 
 
 @triton.jit
-def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_CAP, D: tl.constexpr,
+def _value_outliers(acc, p16, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_CAP, D: tl.constexpr,
                     BT: tl.constexpr, OL_CHUNK: tl.constexpr):
-    """Add the sparse value outliers of key block ``blk`` to the value tile ``v (BT, D)`` of the tile at ``t0``."""
+    """Add the sparse value outliers of key block ``blk`` to the output ``acc (GP, D)``: each entry's residual times
+    the weight ``p16 (GP, BT)`` of its token in the tile at ``t0`` (a token outside the tile weighs nothing)."""
     e_lo = tl.load(vop_ptr + n * NB1 + blk)
     e_hi = tl.load(vop_ptr + n * NB1 + blk + 1)
     offs_d = tl.arange(0, D)
@@ -72,10 +73,11 @@ def _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, NB1, VOL_
         tok = tl.load(vot_ptr + n * VOL_CAP + offs_e, mask=em, other=-1)
         ch = tl.load(voc_ptr + n * VOL_CAP + offs_e, mask=em, other=0).to(tl.int32)
         val = tl.load(vov_ptr + n * VOL_CAP + offs_e, mask=em, other=0.0)
-        at_t = ((tok - t0)[:, None] == tl.arange(0, BT)[None, :]).to(tl.float16)  # (CHUNK, BT)
+        at_t = (tl.arange(0, BT)[:, None] == (tok - t0)[None, :]).to(tl.float16)  # (BT, CHUNK)
+        pe = tl.dot(p16, at_t).to(tl.float16)  # (GP, CHUNK): each entry's token's weight, exactly
         at_d = tl.where(ch[:, None] == offs_d[None, :], val[:, None], 0.0).to(tl.float16)  # (CHUNK, D)
-        v += tl.dot(tl.trans(at_t), at_d)  # exact: one entry per (token, channel)
-    return v
+        acc = tl.dot(pe, at_d, acc)
+    return acc
 
 
 @triton.jit(do_not_specialize=GROWING + ["OL_CAP", "OL_NB", "VOL_CAP", "VOL_NB1"])
@@ -157,10 +159,11 @@ def _split_k_kernel(
             vs = tl.load(vs_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)  # (BT, NG)
             vz = tl.load(vz_ptr + sz, mask=tm[:, None], other=0.0).to(tl.float32)
             v = tl.reshape(tl.reshape(vf, (BT, NG, GS)) * vs[:, :, None] + vz[:, :, None], (BT, D))
-            if HAS_VOL:
-                v = _value_outliers(v, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D, BT,
-                                    OL_CHUNK)
-            m_i, l_i, acc = online_softmax(s, v.to(tl.float16), m_i, l_i, acc)
+            m_i, l_i, alpha, p16 = softmax_step(s, m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p16, v.to(tl.float16))
+            if HAS_VOL:  # the sparse value outliers go to the output, not into the value tile
+                acc = _value_outliers(acc, p16, t0, blk, n, vop_ptr, vot_ptr, voc_ptr, vov_ptr, VOL_NB1, VOL_CAP, D,
+                                      BT, OL_CHUNK)
         if V_CHAN:  # values stored as (v - shift) / scale: folded into the output, shift + scale * acc / l
             acc = acc * tl.load(vch_ptr + h * D + offs_d)[None, :] + \
                 tl.load(vch_ptr + (H + h) * D + offs_d)[None, :] * l_i[:, None]
