@@ -5,7 +5,8 @@ bit width, and print the best per case.
 ``benchmarks/results/tune_decode.json`` (every timing, named by its GPU); with ``--write-rules`` it also puts
 this GPU's rules for the tuned path into ``kvbench/kernels/tuning.json``: per bit width, the launch
 parameters with the least total time over the cases, each case's time taken relative to its best; batch 1 gets
-its own rule where its best launch differs from the larger batches' (``split_k`` rules, tuned on ``--format kvquant``, go after the others: that path reads every format).
+its own rule where its best launch differs from the larger batches' (``split_k`` rules, tuned on ``--format
+kvquant``, go after the others: that path reads every format).
 The default grid is the region every H200 rule came from (one warp, tokens as the dots' M, 8 or 12 waves).
 Needs torch and kvbench.kernels.
 """
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
         for n in args.ol_chunk:
             tk.split_k.check_ol_chunk(n)
         for n in args.inline_table:
-            tk.tensor_core.constants(4, 4, 128, 128, 64, 1, False, inline_table=n)
+            tk.tensor_core.check_inline_table(n)
     except ValueError as e:
         p.error(str(e))
     if not torch.cuda.is_available():
@@ -202,16 +203,19 @@ def _overlap(a: dict, b: dict) -> bool:
                for k in ("group", "bits", "head_dim"))
 
 
+def _but_bits(rule: dict) -> tuple[dict, dict]:
+    """A rule's launch and its ``when`` without the widths."""
+    return {k: v for k, v in rule.items() if k != "when"}, {k: v for k, v in rule["when"].items() if k != "bits"}
+
+
 def merge_widths(rules: list[dict]) -> list[dict]:
     """Rules alike but for their widths, as one rule of all of them at the first one's place, where no rule
     between them holds for one of the later rule's shapes (so no shape changes its rule). A mixed-width store
     (QoKV's 3-bit keys with 2-bit values) matches a rule only if the rule holds both widths."""
     out = []
     for x in rules:
-        rest = lambda r: ({k: v for k, v in r.items() if k != "when"},  # noqa: E731
-                          {k: v for k, v in r["when"].items() if k != "bits"})
         for i, y in enumerate(out):
-            if ("bits" in x["when"] and "bits" in y["when"] and rest(x) == rest(y)
+            if ("bits" in x["when"] and "bits" in y["when"] and _but_bits(x) == _but_bits(y)
                     and not any(_overlap(z["when"], x["when"]) for z in out[i + 1:])):
                 out[i] = {**y, "when": {**y["when"], "bits": sorted({*y["when"]["bits"], *x["when"]["bits"]})}}
                 break

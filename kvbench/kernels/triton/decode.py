@@ -68,7 +68,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
             ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``,
-            ``min_rows``, ``m_axis``; ``split_k`` also ``ol_chunk``).
+            ``min_rows``, ``m_axis``, ``inline_table``; ``split_k`` also ``ol_chunk``).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.

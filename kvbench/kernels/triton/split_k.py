@@ -184,7 +184,7 @@ def check_ol_chunk(ol_chunk: int) -> None:
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            ol_chunk: int = 32):
     """``ol_chunk``: sparse outlier entries (keys' or values') added per step of a tile's loop over its key
-    block's entries (a power of two)."""
+    block's entries (:func:`check_ol_chunk`)."""
     check_ol_chunk(ol_chunk)
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]

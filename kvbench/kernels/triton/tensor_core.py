@@ -344,11 +344,16 @@ def _tensor_core_kernel(
         tl.store(lse_ptr + rows * S1 + sp, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=g_mask)
 
 
+def check_inline_table(inline_table: int) -> None:
+    """``inline_table`` must be 0 (the table is a launch of its own) or a power of two (key blocks a step)."""
+    if inline_table < 0 or inline_table & (inline_table - 1):
+        raise ValueError(f"inline_table must be 0 or a power of two, got {inline_table}")
+
+
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
               m_axis: str = "group", inline_table: int = 0) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
-    if inline_table < 0 or inline_table & (inline_table - 1):
-        raise ValueError(f"inline_table must be 0 or a power of two, got {inline_table}")
+    check_inline_table(inline_table)
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
