@@ -47,7 +47,8 @@ KINDS = {
 ARGS = ("q_ptr kw_ptr ks_ptr kz_ptr vw_ptr vs_ptr vz_ptr sk_ptr sv_ptr rk_ptr rv_ptr o_ptr lse_ptr sm_scale T_CAP "
         "NB_CAP S_CAP R_CAP packed_len_ptr n_sink recent_len_ptr unit n_splits").split()  # common.launch_args
 PATHS = {  # path: (kernel, its arguments after the common ones)
-    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr"]),
+    "tensor_core": (tensor_core._tensor_core_kernel, ["qk_ptr", "bias_ptr", "k_desc", "k_low_desc", "v_desc",
+                                                      "v_low_desc"]),
     "cuda_core": (cuda_core._cuda_core_kernel, []),
 }
 GROUPS = {"gqa": 4, "mha": 1}  # query heads per KV head of the counted shapes (Llama-3-8B, Llama-2-7B heads)
@@ -57,7 +58,7 @@ BATCHES = (1, 8)  # the benchmark's batches: a rule may hold for batch 1 only (`
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
-                                     rule.get("m_axis", "group"), rule.get("inline_table", 0))
+                                     rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", False))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -74,12 +75,13 @@ def _sig(name: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions of the longest loop (a backward branch) of a SASS listing."""
+    """The instructions of the longest loop (a conditional backward branch) of a SASS listing."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"^(\.L_x_\d+):", line)] if m}
     best: list[str] = []
     for i, line in enumerate(lines):
-        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        m = re.search(r"@!?U?P\w+\s+BRA\s+`?\(?(\.L_x_\d+)", line)  # a loop's back edge is conditional (an
+        # unconditional jump back comes from out-of-line code, e.g. a barrier wait's retry)
         if m and labels.get(m.group(1), len(lines)) < i:
             body = [x for x in lines[labels[m.group(1)]: i + 1] if re.match(r"\s+/\*[0-9a-f]{4,}\*/", x)]
             best = max(best, body, key=len)
@@ -98,13 +100,26 @@ def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
     return min(by_regs, by_smem, 32, 64 // num_warps)
 
 
+def _descriptors(bits: int, rule: dict) -> dict:
+    """tensor_core's descriptor arguments: their types with ``tma`` (the boxes of ``tensor_core.descriptors``),
+    else ``None``."""
+    names = ("k_desc", "k_low_desc", "v_desc", "v_low_desc")
+    if not rule.get("tma"):
+        return {a: None for a in names}
+    box = f"[{rule['tile']}, {128 // tensor_core.channel_groups(bits)}]>"
+    low = "tensordesc<i8" + box if bits == 3 else None
+    return dict(zip(names, ("tensordesc<i16" + box, low) * 2))
+
+
 def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     kernel, extra = PATHS[path]
     const = constants(path, bits, G, D, rule)
     args = ARGS + extra
+    descs = _descriptors(bits, rule) if path == "tensor_core" else {}
+    const.update({a: None for a, t in descs.items() if t is None})
+    sig = {a: descs.get(a) or _sig(a) for a in args if a not in const}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a.endswith("_ptr")}
-    src = ASTSource(fn=kernel, signature={**{a: _sig(a) for a in args}, **{k: "constexpr" for k in const}},
-                    constexprs=const, attrs=aligned)
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=aligned)
     options = dict(num_warps=rule["num_warps"], num_stages=rule["num_stages"])
     if rule.get("maxnreg"):
         options["maxnreg"] = rule["maxnreg"]
@@ -124,7 +139,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
         knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"),
-                     inline_table=rule.get("inline_table", 0))
+                     inline_table=rule.get("inline_table", 0), tma=bool(rule.get("tma")))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
                 programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),
@@ -147,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--m-axis", nargs="+", choices=tensor_core.M_AXES, help="tensor_core: what the dots' M holds, "
                    "each counted (default: the rule's)")
     p.add_argument("--num-warps", nargs="+", type=int, help="tensor_core: each counted (default: the rule's)")
+    p.add_argument("--tma", nargs="+", type=int, choices=(0, 1), help="tensor_core: the codes through descriptors "
+                   "(1) or pointers (0), each counted (default: the rule's)")
     args = p.parse_args(argv)
     rows = []
     for G in GROUPS.values():
@@ -156,11 +173,12 @@ def main(argv=None) -> None:
             if path not in args.paths:
                 continue
             tc = path == "tensor_core"
-            for min_rows, m_axis, warps in itertools.product(
+            for min_rows, m_axis, warps, tma in itertools.product(
                     args.min_rows if tc and args.min_rows else [rule.get("min_rows", 16) if tc else None],
                     args.m_axis if tc and args.m_axis else [rule.get("m_axis", "group")],
-                    args.num_warps if tc and args.num_warps else [rule["num_warps"]]):
-                launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps}
+                    args.num_warps if tc and args.num_warps else [rule["num_warps"]],
+                    args.tma if tc and args.tma else [rule.get("tma", 0)]):
+                launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps, "tma": tma}
                 rows.append(count(path, bits, G, 128, launch, args.arch))
                 r = rows[-1]
                 print(f"{path} G={G} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}, "

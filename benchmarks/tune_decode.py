@@ -53,8 +53,14 @@ def main(argv=None) -> None:
     p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
     p.add_argument("--inline-table", nargs="+", type=int, default=[0], help="key blocks per step of the table each "
                    "split writes itself (tensor_core only; 0: a launch before the decode writes it)")
+    p.add_argument("--tma", nargs="+", type=int, default=[0], choices=(0, 1), help="the codes through "
+                   "tensor-memory-access descriptors (tensor_core only; Hopper and later)")
+    p.add_argument("--at-rules", action="store_true", help="time each case at the launch its rule gives, once per "
+                   "--tma value (an A/B of that knob alone); the other grid lists are ignored")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
+    if args.at_rules and args.write_rules:
+        p.error("--at-rules times the rules' launches; it writes no rules")
     if args.format != "uniform" and args.path != "split_k":  # before any cache is built
         p.error(f"--format {args.format} is read by the split_k path only, not {args.path}")
     try:
@@ -70,7 +76,7 @@ def main(argv=None) -> None:
     fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.ol_chunk, args.inline_table))
+                                  args.m_axis, args.ol_chunk, args.inline_table, args.tma))
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -81,10 +87,14 @@ def main(argv=None) -> None:
             kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table in grid:
-                knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
-                if args.path == "tensor_core":  # always given: the table's rule may name others (maxnreg 0: none)
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma in (
+                    [(None,) * 9 + (t,) for t in args.tma] if args.at_rules else grid):
+                knobs = {} if args.at_rules else dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+                if args.path == "tensor_core" and not args.at_rules:  # the table's rule may name others (maxnreg 0:
+                    # none)
                     knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis, inline_table=inline_table)
+                if args.path == "tensor_core" and (tma or args.at_rules):
+                    knobs.update(tma=bool(tma))
                 if args.path == "split_k":
                     knobs.update(ol_chunk=ol_chunk)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
@@ -102,6 +112,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                     print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
+                knobs = {k: v for k, v in knobs.items() if k != "tma" or v}  # rows without it read pointers
                 rows.append(dict(gpu=gpu, path=args.path, **fmt, shape=shape, batch=batch, T=T, bits=bits, **knobs,
                                  kernel_us=round(us, 2), rel_err_vs_reference=rel))
                 if best is None or us < best["kernel_us"]:
@@ -118,7 +129,7 @@ def main(argv=None) -> None:
 
 TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)
 KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields",
-         "inline_table")
+         "inline_table", "tma")
 CASE = ("gpu", "path", "format", "shape", "batch", "T", "bits")
 
 

@@ -133,7 +133,8 @@ def test_roofline_floors_from_the_records(monkeypatch):
                    and all(s.get(k) == knobs.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg"))
                    and (s.get("min_rows") or 16) == (knobs.get("min_rows") or 16)
                    and (s.get("m_axis") or "group") == (knobs.get("m_axis") or "group")
-                   and (s.get("inline_table") or 0) == (knobs.get("inline_table") or 0))
+                   and (s.get("inline_table") or 0) == (knobs.get("inline_table") or 0)
+                   and bool(s.get("tma")) == bool(knobs.get("tma")))
         codes = 8 * reads * (131072 - 128) * 128 * 2
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
@@ -177,7 +178,8 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     # bad arguments: one line each, before any cache is built (here, before the CUDA check)
     for argv, says in ((["--format", "kvquant"], "is read by the split_k path only, not tensor_core"),
                        (["--path", "split_k", "--ol-chunk", "16", "24"], "ol_chunk must be a power of two of at least 16, got 24"),
-                       (["--inline-table", "0", "3"], "inline_table must be 0 or a power of two, got 3")):
+                       (["--inline-table", "0", "3"], "inline_table must be 0 or a power of two, got 3"),
+                       (["--at-rules", "--write-rules"], "--at-rules times the rules' launches; it writes no rules")):
         with pytest.raises(SystemExit):
             tune.main(argv)
         assert says in capsys.readouterr().err

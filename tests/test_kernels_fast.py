@@ -72,6 +72,11 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 16, "m_axis": "tokens", "min_rows": 1, "inline_table": 1}),
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2}),
         ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "inline_table": 4}),  # MHA
+        # the codes through tensor-memory-access descriptors: tiles past the split's end and the store's
+        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "tma": True}),
+        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 64, "m_axis": "tokens", "min_rows": 1, "tma": True}),  # MHA
+        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "tma": True}),
+        ("tensor_core", 3, 3, 4, 0, 2, 128, {"tile": 16, "tma": True}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -86,7 +91,7 @@ def test_path_matches_reference(path, kbits, vbits, rep, sink, recent, n_packed,
 
 
 @pytest.mark.parametrize("path,kw", [("split_k", {}), ("cuda_core", {}), ("tensor_core", {}),
-                                     ("tensor_core", {"inline_table": 2})])
+                                     ("tensor_core", {"inline_table": 2}), ("tensor_core", {"tma": True})])
 def test_kernels_read_the_counts_from_the_gpu(path, kw):
     """What a replayed CUDA graph relies on: a launch whose host-side fields were taken when the cache held
     fewer tokens (packed and recent) attends over the counts on the GPU, as the reference does over the
@@ -121,6 +126,7 @@ def test_head_dim_128_uneven_splits_large_scores():
         (2, 4, "tensor_core", {"tile": 16}),
         (3, 4, "tensor_core", {"tile": 16}),
         (4, 4, "tensor_core", {"tile": 16, "inline_table": 2}),  # a split's table rows stop at its tokens
+        (3, 4, "tensor_core", {"tile": 16, "tma": True}),  # bulk copies read the NaN-scaled rows: weight zero
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):
@@ -242,7 +248,8 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows():
     for name, k in kernels.items():
         unspecialised = getattr(k, "do_not_specialize", None) or k.kwargs.get("do_not_specialize", [])
         params = inspect.signature(k.fn).parameters.values()
-        counts = [p.name for p in params if "constexpr" not in str(p.annotation) and not p.name.endswith("_ptr")
+        counts = [p.name for p in params if "constexpr" not in str(p.annotation)
+                  and not p.name.endswith(("_ptr", "_desc"))  # a descriptor is keyed by its dtype and box only
                   and p.name not in ("sm_scale", "H")]  # H: the model's KV heads, fixed
         assert counts and set(counts) <= set(unspecialised), (name, counts, unspecialised)
 

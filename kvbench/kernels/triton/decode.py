@@ -23,7 +23,7 @@ for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
 KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
-         "ol_chunk", "inline_table"}
+         "ol_chunk", "inline_table", "tma"}
 
 
 @functools.cache
@@ -68,7 +68,7 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
         path: ``"auto"`` (the tuning table) or one of :data:`PATHS`.
         **tuning: launch parameters replacing the table's (``tile``, ``num_warps``, ``num_stages``,
             ``waves``, ``n_splits``; ``cuda_core`` also ``vec``, ``fields``; ``tensor_core`` also ``maxnreg``,
-            ``min_rows``, ``m_axis``, ``inline_table``; ``split_k`` also ``ol_chunk``).
+            ``min_rows``, ``m_axis``, ``inline_table``, ``tma``; ``split_k`` also ``ol_chunk``).
 
     Returns:
         ``(B, H_q, D)`` in ``q.dtype``.

@@ -21,6 +21,10 @@ cost the H200 up to 28 % of the GQA time: docs/kernels.md.) Per tile of ``BT`` t
   codes_j(values)) - offset_j * sum_t(...)``: the accumulators count in units of the last tile's max value scale
   (which keeps the fp16 products out of the subnormal range), so an element costs one FMA and one add;
   ``sum_t p * v_zero`` is added to every channel at the end.
+
+With ``tma`` the codes reach shared memory through Hopper's tensor-memory-access descriptors (one bulk copy a
+tile and bit slice, issued by one thread, waited on with a barrier) instead of a pointer per element: no address
+arithmetic or masks per thread in the loop, fewer registers (no spills under MHA 3-bit's 128-register cap).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (GROWING, LOG2E, fp16_split, gpu_counts, launch_args, split_plan, split_range,
                      uniform_per_token, use_inline_ptx)
@@ -134,6 +139,22 @@ def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRS
 
 
 @triton.jit
+def _tile_tma(desc, low_desc, row0, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRST: tl.constexpr):
+    """:func:`_tile` through tensor-memory-access descriptors (:func:`descriptors`): ``BT`` token rows from flat
+    row ``row0``, one bulk copy per bit slice instead of an address per thread. Rows past the split's end are
+    read as they lie (finite codes whose weight is zero; past the store, zeros)."""
+    main = desc.load([row0, 0])
+    if BITS == 3:
+        low = low_desc.load([row0, 2 * NC]).to(tl.int16)
+    else:
+        low = main
+    if TOKENS_FIRST:
+        return main, low
+    else:
+        return tl.trans(main), tl.trans(low)
+
+
+@triton.jit
 def _offset(J: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr):
     """The constant in the fp16 codes of channel group ``J`` (:func:`offsets`; keys, or values if ``V``)."""
     return CODE_OFF[(V * 5 + BITS) * 8 + J]
@@ -236,9 +257,9 @@ def _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs
 def _tensor_core_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, o_ptr, lse_ptr,
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
-    qk_ptr, bias_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr,
+    qk_ptr, bias_ptr, k_desc, k_low_desc, v_desc, v_low_desc, G: tl.constexpr, GP: tl.constexpr,
+    D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
+    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -292,7 +313,10 @@ def _tensor_core_kernel(
                 qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
                 qm = om
                 s = tl.zeros((GP, BT), tl.float32)
-            kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
+            if TMA:
+                kmain, klow = _tile_tma(k_desc, k_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, TOKENS_M)
+            else:
+                kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
             s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
             s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
             s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
@@ -313,7 +337,10 @@ def _tensor_core_kernel(
             vmax = tl.maximum(tl.max(tl.abs(vs), axis=0), 1e-30)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             pvm = tl.trans(pv) if TOKENS_M else pv  # the dots' operand
-            vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
+            if TMA:
+                vmain, vlow = _tile_tma(v_desc, v_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, not TOKENS_M)
+            else:
+                vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
             psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]  # times the codes' constants, this tile
             a = (alpha * (v_unit / vmax))[:, None]  # the running sums to this tile's unit
             v_unit = vmax
@@ -351,7 +378,7 @@ def check_inline_table(inline_table: int) -> None:
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", inline_table: int = 0) -> dict:
+              m_axis: str = "group", inline_table: int = 0, tma: bool = False) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
     if key_block % tile:  # a tile reads one key block's scales
@@ -360,7 +387,21 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
-                TCB=inline_table)
+                TCB=inline_table, TMA=bool(tma))
+
+
+def descriptors(words: torch.Tensor, bits: int, tile: int) -> tuple:
+    """Tensor-memory-access descriptors of a store's codes ``words (B, H, T_cap, W)`` int32, seen as one row of
+    half-words per token: ``(main, low)``, boxes of ``tile`` tokens by one channel group's elements (``low``:
+    the 1-bit slice of 3-bit codes, bytes; ``None`` otherwise)."""
+    NC = words.shape[-1] * 32 // bits // channel_groups(bits)  # head_dim / NJ
+    flat = words.view(-1, words.shape[-1])
+    half = flat.view(torch.int16)
+    main = TensorDescriptor(half, list(half.shape), list(half.stride()), [tile, NC])
+    if bits != 3:
+        return main, None
+    byte = flat.view(torch.int8)
+    return main, TensorDescriptor(byte, list(byte.shape), list(byte.stride()), [tile, NC])
 
 
 def applies(kv, G: int) -> bool:
@@ -371,18 +412,22 @@ def applies(kv, G: int) -> bool:
 
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
-           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0):
+           maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0,
+           tma: bool = False):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
     softmax runs on fewer padding rows). ``inline_table``: each split writes its own rows of the scaled-query
     table before its loop, that many key blocks at a time (one launch fewer per decode); 0 writes the table in a
-    launch before the decode kernel."""
+    launch before the decode kernel. ``tma``: the codes come through tensor-memory-access descriptors (Hopper's
+    bulk copies; one thread issues a tile's copy) instead of a pointer per element."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
     const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                      inline_table)  # checks first
+                      inline_table, tma)  # checks first
+    if tma and q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
+        raise ValueError("tma (tensor-memory-access descriptors) needs a Hopper GPU or later")
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
@@ -394,8 +439,10 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
             q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, CB=CB, num_warps=4,
             **{k: const[k] for k in ("G", "GQ", "D", "NJ", "BITS", "KB")},
         )
+    descs = (*descriptors(kv.k_words, kv.key_bits, tile), *descriptors(kv.v_words, kv.value_bits, tile)) if tma \
+        else (None,) * 4
     _tensor_core_kernel[(B * H, plan.grid_splits)](
-        *launch_args(q, kv, plan, sm_scale, counts), qk, bias,
+        *launch_args(q, kv, plan, sm_scale, counts), qk, bias, *descs,
         **const, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
