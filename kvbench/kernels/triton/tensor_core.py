@@ -24,7 +24,7 @@ cost the H200 up to 28 % of the GQA time: docs/kernels.md.) Per tile of ``BT`` t
 
 With ``tma`` the codes reach shared memory through Hopper's tensor-memory-access descriptors (one bulk copy a
 tile and bit slice, issued by one thread, waited on with a barrier) instead of a pointer per element: no address
-arithmetic or masks per thread in the loop, fewer registers (no spills under MHA 3-bit's 128-register cap).
+arithmetic or masks per thread in the loop (and no spills under MHA 3-bit's 128-register cap).
 """
 
 from __future__ import annotations
