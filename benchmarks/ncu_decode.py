@@ -5,11 +5,17 @@ alone) on the decode path the tuning table picks for each ``shape:bits:batch:T``
 ``benchmarks/results/ncu/<gpu>-<shape>-<bits>bit-b<batch>-<T>.txt``: throughput against the GPU's peaks,
 occupancy, issue slots and the stall reasons per issued instruction (``smsp__average_warps_issue_stalled_*``).
 With ``--launch`` it is the program ncu runs: one packed cache and one decode launch of the case.
+
+``--source`` samples where the warps stall per machine instruction instead (the SourceCounters section) and
+writes ``...-source.txt``: the stall samples by reason, and the instructions with the most samples, each with
+the instructions before it (what it waits on).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import shutil
 import subprocess
 import sys
@@ -46,6 +52,30 @@ def launch(shape: str, bits: int, batch: int, T: int) -> None:
     torch.cuda.synchronize()
 
 
+def source_summary(table: str, top: int = 12, before: int = 6) -> str:
+    """``ncu --page source --print-source sass --csv`` output as text: total stall samples by reason, then the
+    ``top`` instructions by samples, each after the ``before`` instructions that precede it."""
+    lines = list(csv.reader(io.StringIO(table)))
+    start = next(i for i, r in enumerate(lines) if r[:2] == ["Address", "Source"])
+    head, rows = lines[start], [r for r in lines[start + 1:] if len(r) == len(lines[start])]
+    col = {h: i for i, h in enumerate(head)}
+    num = lambda r, h: float(r[col[h]]) if r[col[h]] not in ("", "-") else 0.0  # noqa: E731
+    samples = "Warp Stall Sampling (All Samples)"
+    reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
+    total = sum(num(r, samples) for r in rows)
+    out = [f"stall samples: {total:.0f} over {len(rows)} instructions"]
+    for h in sorted(reasons, key=lambda h: -sum(num(r, h) for r in rows)):
+        n = sum(num(r, h) for r in rows)
+        if n:
+            out.append(f"  {h[6:]:<18} {n:6.0f}  {n / total:6.1%}")
+    for i in sorted(range(len(rows)), key=lambda i: -num(rows[i], samples))[:top]:
+        r = rows[i]
+        why = ", ".join(f"{h[6:]} {num(r, h):.0f}" for h in reasons if num(r, h) >= 0.1 * num(r, samples))
+        out.append(f"\n{num(r, samples):.0f} samples ({num(r, samples) / total:.1%}; {why}) at {r[col['Source']].strip()}")
+        out += [f"    {x[col['Source']].strip()}" for x in rows[max(0, i - before):i]]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", type=case, default=[case(c) for c in (
@@ -54,6 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--launch", type=case, help="(what ncu runs) one case")
     p.add_argument("--ncu", default="ncu")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--source", action="store_true", help="stall samples per machine instruction (-source.txt)")
     args = p.parse_args(argv)
     if args.launch:
         return launch(*args.launch)
@@ -67,16 +98,25 @@ def main(argv=None) -> None:
     failed = []
     for shape, bits, batch, T in args.cases:
         name = f"{shape}:{bits}:{batch}:{T}"
+        sections = ("SourceCounters", "WarpStateStats") if args.source else SECTIONS
         cmd = [args.ncu, "--clock-control", "none", "-k", "regex:_(tensor|cuda)_core_kernel|_split_k_kernel",
-               "--launch-count", "1", *[x for s in SECTIONS for x in ("--section", s)], "--metrics", STALLS,
-               sys.executable, __file__, "--launch", name]
+               "--launch-count", "1", *[x for s in sections for x in ("--section", s)],
+               *(["--import-source", "no", "-f", "-o", str(args.out / "source")] if args.source else
+                 ["--metrics", STALLS]), sys.executable, __file__, "--launch", name]
         run = subprocess.run(cmd, capture_output=True, text=True)
+        if args.source and not run.returncode:  # the report, per instruction
+            page = [args.ncu, "-i", str(args.out / "source.ncu-rep"), "--page", "source", "--print-source", "sass",
+                    "--csv"]
+            run = subprocess.run(page, capture_output=True, text=True)
+            cmd = [*cmd, "&&", *page]
         if run.returncode:  # no report replaces the one kept
             failed.append(name)
             print(f"{name}: ncu exited {run.returncode}:\n{run.stderr[-2000:]}", flush=True)
             continue
-        out = args.out / f"{gpu}-{shape}-{bits}bit-b{batch}-{T}.txt"
-        out.write_text(f"$ {' '.join(cmd[:-4])} python benchmarks/ncu_decode.py --launch {name}\n{run.stdout}")
+        out = args.out / f"{gpu}-{shape}-{bits}bit-b{batch}-{T}{'-source' if args.source else ''}.txt"
+        text = source_summary(run.stdout) if args.source else run.stdout
+        out.write_text(f"$ {' '.join(cmd)}\n{text}".replace(f"{sys.executable} {__file__}",
+                                                           "python benchmarks/ncu_decode.py"))
         print(out, flush=True)
     if failed:
         raise SystemExit(f"ncu failed for {failed}: their reports were not written")

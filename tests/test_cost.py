@@ -272,3 +272,21 @@ def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypa
             "measured_on": None}  # tile cut to the key block
     finally:
         tuning.table.cache_clear()
+
+
+def test_ncu_source_summary_ranks_instructions_by_stall_samples(monkeypatch):
+    """``ncu_decode.py --source``: from ncu's per-instruction CSV, the samples by reason (their shares summing to
+    the total) and the instruction with the most samples first, after the instructions it follows."""
+    ncu = _benchmark("ncu_decode", monkeypatch)
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_long_sb", "stall_wait",
+            "stall_long_sb (Not Issued)"]
+    body = [["0x0", "LDG R1", "2", "0", "2", "0"], ["0x10", "SYNCS.TRYWAIT P0", "1", "0", "1", "0"],
+            ["0x20", "@!P0 BRA 0x0", "12", "11", "1", "11"], ["0x30", "HMMA R2", "-", "-", "-", "-"]]
+    table = "\n".join(",".join(f'"{x}"' for x in r) for r in [["Kernel Name", "k"], head, *body])
+    text = ncu.source_summary(table, top=2, before=2)
+    lines = text.splitlines()
+    assert lines[0] == "stall samples: 15 over 4 instructions"
+    assert lines[1].split() == ["long_sb", "11", "73.3%"] and lines[2].split() == ["wait", "4", "26.7%"]
+    first = lines.index("12 samples (80.0%; long_sb 11) at @!P0 BRA 0x0")
+    assert lines[first + 1:first + 3] == ["    LDG R1", "    SYNCS.TRYWAIT P0"]
+    assert lines[first + 3] == "" and lines[first + 4] == "2 samples (13.3%; wait 2) at LDG R1"  # then the next
