@@ -161,7 +161,8 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
     """This GPU's rules for ``path`` in the tuning table: per bit width, the knobs with the least total
     relative time (time / the case's best) over the cases measured; GQA shapes give ``group: gqa`` rules.
     Where batch 1 and larger batches were both measured and their best knobs differ, batch 1 gets its own rule
-    (``max_batch: 1``, first) and the other rule is chosen on the larger batches."""
+    (``max_batch: 1``, first) and the other rule is chosen on the larger batches. Rows of batch 1 alone say
+    nothing of larger batches: they replace the batch-1 rule (``max_batch: 1``) and leave the others."""
     best = {}
     for r in rows:
         case = (r["shape"], r["batch"], r["T"], r["bits"])
@@ -177,13 +178,13 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             if chosen is None:
                 print(f"no {group} {bits}-bit launch ran every case; its rule is left as it was", flush=True)
                 continue
-            when = {"group": group, "bits": [bits]}
-            picks = [(when, *chosen)]
             one, more = ([r for r in mine if (r["batch"] == 1) == b1] for b1 in (True, False))
+            when = {"group": group, "bits": [bits], **({} if more else {"max_batch": 1})}
+            picks = [(when, *chosen)]
             by_batch = [_best_knobs(x, best) for x in (one, more)] if one and more else [None]
             if None not in by_batch and by_batch[0][0] != by_batch[1][0]:
                 picks = [({**when, "max_batch": 1}, *by_batch[0]), (when, *by_batch[1])]
-            entry["rules"] = without_width(entry["rules"], path, group, bits)
+            entry["rules"] = without_width(entry["rules"], path, group, bits, None if more else 1)
             # split_k reads every format, so its rules go last: first, they would take the plain formats too
             at = len(entry["rules"]) if path == "split_k" else 0
             for i, (w, knobs, mean) in enumerate(picks):
@@ -194,13 +195,14 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
     tuning.TABLE_PATH.write_text(tuning.dumps(table))
 
 
-def without_width(rules: list[dict], path: str, group: str, bits: int) -> list[dict]:
-    """``rules`` less ``path``'s rules for ``group`` at ``bits`` (any ``max_batch``); a rule of several widths
-    keeps its others."""
+def without_width(rules: list[dict], path: str, group: str, bits: int, max_batch: int | None = None) -> list[dict]:
+    """``rules`` less ``path``'s rules for ``group`` at ``bits`` (any ``max_batch``, or only those of
+    ``max_batch``); a rule of several widths keeps its others."""
     out = []
     for x in rules:
         w = x["when"]
-        if x["path"] == path and w.get("group") == group and bits in w.get("bits", ()):
+        if (x["path"] == path and w.get("group") == group and bits in w.get("bits", ())
+                and max_batch in (None, w.get("max_batch"))):
             x = {**x, "when": {**w, "bits": [b for b in w["bits"] if b != bits]}}
             if not x["when"]["bits"]:
                 continue

@@ -150,7 +150,7 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
     assert "decode_attention" in sys.modules
 
     def row(T, tile, us):
-        return dict(gpu="G", path="tensor_core", shape="llama3-8b", batch=1, T=T, bits=4, tile=tile, num_warps=1,
+        return dict(gpu="G", path="tensor_core", shape="llama3-8b", batch=8, T=T, bits=4, tile=tile, num_warps=1,
                     num_stages=2, waves=8, min_rows=1, kernel_us=us)
 
     out = tmp_path / "tune.json"
@@ -188,7 +188,7 @@ def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_pat
 def test_tune_decode_gives_batch_1_its_own_rule_where_its_best_differs(tmp_path, monkeypatch):
     """Batch 1 and batch 8 measured, their best launches differ: a ``max_batch: 1`` rule (batch 1's best) goes
     before the rule chosen on batch 8, and the dispatcher's rules follow the batch; a later run whose classes
-    agree replaces both with one rule."""
+    agree replaces both with one rule; a run of batch 1 alone writes and replaces the batch-1 rule only."""
     tune = _benchmark("tune_decode", monkeypatch)
     table = tmp_path / "tuning.json"
     table.write_text(json.dumps({"default": {"measured_on": "X", "rules": []}}))
@@ -214,6 +214,11 @@ def test_tune_decode_gives_batch_1_its_own_rule_where_its_best_differs(tmp_path,
     tune.write_rules([row(1, 0, 9.0), row(1, 2, 10.0), row(8, 0, 50.0), row(8, 2, 60.0)], "G", "tensor_core")
     assert json.loads(table.read_text())["G"]["rules"] == [{"when": {"group": "gqa", "bits": [2]}, **base,
                                                            "inline_table": 0}]
+    # rows of batch 1 alone: a batch-1 rule, the larger batches' rule kept
+    tune.write_rules([row(1, 0, 10.0), row(1, 2, 9.0)], "G", "tensor_core")
+    assert json.loads(table.read_text())["G"]["rules"] == [rules[0], rules[1]]
+    tune.write_rules([row(1, 0, 9.0), row(1, 2, 10.0)], "G", "tensor_core")  # it replaces the batch-1 rule only
+    assert json.loads(table.read_text())["G"]["rules"] == [{**rules[0], "inline_table": 0}, rules[1]]
 
 
 def test_tune_decode_merges_rules_alike_but_for_their_widths(monkeypatch):
@@ -252,7 +257,7 @@ def test_tune_decode_puts_split_k_rules_after_the_plain_paths(tmp_path, monkeypa
     table.write_text(json.dumps({"default": {"measured_on": "X", "rules": []},
                                  "G": {"measured_on": "G", "rules": [plain]}}))
     monkeypatch.setattr(tune.tuning, "TABLE_PATH", table)
-    row = dict(gpu="G", path="split_k", format="kvquant", shape="llama3-8b", batch=1, T=1, bits=4, tile=128,
+    row = dict(gpu="G", path="split_k", format="kvquant", shape="llama3-8b", batch=8, T=1, bits=4, tile=128,
                num_warps=4, num_stages=2, waves=4, ol_chunk=16, kernel_us=1.0)
     tune.write_rules([row], "G", "split_k")
     rules = json.loads(table.read_text())["G"]["rules"]
