@@ -100,13 +100,13 @@ def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
     return min(by_regs, by_smem, 32, 64 // num_warps)
 
 
-def _descriptors(bits: int, rule: dict) -> dict:
+def _descriptors(bits: int, D: int, rule: dict) -> dict:
     """tensor_core's descriptor arguments: their types with ``tma`` (the boxes of ``tensor_core.descriptors``),
     else ``None``."""
     names = ("k_desc", "k_low_desc", "v_desc", "v_low_desc")
     if not rule.get("tma"):
         return {a: None for a in names}
-    box = f"[{rule['tile']}, {128 // tensor_core.channel_groups(bits)}]>"
+    box = f"[{rule['tile']}, {D // tensor_core.channel_groups(bits)}]>"
     low = "tensordesc<i8" + box if bits == 3 else None
     return dict(zip(names, ("tensordesc<i16" + box, low) * 2))
 
@@ -115,7 +115,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     kernel, extra = PATHS[path]
     const = constants(path, bits, G, D, rule)
     args = ARGS + extra
-    descs = _descriptors(bits, rule) if path == "tensor_core" else {}
+    descs = _descriptors(bits, D, rule) if path == "tensor_core" else {}
     const.update({a: None for a, t in descs.items() if t is None})
     sig = {a: descs.get(a) or _sig(a) for a in args if a not in const}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a.endswith("_ptr")}

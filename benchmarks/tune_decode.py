@@ -89,14 +89,16 @@ def main(argv=None) -> None:
             best = None
             for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma in (
                     [(None,) * 9 + (t,) for t in args.tma] if args.at_rules else grid):
-                knobs = {} if args.at_rules else dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
-                if args.path == "tensor_core" and not args.at_rules:  # the table's rule may name others (maxnreg 0:
-                    # none)
-                    knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis, inline_table=inline_table)
+                knobs = {}  # --at-rules: the rule's launch
+                if not args.at_rules:
+                    knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
+                    if args.path == "tensor_core":  # always given: the rule may name others (maxnreg 0: none)
+                        knobs.update(maxnreg=maxnreg or None, min_rows=min_rows, m_axis=m_axis,
+                                     inline_table=inline_table)
+                    if args.path == "split_k":
+                        knobs.update(ol_chunk=ol_chunk)
                 if args.path == "tensor_core" and (tma or args.at_rules):
                     knobs.update(tma=bool(tma))
-                if args.path == "split_k":
-                    knobs.update(ol_chunk=ol_chunk)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
