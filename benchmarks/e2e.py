@@ -3,7 +3,8 @@
 ``python benchmarks/e2e.py [--shape llama3-8b --layers 8 --context 32768 --batch 8 --new 32 --bits 4 2]`` runs a
 random-weight model of a real layer shape (Llama-2-7B: 32/32 heads; Llama-3-8B: 32/8 heads, GQA) with only
 ``--layers`` layers, so that the fp16 cache of the baseline fits on one GPU, with the fp16 DynamicCache /
-StaticCache and the packed cache (decode path chosen by the tuning table), and adds its record to
+StaticCache and the packed cache (decode path chosen by the tuning table; each packed run records the launch,
+``launch``), and adds its record to
 ``benchmarks/results/e2e.json`` (one per GPU and shape). Needs torch, transformers and kvbench.kernels only.
 
 After each run, ``--profile-steps`` bare forward steps on its cache are timed (``forward_ms_per_step``: the step
@@ -129,6 +130,18 @@ def loop_run(model, name: str, make_cache, prompt, N: int) -> dict:
                 graphs_equal_eager=bool(torch.equal(logits_of[True], logits_of[False])))
 
 
+def decode_launch(cache, n_heads: int, batch: int, path: str) -> dict:
+    """The decode path and launch the tuning table gives ``cache``'s decode of ``n_heads`` query heads at
+    ``batch`` (its first layer; every layer has its shape): what a packed run ran, for its record."""
+    from kvbench.kernels import triton as tk
+
+    kv = cache.layers[0].packed_kv()
+    if isinstance(kv, list):  # a mixed-width cache: one split_k launch per store
+        kv, path = kv[0], "split_k" if path == "auto" else path
+    q = torch.empty(batch, n_heads, kv.k_scale.shape[-1], dtype=torch.float16, device=kv.k_words.device)
+    return {k: v for k, v in tk.choose(q, kv, path).items() if k != "gpu"}
+
+
 def run_e2e(args, gpu: str) -> dict:
     """Decode tokens/s of ``generate`` at a long context on a random-weight model of ``args.shape``'s layer
     shape with only ``--layers`` layers (so that the fp16 cache of the baseline fits on one GPU)."""
@@ -196,6 +209,8 @@ def run_e2e(args, gpu: str) -> dict:
             kv_bytes=kv_bytes, kv_bytes_per_token_per_layer=round(kv_bytes / (B * (T + N - 1)) / args.e2e_layers, 1),
             peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
         )
+        if cache is not None:
+            rec["launch"] = decode_launch(cache, cfg.num_attention_heads, B, path)
         if args.profile_steps and kw.get("cache_implementation") == "static":  # full after generate: no more steps
             rec["profile_error"] = "not profiled: the static cache is full after generate"
         elif args.profile_steps:

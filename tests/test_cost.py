@@ -295,3 +295,27 @@ def test_ncu_source_summary_ranks_instructions_by_stall_samples(monkeypatch):
     first = lines.index("12 samples (80.0%; long_sb 11) at @!P0 BRA 0x0")
     assert lines[first + 1:first + 3] == ["    LDG R1", "    SYNCS.TRYWAIT P0"]
     assert lines[first + 3] == "" and lines[first + 4] == "2 samples (13.3%; wait 2) at LDG R1"  # then the next
+
+
+def test_e2e_records_the_launch_each_packed_cache_decodes_with(monkeypatch):
+    """``e2e.py``'s packed runs record the path and launch the tuning table gives their cache's decode: here (no
+    GPU: the table's ``default`` rules) a GQA cache of uniform codes, head_dim 128, goes to ``tensor_core`` with
+    the tile cut to the key block, a pre-RoPE one to ``split_k`` (the one path that rotates keys)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvbench.cache import PackedCacheSpec, make_packed_cache
+
+    e2e = _benchmark("e2e", monkeypatch)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    for pre_rope, want in ((False, {"path": "tensor_core", "tile": 32, "num_warps": 4, "num_stages": 1, "waves": 4}),
+                           (True, {"path": "split_k", "tile": 32, "num_warps": 4, "num_stages": 2, "waves": 4})):
+        spec = PackedCacheSpec(impl="reference", key_bits=4, value_bits=4, value_group_size=128, key_block=32,
+                               recent_window=4, pre_rope=pre_rope)
+        cache = make_packed_cache(model.config, spec)
+        with torch.no_grad():
+            model(torch.randint(0, 97, (2, 70)), past_key_values=cache, use_cache=True)
+        got = e2e.decode_launch(cache, cfg.num_attention_heads, 2, "auto")
+        assert got == {**want, "measured_on": "NVIDIA H100 80GB HBM3"}, got
