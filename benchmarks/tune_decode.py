@@ -130,8 +130,7 @@ def main(argv=None) -> None:
 
 
 TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)
-KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields",
-         "inline_table", "tma")
+KNOBS = tuple(k for k in tk.decode.KNOBS if k != "n_splits")  # a row's and a rule's knobs (splits follow waves)
 CASE = ("gpu", "path", "format", "shape", "batch", "T", "bits")
 
 

@@ -22,8 +22,8 @@ from .common import reduce_splits
 for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_core", tensor_core)):
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
-KNOBS = {"tile", "num_warps", "num_stages", "waves", "n_splits", "vec", "fields", "maxnreg", "min_rows", "m_axis",
-         "ol_chunk", "inline_table", "tma"}
+KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields",
+         "inline_table", "tma", "n_splits")  # the launch parameters a rule or an override may give
 
 
 @functools.cache
@@ -40,7 +40,7 @@ def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
     ``split_k``). ``overrides`` replace the table's launch parameters."""
     if path != "auto" and path not in PATHS:
         raise unknown_name_error("kernel path", path, ["auto", *PATHS])
-    unknown = set(overrides) - KNOBS
+    unknown = set(overrides) - set(KNOBS)
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(KNOBS)}")
     B, Hq, D = q.shape
