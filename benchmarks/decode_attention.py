@@ -243,8 +243,7 @@ def run(args, copy_bw: float, gpu: str, records: list[dict]) -> list[dict]:
                 for bits, fmt in [(b, f) for b in args.bits for f in args.formats]:
                     try:  # building a format (outlier splits, the reference twin) takes several times the fp16 K/V
                         kv = build_format(fmt, k, v, bits, args)
-                        mixed = isinstance(kv, list)
-                        launch = tk.choose(q, kv[0] if mixed else kv, "split_k" if mixed else args.path)
+                        launch = tk.choose(q, kv, args.path)  # what decode_attention below runs
                         fn = lambda: tk.decode_attention(q, kv, path=args.path)  # noqa: E731
                         rel = rel_err_vs_reference(q, kv, fn())
                     except torch.OutOfMemoryError:

@@ -136,9 +136,8 @@ def decode_launch(cache, n_heads: int, batch: int, path: str) -> dict:
     from kvbench.kernels import triton as tk
 
     kv = cache.layers[0].packed_kv()
-    if isinstance(kv, list):  # a mixed-width cache: one split_k launch per store
-        kv, path = kv[0], "split_k" if path == "auto" else path
-    q = torch.empty(batch, n_heads, kv.k_scale.shape[-1], dtype=torch.float16, device=kv.k_words.device)
+    first = kv[0] if isinstance(kv, list) else kv  # a mixed-width cache: a list of stores
+    q = torch.empty(batch, n_heads, first.k_scale.shape[-1], dtype=torch.float16, device=first.k_words.device)
     return {k: v for k, v in tk.choose(q, kv, path).items() if k != "gpu"}
 
 

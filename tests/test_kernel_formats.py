@@ -152,6 +152,9 @@ def test_mixed_width_stores(pre_rope):
         k_hat = reference.rope_at(k_hat, torch.arange(3, 67), inv)
     assert _rel(keys[:, :, 3:67], k_hat) < 1e-5 and _rel(vals[:, :, 3:67], v_hat) < 1e-5
     _check_triton(q, parts)
+    assert tk.choose(q, parts)["path"] == "split_k"  # the dispatcher's choice for the list, as it decodes it
+    with pytest.raises(ValueError, match="does not apply"):
+        tk.choose(q, parts, "cuda_core")
 
 
 def test_fast_paths_do_not_apply_to_the_new_formats():

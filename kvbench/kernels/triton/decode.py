@@ -33,13 +33,19 @@ def _launch_keys(path: str) -> frozenset:
 
 
 def choose(q: torch.Tensor, kv, path: str = "auto", **overrides) -> dict:
-    """The decode path and launch tuning for ``q (B, H_q, D)`` over ``kv``: ``{"path": ..., **tuning}``.
+    """The decode path and launch tuning for ``q (B, H_q, D)`` over ``kv`` (a layer's
+    :class:`~kvbench.kernels.ops.PackedKV`, or a mixed-width cache's list of them): ``{"path": ..., **tuning}``.
 
     ``path="auto"`` takes the first rule of the tuning table (for this GPU and shape) whose path applies;
-    a named path must apply (formats that are not :attr:`~kvbench.kernels.ops.PackedKV.plain` go to
-    ``split_k``). ``overrides`` replace the table's launch parameters."""
+    a named path must apply (formats that are not :attr:`~kvbench.kernels.ops.PackedKV.plain`, and mixed-width
+    lists, go to ``split_k``). ``overrides`` replace the table's launch parameters."""
     if path != "auto" and path not in PATHS:
         raise unknown_name_error("kernel path", path, ["auto", *PATHS])
+    if isinstance(kv, (list, tuple)):  # a mixed-width cache: one split_k launch per store, of its first's tuning
+        launch = choose(q, kv[0], "split_k" if path == "auto" else path, **overrides)
+        if launch["path"] != "split_k":
+            raise ValueError(f"a mixed-width cache is read by the split_k path, not {launch['path']!r}")
+        return launch
     unknown = set(overrides) - set(KNOBS)
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(KNOBS)}")
@@ -75,12 +81,8 @@ def decode_attention(q: torch.Tensor, kv, sm_scale: float | None = None, *, path
     """
     q = q.contiguous()
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    if isinstance(kv, (list, tuple)):  # a mixed-width cache: one split_k launch per store, one reduction
-        launch = choose(q, kv[0], "split_k" if path == "auto" else path, **tuning)
-        if launch["path"] != "split_k":
-            raise ValueError(f"a mixed-width cache is read by the split_k path, not {launch['path']!r}")
-        knobs = {k: v for k, v in launch.items() if k in KNOBS}
-        return reduce_splits(q, split_k.launch_parts(q, kv, scale, **knobs))
     launch = choose(q, kv, path, **tuning)
     knobs = {k: v for k, v in launch.items() if k in KNOBS}
+    if isinstance(kv, (list, tuple)):  # a mixed-width cache: one split_k launch per store, one reduction
+        return reduce_splits(q, split_k.launch_parts(q, kv, scale, **knobs))
     return reduce_splits(q, PATHS[launch["path"]].launch(q, kv, scale, **knobs))
