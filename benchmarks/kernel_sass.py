@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -101,14 +102,14 @@ def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
 
 
 def _descriptors(bits: int, D: int, rule: dict) -> dict:
-    """tensor_core's descriptor arguments: their types with ``tma`` (the boxes of ``tensor_core.descriptors``),
-    else ``None``."""
-    names = ("k_desc", "k_low_desc", "v_desc", "v_low_desc")
-    if not rule.get("tma"):
-        return {a: None for a in names}
-    box = f"[{rule['tile']}, {D // tensor_core.channel_groups(bits)}]>"
-    low = "tensordesc<i8" + box if bits == 3 else None
-    return dict(zip(names, ("tensordesc<i16" + box, low) * 2))
+    """tensor_core's descriptor arguments: with ``tma``, their types (``tensor_core.boxes``), else ``None``."""
+    names = {"main": ("k_desc", "v_desc"), "low": ("k_low_desc", "v_low_desc")}
+    out = dict.fromkeys(names["main"] + names["low"])
+    if rule.get("tma"):
+        for name, (dtype, box) in tensor_core.boxes(bits, D, rule["tile"]).items():
+            ty = {torch.int16: "i16", torch.int8: "i8"}[dtype]
+            out.update(dict.fromkeys(names[name], f"tensordesc<{ty}[{box[0]}, {box[1]}]>"))
+    return out
 
 
 def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:

@@ -390,18 +390,22 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
                 TCB=inline_table, TMA=bool(tma))
 
 
+def boxes(bits: int, D: int, tile: int) -> dict:
+    """What :func:`descriptors` copies a tile through, per bit slice: ``{name: (dtype, box)}``, ``tile`` tokens by
+    one channel group's elements (``main``: int16 half-words; ``low``, at 3 bits: the 1-bit slice's bytes)."""
+    box = [tile, D // channel_groups(bits)]
+    return {"main": (torch.int16, box), **({"low": (torch.int8, box)} if bits == 3 else {})}
+
+
 def descriptors(words: torch.Tensor, bits: int, tile: int) -> tuple:
-    """Tensor-memory-access descriptors of a store's codes ``words (B, H, T_cap, W)`` int32, seen as one row of
-    half-words per token: ``(main, low)``, boxes of ``tile`` tokens by one channel group's elements (``low``:
-    the 1-bit slice of 3-bit codes, bytes; ``None`` otherwise)."""
-    NC = words.shape[-1] * 32 // bits // channel_groups(bits)  # head_dim / NJ
+    """Tensor-memory-access descriptors of a store's codes ``words (B, H, T_cap, W)`` int32, seen as one row per
+    token: ``(main, low)`` of :func:`boxes` (``low`` ``None`` but at 3 bits)."""
     flat = words.view(-1, words.shape[-1])
-    half = flat.view(torch.int16)
-    main = TensorDescriptor(half, list(half.shape), list(half.stride()), [tile, NC])
-    if bits != 3:
-        return main, None
-    byte = flat.view(torch.int8)
-    return main, TensorDescriptor(byte, list(byte.shape), list(byte.stride()), [tile, NC])
+    out = {}
+    for name, (dtype, box) in boxes(bits, words.shape[-1] * 32 // bits, tile).items():
+        t = flat.view(dtype)
+        out[name] = TensorDescriptor(t, list(t.shape), list(t.stride()), box)
+    return out["main"], out.get("low")
 
 
 def applies(kv, G: int) -> bool:
