@@ -19,6 +19,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
@@ -63,15 +64,15 @@ def source_summary(table: str, top: int = 12, before: int = 6) -> str:
     samples = "Warp Stall Sampling (All Samples)"
     reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
     total = sum(num(r, samples) for r in rows)
+    by_reason = {h: sum(num(r, h) for r in rows) for h in reasons}
     out = [f"stall samples: {total:.0f} over {len(rows)} instructions"]
-    for h in sorted(reasons, key=lambda h: -sum(num(r, h) for r in rows)):
-        n = sum(num(r, h) for r in rows)
+    for h, n in sorted(by_reason.items(), key=lambda x: -x[1]):
         if n:
             out.append(f"  {h[6:]:<18} {n:6.0f}  {n / total:6.1%}")
     for i in sorted(range(len(rows)), key=lambda i: -num(rows[i], samples))[:top]:
-        r = rows[i]
-        why = ", ".join(f"{h[6:]} {num(r, h):.0f}" for h in reasons if num(r, h) >= 0.1 * num(r, samples))
-        out.append(f"\n{num(r, samples):.0f} samples ({num(r, samples) / total:.1%}; {why}) at {r[col['Source']].strip()}")
+        r, n = rows[i], num(rows[i], samples)
+        why = ", ".join(f"{h[6:]} {num(r, h):.0f}" for h in reasons if num(r, h) >= 0.1 * n)
+        out.append(f"\n{n:.0f} samples ({n / total:.1%}; {why}) at {r[col['Source']].strip()}")
         out += [f"    {x[col['Source']].strip()}" for x in rows[max(0, i - before):i]]
     return "\n".join(out) + "\n"
 
@@ -99,16 +100,17 @@ def main(argv=None) -> None:
     for shape, bits, batch, T in args.cases:
         name = f"{shape}:{bits}:{batch}:{T}"
         sections = ("SourceCounters", "WarpStateStats") if args.source else SECTIONS
-        cmd = [args.ncu, "--clock-control", "none", "-k", "regex:_(tensor|cuda)_core_kernel|_split_k_kernel",
-               "--launch-count", "1", *[x for s in sections for x in ("--section", s)],
-               *(["--import-source", "no", "-f", "-o", str(args.out / "source")] if args.source else
-                 ["--metrics", STALLS]), sys.executable, __file__, "--launch", name]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if args.source and not run.returncode:  # the report, per instruction
-            page = [args.ncu, "-i", str(args.out / "source.ncu-rep"), "--page", "source", "--print-source", "sass",
-                    "--csv"]
-            run = subprocess.run(page, capture_output=True, text=True)
-            cmd = [*cmd, "&&", *page]
+        with tempfile.TemporaryDirectory() as tmp:  # --source: ncu's report, read back per instruction
+            rep = Path(tmp) / "source"
+            cmd = [args.ncu, "--clock-control", "none", "-k", "regex:_(tensor|cuda)_core_kernel|_split_k_kernel",
+                   "--launch-count", "1", *[x for s in sections for x in ("--section", s)],
+                   *(["--import-source", "no", "-o", str(rep)] if args.source else ["--metrics", STALLS]),
+                   sys.executable, __file__, "--launch", name]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if args.source and not run.returncode:
+                page = [args.ncu, "-i", f"{rep}.ncu-rep", "--page", "source", "--print-source", "sass", "--csv"]
+                run = subprocess.run(page, capture_output=True, text=True)
+                cmd = [*cmd, "&&", *page]
         if run.returncode:  # no report replaces the one kept
             failed.append(name)
             print(f"{name}: ncu exited {run.returncode}:\n{run.stderr[-2000:]}", flush=True)
