@@ -59,7 +59,7 @@ BATCHES = (1, 8)  # the benchmark's batches: a rule may hold for batch 1 only (`
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
-                                     rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", False))
+                                     rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", 0))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -106,7 +106,7 @@ def _descriptors(bits: int, D: int, rule: dict) -> dict:
     names = {"main": ("k_desc", "v_desc"), "low": ("k_low_desc", "v_low_desc")}
     out = dict.fromkeys(names["main"] + names["low"])
     if rule.get("tma"):
-        for name, (dtype, box) in tensor_core.boxes(bits, D, rule["tile"]).items():
+        for name, (dtype, box) in tensor_core.boxes(bits, D, rule["tile"], rule["tma"]).items():
             ty = {torch.int16: "i16", torch.int8: "i8"}[dtype]
             out.update(dict.fromkeys(names[name], f"tensordesc<{ty}[{box[0]}, {box[1]}]>"))
     return out
@@ -140,7 +140,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
         knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"),
-                     inline_table=rule.get("inline_table", 0), tma=bool(rule.get("tma")))
+                     inline_table=rule.get("inline_table", 0), tma=int(rule.get("tma") or 0))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
                 programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),
@@ -163,8 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--m-axis", nargs="+", choices=tensor_core.M_AXES, help="tensor_core: what the dots' M holds, "
                    "each counted (default: the rule's)")
     p.add_argument("--num-warps", nargs="+", type=int, help="tensor_core: each counted (default: the rule's)")
-    p.add_argument("--tma", nargs="+", type=int, choices=(0, 1), help="tensor_core: the codes through descriptors "
-                   "(1) or pointers (0), each counted (default: the rule's)")
+    p.add_argument("--tma", nargs="+", type=int, help="tensor_core: the codes through descriptors, that many tokens "
+                   "a copy row (1, 2, 4, 8), or pointers (0), each counted (default: the rule's)")
     args = p.parse_args(argv)
     rows = []
     for G in GROUPS.values():

@@ -53,8 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
     p.add_argument("--inline-table", nargs="+", type=int, default=[0], help="key blocks per step of the table each "
                    "split writes itself (tensor_core only; 0: a launch before the decode writes it)")
-    p.add_argument("--tma", nargs="+", type=int, default=[0], choices=(0, 1), help="the codes through "
-                   "tensor-memory-access descriptors (tensor_core only; Hopper and later)")
+    p.add_argument("--tma", nargs="+", type=int, default=[0], help="the codes through tensor-memory-access "
+                   "descriptors, that many tokens a copy row (1, 2, 4, 8; 0: pointers; tensor_core only, Hopper and "
+                   "later)")
     p.add_argument("--at-rules", action="store_true", help="time each case at the launch its rule gives, once per "
                    "--tma value (an A/B of that knob alone); the other grid lists are ignored")
     p.add_argument("--write-rules", action="store_true")
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
                     if args.path == "split_k":
                         knobs.update(ol_chunk=ol_chunk)
                 if args.path == "tensor_core" and (tma or args.at_rules):
-                    knobs.update(tma=bool(tma))
+                    knobs.update(tma=tma)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:

@@ -77,6 +77,10 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 64, "m_axis": "tokens", "min_rows": 1, "tma": True}),  # MHA
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "tma": True}),
         ("tensor_core", 3, 3, 4, 0, 2, 128, {"tile": 16, "tma": True}),
+        # copy rows of several tokens (4 at 4 bits, 8 at 2), reshaped back to a token a row
+        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "tma": 4}),
+        ("tensor_core", 2, 2, 1, 1, 2, 96, {"tile": 64, "m_axis": "tokens", "min_rows": 1, "tma": 8}),  # MHA
+        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "tma": 2}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -255,8 +259,9 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows():
 
 
 def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
-    """A bad ``m_axis``, a tile that does not divide the key block, or an ``inline_table`` that is not a power of
-    two is one ValueError before the table launch."""
+    """A bad ``m_axis``, a tile that does not divide the key block, an ``inline_table`` that is not a power of
+    two, or a ``tma`` copy row the tile, the width or the capacity does not allow is one ValueError before the
+    table launch."""
     from kvbench.kernels.triton import tensor_core
 
     class NoLaunch:
@@ -273,6 +278,12 @@ def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
     for bad in (3, -1):
         with pytest.raises(ValueError, match="inline_table must be 0 or a power of two"):
             ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, inline_table=bad)
+    for bad, match in ((3, "tma must be 0 or a power of two"), (64, "dividing the tile"),
+                       (16, "holds 8 tokens at most at 4 bits")):
+        with pytest.raises(ValueError, match=match):
+            ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, tma=bad)
+    with pytest.raises(ValueError, match="tma 4 needs a cache capacity that is a multiple of 4, got 66"):
+        tensor_core.descriptors(torch.zeros(1, 2, 66, 16, dtype=torch.int32), 4, 32, 4)  # built before any launch
 
 
 @triton.jit

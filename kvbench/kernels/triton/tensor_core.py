@@ -139,11 +139,14 @@ def _tile(words_ptr, rows, tm, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRS
 
 
 @triton.jit
-def _tile_tma(desc, low_desc, row0, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRST: tl.constexpr):
-    """:func:`_tile` through tensor-memory-access descriptors (:func:`descriptors`): ``BT`` token rows from flat
-    row ``row0``, one bulk copy per bit slice instead of an address per thread. Rows past the split's end are
-    read as they lie (finite codes whose weight is zero; past the store, zeros)."""
-    main = desc.load([row0, 0])
+def _tile_tma(desc, low_desc, row0, BITS: tl.constexpr, NC: tl.constexpr, TOKENS_FIRST: tl.constexpr,
+              BT: tl.constexpr, R: tl.constexpr):
+    """:func:`_tile` through tensor-memory-access descriptors (:func:`descriptors`): ``BT`` tokens from flat token
+    row ``row0``, ``R`` tokens a copy row, one bulk copy per bit slice instead of an address per thread. Rows
+    past the split's end are read as they lie (finite codes whose weight is zero; past the store, zeros)."""
+    main = desc.load([row0 // R, 0])
+    if R > 1:  # copy rows of R tokens back to one token a row (row-major: a view of the same elements)
+        main = tl.reshape(main, (BT, NC))
     if BITS == 3:
         low = low_desc.load([row0, 2 * NC]).to(tl.int16)
     else:
@@ -314,7 +317,7 @@ def _tensor_core_kernel(
                 qm = om
                 s = tl.zeros((GP, BT), tl.float32)
             if TMA:
-                kmain, klow = _tile_tma(k_desc, k_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, TOKENS_M)
+                kmain, klow = _tile_tma(k_desc, k_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, TOKENS_M, BT, TMA)
             else:
                 kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
             s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
@@ -338,7 +341,7 @@ def _tensor_core_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             pvm = tl.trans(pv) if TOKENS_M else pv  # the dots' operand
             if TMA:
-                vmain, vlow = _tile_tma(v_desc, v_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, not TOKENS_M)
+                vmain, vlow = _tile_tma(v_desc, v_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, not TOKENS_M, BT, TMA)
             else:
                 vmain, vlow = _tile(vw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, not TOKENS_M)  # (BT, NC) / (NC, BT)
             psum = tl.sum(pv.to(tl.float32), axis=1)[:, None]  # times the codes' constants, this tile
@@ -378,31 +381,50 @@ def check_inline_table(inline_table: int) -> None:
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", inline_table: int = 0, tma: bool = False) -> dict:
+              m_axis: str = "group", inline_table: int = 0, tma: int = 0) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
+    check_tma(tma, bits, D, tile)
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
-                TCB=inline_table, TMA=bool(tma))
+                TCB=inline_table, TMA=int(tma))
 
 
-def boxes(bits: int, D: int, tile: int) -> dict:
-    """What :func:`descriptors` copies a tile through, per bit slice: ``{name: (dtype, box)}``, ``tile`` tokens by
-    one channel group's elements (``main``: int16 half-words; ``low``, at 3 bits: the 1-bit slice's bytes)."""
-    box = [tile, D // channel_groups(bits)]
+def check_tma(tma: int, bits: int, D: int, tile: int) -> None:
+    """``tma``: 0 (pointers), or the tokens a copy row holds, a power of two dividing the tile; more than one only
+    at 2 and 4 bits (a token's codes are one bit slice, so a tile's are contiguous) and up to 256 half-words a
+    row (the widest box a copy takes): 16 tokens at 2 bits, 8 at 4."""
+    rows = int(tma)
+    if rows < 0 or rows & (rows - 1) or tile % max(rows, 1):
+        raise ValueError(f"tma must be 0 or a power of two dividing the tile ({tile}), got {tma}")
+    most = 1 if bits == 3 else 256 // (D // channel_groups(bits))
+    if rows > most:
+        raise ValueError(f"tma {rows}: a copy row holds {most} token{'s' * (most > 1)} at most at {bits} bits")
+
+
+def boxes(bits: int, D: int, tile: int, tma: int = 1) -> dict:
+    """What :func:`descriptors` copies a tile through, per bit slice: ``{name: (dtype, box)}``, ``tile / tma`` rows
+    of ``tma`` tokens' elements of one channel group (``main``: int16 half-words; ``low``, at 3 bits: the 1-bit
+    slice's bytes)."""
+    rows = max(int(tma), 1)
+    box = [tile // rows, rows * D // channel_groups(bits)]
     return {"main": (torch.int16, box), **({"low": (torch.int8, box)} if bits == 3 else {})}
 
 
-def descriptors(words: torch.Tensor, bits: int, tile: int) -> tuple:
-    """Tensor-memory-access descriptors of a store's codes ``words (B, H, T_cap, W)`` int32, seen as one row per
-    token: ``(main, low)`` of :func:`boxes` (``low`` ``None`` but at 3 bits)."""
-    flat = words.view(-1, words.shape[-1])
+def descriptors(words: torch.Tensor, bits: int, tile: int, tma: int = 1) -> tuple:
+    """Tensor-memory-access descriptors of a store's codes ``words (B, H, T_cap, W)`` int32, seen as rows of
+    ``tma`` tokens (``T_cap`` a multiple of it): ``(main, low)`` of :func:`boxes` (``low`` ``None`` but at 3
+    bits)."""
+    rows = max(int(tma), 1)
+    if words.shape[2] % rows:
+        raise ValueError(f"tma {rows} needs a cache capacity that is a multiple of {rows}, got {words.shape[2]}")
+    flat = words.view(-1, rows * words.shape[-1])
     out = {}
-    for name, (dtype, box) in boxes(bits, words.shape[-1] * 32 // bits, tile).items():
+    for name, (dtype, box) in boxes(bits, words.shape[-1] * 32 // bits, tile, rows).items():
         t = flat.view(dtype)
         out[name] = TensorDescriptor(t, list(t.shape), list(t.stride()), box)
     return out["main"], out.get("low")
@@ -417,14 +439,15 @@ def applies(kv, G: int) -> bool:
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0,
-           tma: bool = False):
+           tma: int = 0):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
     softmax runs on fewer padding rows). ``inline_table``: each split writes its own rows of the scaled-query
     table before its loop, that many key blocks at a time (one launch fewer per decode); 0 writes the table in a
     launch before the decode kernel. ``tma``: the codes come through tensor-memory-access descriptors (Hopper's
-    bulk copies; one thread issues a tile's copy) instead of a pointer per element."""
+    bulk copies; one thread issues a tile's copy) instead of a pointer per element, ``tma`` tokens a copy row
+    (:func:`check_tma`)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
@@ -433,6 +456,8 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     if tma and q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         raise ValueError("tma (tensor-memory-access descriptors) needs a Hopper GPU or later")
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
+    descs = (*descriptors(kv.k_words, kv.key_bits, tile, tma), *descriptors(kv.v_words, kv.value_bits, tile, tma)) \
+        if tma else (None,) * 4
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
     qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
     bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
@@ -443,8 +468,6 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
             q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, CB=CB, num_warps=4,
             **{k: const[k] for k in ("G", "GQ", "D", "NJ", "BITS", "KB")},
         )
-    descs = (*descriptors(kv.k_words, kv.key_bits, tile), *descriptors(kv.v_words, kv.value_bits, tile)) if tma \
-        else (None,) * 4
     _tensor_core_kernel[(B * H, plan.grid_splits)](
         *launch_args(q, kv, plan, sm_scale, counts), qk, bias, *descs,
         **const, num_warps=num_warps, num_stages=num_stages,
