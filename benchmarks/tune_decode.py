@@ -56,8 +56,11 @@ def main(argv=None) -> None:
     p.add_argument("--tma", nargs="+", type=int, default=[0], help="the codes through tensor-memory-access "
                    "descriptors, that many tokens a copy row (1, 2, 4, 8; 0: pointers; tensor_core only, Hopper and "
                    "later)")
+    p.add_argument("--ahead", nargs="+", type=int, default=[0], choices=(0, 1), help="the next tile's key codes "
+                   "loaded into registers during each tile (tensor_core only; through pointers, the values as --tma "
+                   "says)")
     p.add_argument("--at-rules", action="store_true", help="time each case at the launch its rule gives, once per "
-                   "--tma value (an A/B of that knob alone); the other grid lists are ignored")
+                   "--tma and --ahead value (an A/B of those knobs alone); the other grid lists are ignored")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if args.at_rules and args.write_rules:
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
     fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.ol_chunk, args.inline_table, args.tma))
+                                  args.m_axis, args.ol_chunk, args.inline_table, args.tma, args.ahead))
+    at_rules = [(None,) * 9 + ta for ta in itertools.product(args.tma, args.ahead)]
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -88,8 +92,8 @@ def main(argv=None) -> None:
             kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma in (
-                    [(None,) * 9 + (t,) for t in args.tma] if args.at_rules else grid):
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma, ahead in (
+                    at_rules if args.at_rules else grid):
                 knobs = {}  # --at-rules: the rule's launch
                 if not args.at_rules:
                     knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
@@ -98,8 +102,8 @@ def main(argv=None) -> None:
                                      inline_table=inline_table)
                     if args.path == "split_k":
                         knobs.update(ol_chunk=ol_chunk)
-                if args.path == "tensor_core" and (tma or args.at_rules):
-                    knobs.update(tma=tma)
+                if args.path == "tensor_core" and (tma or ahead or args.at_rules):
+                    knobs.update(tma=tma, ahead=bool(ahead))
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -115,7 +119,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                     print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
-                knobs = {k: v for k, v in knobs.items() if k != "tma" or v}  # rows without it read pointers
+                knobs = {k: v for k, v in knobs.items() if k not in ("tma", "ahead") or v}  # rows without: off
                 rows.append(dict(gpu=gpu, path=args.path, **fmt, shape=shape, batch=batch, T=T, bits=bits, **knobs,
                                  kernel_us=round(us, 2), rel_err_vs_reference=rel))
                 if best is None or us < best["kernel_us"]:
@@ -162,8 +166,9 @@ def _best_knobs(rows: list[dict], best: dict) -> tuple | None:
 def write_rules(rows: list[dict], gpu: str, path: str) -> None:
     """This GPU's rules for ``path`` in the tuning table: per bit width, the knobs with the least total
     relative time (time / the case's best) over the cases measured; GQA shapes give ``group: gqa`` rules.
-    Where batch 1 and larger batches were both measured and their best knobs differ, batch 1 gets its own rule
-    (``max_batch: 1``, first) and the other rule is chosen on the larger batches. Rows of batch 1 alone say
+    Where batch 1 and larger batches were both measured and their best knobs differ (or no launch ran both, as
+    with rows timed at each batch's own rule), batch 1 gets its own rule (``max_batch: 1``, first) and the other
+    rule is chosen on the larger batches. Rows of batch 1 alone say
     nothing of larger batches: they replace the batch-1 rule (``max_batch: 1``) and leave the others."""
     best = {}
     for r in rows:
@@ -177,15 +182,16 @@ def write_rules(rows: list[dict], gpu: str, path: str) -> None:
             if not mine:
                 continue
             chosen = _best_knobs(mine, best)
-            if chosen is None:
-                print(f"no {group} {bits}-bit launch ran every case; its rule is left as it was", flush=True)
-                continue
             one, more = ([r for r in mine if (r["batch"] == 1) == b1] for b1 in (True, False))
             when = {"group": group, "bits": [bits], **({} if more else {"max_batch": 1})}
-            picks = [(when, *chosen)]
             by_batch = [_best_knobs(x, best) for x in (one, more)] if one and more else [None]
-            if None not in by_batch and by_batch[0][0] != by_batch[1][0]:
+            if None not in by_batch and (chosen is None or by_batch[0][0] != by_batch[1][0]):
                 picks = [({**when, "max_batch": 1}, *by_batch[0]), (when, *by_batch[1])]
+            elif chosen is not None:
+                picks = [(when, *chosen)]
+            else:
+                print(f"no {group} {bits}-bit launch ran every case; its rule is left as it was", flush=True)
+                continue
             entry["rules"] = without_width(entry["rules"], path, group, bits, None if more else 1)
             # split_k reads every format, so its rules go last: first, they would take the plain formats too
             at = len(entry["rules"]) if path == "split_k" else 0

@@ -219,6 +219,10 @@ def test_tune_decode_gives_batch_1_its_own_rule_where_its_best_differs(tmp_path,
     assert json.loads(table.read_text())["G"]["rules"] == [rules[0], rules[1]]
     tune.write_rules([row(1, 0, 9.0), row(1, 2, 10.0)], "G", "tensor_core")  # it replaces the batch-1 rule only
     assert json.loads(table.read_text())["G"]["rules"] == [{**rules[0], "inline_table": 0}, rules[1]]
+    # no launch ran both batches (rows timed at each batch's rule): each batch's best is its rule
+    at_rules = [row(1, 0, 10.0), row(1, 2, 9.0), {**row(8, 0, 50.0), "tile": 128}, {**row(8, 2, 60.0), "tile": 128}]
+    tune.write_rules(at_rules, "G", "tensor_core")
+    assert json.loads(table.read_text())["G"]["rules"] == [rules[0], {**rules[1], "tile": 128}]
 
 
 def test_tune_decode_merges_rules_alike_but_for_their_widths(monkeypatch):
