@@ -59,8 +59,7 @@ BATCHES = (1, 8)  # the benchmark's batches: a rule may hold for batch 1 only (`
 def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
-                                     rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", 0),
-                                     rule.get("ahead", False))
+                                     rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", 0))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -141,8 +140,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     knobs = {k: rule.get(k) for k in ("tile", "num_warps", "num_stages", "maxnreg", "min_rows", "vec", "fields")}
     if path == "tensor_core":
         knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"),
-                     inline_table=rule.get("inline_table", 0), tma=int(rule.get("tma") or 0),
-                     ahead=bool(rule.get("ahead")))
+                     inline_table=rule.get("inline_table", 0), tma=int(rule.get("tma") or 0))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
                 programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),
@@ -167,8 +165,6 @@ def main(argv=None) -> None:
     p.add_argument("--num-warps", nargs="+", type=int, help="tensor_core: each counted (default: the rule's)")
     p.add_argument("--tma", nargs="+", type=int, help="tensor_core: the codes through descriptors, that many tokens "
                    "a copy row (1, 2, 4, 8), or pointers (0), each counted (default: the rule's)")
-    p.add_argument("--ahead", nargs="+", type=int, choices=(0, 1), help="tensor_core: the next tile's key codes loaded "
-                   "into registers during each tile (1; pointers) or not (0), each counted (default: the rule's)")
     args = p.parse_args(argv)
     rows = []
     for G in GROUPS.values():
@@ -178,14 +174,12 @@ def main(argv=None) -> None:
             if path not in args.paths:
                 continue
             tc = path == "tensor_core"
-            for min_rows, m_axis, warps, tma, ahead in itertools.product(
+            for min_rows, m_axis, warps, tma in itertools.product(
                     args.min_rows if tc and args.min_rows else [rule.get("min_rows", 16) if tc else None],
                     args.m_axis if tc and args.m_axis else [rule.get("m_axis", "group")],
                     args.num_warps if tc and args.num_warps else [rule["num_warps"]],
-                    args.tma if tc and args.tma else [rule.get("tma", 0)],
-                    args.ahead if tc and args.ahead else [rule.get("ahead", 0)]):
-                launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps, "tma": tma,
-                          "ahead": bool(ahead)}
+                    args.tma if tc and args.tma else [rule.get("tma", 0)]):
+                launch = {**rule, "min_rows": min_rows, "m_axis": m_axis, "num_warps": warps, "tma": tma}
                 rows.append(count(path, bits, G, 128, launch, args.arch))
                 r = rows[-1]
                 print(f"{path} G={G} {bits}-bit tile {r['tile']} x {r['num_warps']} warps, min_rows {r['min_rows']}, "

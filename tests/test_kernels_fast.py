@@ -81,10 +81,6 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "tma": 4}),
         ("tensor_core", 2, 2, 1, 1, 2, 96, {"tile": 64, "m_axis": "tokens", "min_rows": 1, "tma": 8}),  # MHA
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "tma": 2}),
-        # the next tile's key codes loaded into registers during each tile (values through pointers or copies)
-        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "ahead": True}),
-        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "ahead": True, "tma": 1}),  # MHA
-        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "ahead": True, "tma": 2}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -135,7 +131,6 @@ def test_head_dim_128_uneven_splits_large_scores():
         (3, 4, "tensor_core", {"tile": 16}),
         (4, 4, "tensor_core", {"tile": 16, "inline_table": 2}),  # a split's table rows stop at its tokens
         (3, 4, "tensor_core", {"tile": 16, "tma": True}),  # bulk copies read the NaN-scaled rows: weight zero
-        (4, 4, "tensor_core", {"tile": 16, "ahead": True}),  # the codes a tile ahead: masked past the split
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):

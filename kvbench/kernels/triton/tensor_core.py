@@ -262,7 +262,7 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, k_desc, k_low_desc, v_desc, v_low_desc, G: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr, AHEAD: tl.constexpr,
+    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -301,16 +301,9 @@ def _tensor_core_kernel(
         # codes and the table, which feed the dots; these waited on memory in every tile)
         vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t_begin, t_end,
                                                    ar, offs_g, g_mask, G, KB)
-        if AHEAD:  # the key codes too, into registers: their loads are in flight through a whole tile's work
-            nt = t_begin + ar
-            kmain_n, klow_n = _tile(kw_ptr, (n * T_CAP + nt) * NW, nt < t_end, BITS, NC, TOKENS_M)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
-            if AHEAD:
-                kmain, klow = kmain_n, klow_n
-                nt = offs_t + BT
-                kmain_n, klow_n = _tile(kw_ptr, (n * T_CAP + nt) * NW, nt < t_end, BITS, NC, TOKENS_M)
             vs, vz, bias = vs_next, vz_next, bias_next
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
                                                        ar, offs_g, g_mask, G, KB)
@@ -323,9 +316,7 @@ def _tensor_core_kernel(
                 qk_rows = qk_ptr + blk[:, None] * D + c[None, :]
                 qm = om
                 s = tl.zeros((GP, BT), tl.float32)
-            if AHEAD:
-                pass
-            elif TMA:
+            if TMA:
                 kmain, klow = _tile_tma(k_desc, k_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, TOKENS_M, BT, TMA)
             else:
                 kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
@@ -390,7 +381,7 @@ def check_inline_table(inline_table: int) -> None:
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", inline_table: int = 0, tma: int = 0, ahead: bool = False) -> dict:
+              m_axis: str = "group", inline_table: int = 0, tma: int = 0) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
     check_tma(tma, bits, D, tile)
@@ -400,7 +391,7 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
-                TCB=inline_table, TMA=int(tma), AHEAD=bool(ahead))
+                TCB=inline_table, TMA=int(tma))
 
 
 def check_tma(tma: int, bits: int, D: int, tile: int) -> None:
@@ -448,7 +439,7 @@ def applies(kv, G: int) -> bool:
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0,
-           tma: int = 0, ahead: bool = False):
+           tma: int = 0):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
@@ -456,14 +447,12 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     table before its loop, that many key blocks at a time (one launch fewer per decode); 0 writes the table in a
     launch before the decode kernel. ``tma``: the codes come through tensor-memory-access descriptors (Hopper's
     bulk copies; one thread issues a tile's copy) instead of a pointer per element, ``tma`` tokens a copy row
-    (:func:`check_tma`). ``ahead``: the next tile's key codes are loaded into registers at the top of each
-    tile (through pointers; the values as ``tma`` says), in flight through the tile's work instead of waited on
-    where the tile starts."""
+    (:func:`check_tma`)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
     const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                      inline_table, tma, ahead)  # checks first
+                      inline_table, tma)  # checks first
     if tma and q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         raise ValueError("tma (tensor-memory-access descriptors) needs a Hopper GPU or later")
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
