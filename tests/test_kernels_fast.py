@@ -81,6 +81,10 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "tma": 4}),
         ("tensor_core", 2, 2, 1, 1, 2, 96, {"tile": 64, "m_axis": "tokens", "min_rows": 1, "tma": 8}),  # MHA
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "inline_table": 2, "tma": 2}),
+        # the scaled query made in registers, no table
+        ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "qk_regs": True}),
+        ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "m_axis": "tokens", "qk_regs": True}),
+        ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "m_axis": "tokens", "qk_regs": True, "tma": 2}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -95,7 +99,8 @@ def test_path_matches_reference(path, kbits, vbits, rep, sink, recent, n_packed,
 
 
 @pytest.mark.parametrize("path,kw", [("split_k", {}), ("cuda_core", {}), ("tensor_core", {}),
-                                     ("tensor_core", {"inline_table": 2}), ("tensor_core", {"tma": True})])
+                                     ("tensor_core", {"inline_table": 2}), ("tensor_core", {"tma": True}),
+                                     ("tensor_core", {"qk_regs": True, "m_axis": "tokens"})])
 def test_kernels_read_the_counts_from_the_gpu(path, kw):
     """What a replayed CUDA graph relies on: a launch whose host-side fields were taken when the cache held
     fewer tokens (packed and recent) attends over the counts on the GPU, as the reference does over the
@@ -131,6 +136,7 @@ def test_head_dim_128_uneven_splits_large_scores():
         (3, 4, "tensor_core", {"tile": 16}),
         (4, 4, "tensor_core", {"tile": 16, "inline_table": 2}),  # a split's table rows stop at its tokens
         (3, 4, "tensor_core", {"tile": 16, "tma": True}),  # bulk copies read the NaN-scaled rows: weight zero
+        (4, 1, "tensor_core", {"tile": 16, "qk_regs": True, "m_axis": "tokens"}),  # the key block's scales per tile
     ],
 )
 def test_partial_last_tile(bits, rep, path, kw):
@@ -278,6 +284,9 @@ def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
     for bad in (3, -1):
         with pytest.raises(ValueError, match="inline_table must be 0 or a power of two"):
             ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, inline_table=bad)
+    for bad in ({"m_axis": "group"}, {"m_axis": "tokens", "inline_table": 2}):
+        with pytest.raises(ValueError, match="qk_regs makes the scaled query in registers"):
+            ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, qk_regs=True, **bad)
     for bad, match in ((3, "tma must be 0 or a power of two"), (64, "dividing the tile"),
                        (16, "holds 8 tokens at most at 4 bits")):
         with pytest.raises(ValueError, match=match):

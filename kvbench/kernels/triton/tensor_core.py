@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import (GROWING, LOG2E, fp16_split, gpu_counts, launch_args, split_plan, split_range,
+from .common import (GROWING, LOG2E, dummy, fp16_split, gpu_counts, launch_args, split_plan, split_range,
                      uniform_per_token, use_inline_ptx)
 
 # Field J of an int16 half-word, two half-words per register (the tensor-core operand's K pairs), as exact fp16
@@ -187,6 +187,26 @@ def _score_part(s, qk_rows, qm, main, low, J: tl.constexpr, NC: tl.constexpr, BI
 
 
 @triton.jit
+def _score_regs(s, braw, qT, ks_ptr, kz_ptr, krow, main, low, J: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):
+    """:func:`_score_part` with the scaled query made in registers (``qk_regs``, tokens as M): the key block's
+    scales of channel group ``J`` times the query ``qT (NC, GP)`` (log2 domain), fp16 as the table holds it;
+    ``braw (NC, GP)`` gathers the scores' bias (summed over the channels after the last group)."""
+    ks = tl.load(ks_ptr + krow + J).to(tl.float32)
+    kz = tl.load(kz_ptr + krow + J).to(tl.float32)
+    qk = (qT * ks[:, None]).to(tl.float16)
+    s = tl.dot(_codes(main, low, J, BITS, 0, ASM), qk, s)
+    return s, braw + qT * kz[:, None] - _offset(J, BITS, 0) * qk.to(tl.float32)
+
+
+@triton.jit
+def _qT(q_ptr, rows, c, qm, sm_scale, J: tl.constexpr, NJ: tl.constexpr, D: tl.constexpr):
+    """Channels ``NJ * c + J`` of the query rows, ``(NC, GP)`` fp32 in the log2 domain."""
+    return tl.load(q_ptr + rows[None, :] * D + NJ * c[:, None] + J, mask=qm, other=0.0).to(tl.float32) * (
+        sm_scale * LOG2E)
+
+
+@triton.jit
 def _table_rows(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, n, blk0, n_blk, sm_scale, NB_CAP, G: tl.constexpr,
                 GQ: tl.constexpr, D: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr):
     """The scaled-query table of KV row ``n``, key blocks ``blk0 .. blk0 + CB - 1`` (those below ``n_blk``): per
@@ -245,14 +265,18 @@ def _store_part(out, acc, inv, cz, om, J: tl.constexpr):
 
 @triton.jit
 def _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0, t_end, ar, offs_g, g_mask, G: tl.constexpr,
-                 KB: tl.constexpr):
+                 KB: tl.constexpr, QREG: tl.constexpr):
     """The tile at ``t0``'s value scales and zeros ``(BT,)`` fp32 and its key block's score bias ``(GP,)``
     (zeros past ``t_end``)."""
     offs_t = t0 + ar
     tm = offs_t < t_end
     vs = tl.load(vs_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + n * T_CAP + offs_t, mask=tm, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + (n * NB_CAP + t0 // KB) * G + offs_g, mask=g_mask & (t0 + offs_g * 0 < t_end), other=0.0)
+    if QREG:  # the bias is made with the scores
+        bias = tl.zeros(offs_g.shape, tl.float32)
+    else:
+        bias = tl.load(bias_ptr + (n * NB_CAP + t0 // KB) * G + offs_g, mask=g_mask & (t0 + offs_g * 0 < t_end),
+                       other=0.0)
     return vs, vz, bias
 
 
@@ -262,7 +286,7 @@ def _tensor_core_kernel(
     sm_scale, T_CAP, NB_CAP, S_CAP, R_CAP, packed_len_ptr, n_sink, recent_len_ptr, unit, n_splits,
     qk_ptr, bias_ptr, k_desc, k_low_desc, v_desc, v_low_desc, G: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
-    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr,
+    TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr, QREG: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -300,13 +324,24 @@ def _tensor_core_kernel(
         # the value scales and zeros and the scores' bias are loaded a tile ahead (the compiler stages only the
         # codes and the table, which feed the dots; these waited on memory in every tile)
         vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t_begin, t_end,
-                                                   ar, offs_g, g_mask, G, KB)
+                                                   ar, offs_g, g_mask, G, KB, QREG)
+        if QREG:  # the query rows by channel group, (NC, GP), for the whole split
+            qmT = g_mask[None, :]
+            q0 = _qT(q_ptr, rows, c, qmT, sm_scale, 0, NJ, D)
+            q1 = _qT(q_ptr, rows, c, qmT, sm_scale, 1, NJ, D)
+            q2 = _qT(q_ptr, rows, c, qmT, sm_scale, 2, NJ, D)
+            q3 = _qT(q_ptr, rows, c, qmT, sm_scale, 3, NJ, D)
+            if NJ == 8:
+                q4 = _qT(q_ptr, rows, c, qmT, sm_scale, 4, NJ, D)
+                q5 = _qT(q_ptr, rows, c, qmT, sm_scale, 5, NJ, D)
+                q6 = _qT(q_ptr, rows, c, qmT, sm_scale, 6, NJ, D)
+                q7 = _qT(q_ptr, rows, c, qmT, sm_scale, 7, NJ, D)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
             vs, vz, bias = vs_next, vz_next, bias_next
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
-                                                       ar, offs_g, g_mask, G, KB)
+                                                       ar, offs_g, g_mask, G, KB, QREG)
             blk = (n * NB_CAP + t0 // KB) * G + offs_g  # rows of the scaled-query table
             if TOKENS_M:  # the tokens are the dots' M: scores (BT, GP), transposed (a layout, not a copy)
                 qk_rows = qk_ptr + blk[None, :] * D + c[:, None]
@@ -320,15 +355,29 @@ def _tensor_core_kernel(
                 kmain, klow = _tile_tma(k_desc, k_low_desc, (n * T_CAP + t0).to(tl.int32), BITS, NC, TOKENS_M, BT, TMA)
             else:
                 kmain, klow = _tile(kw_ptr, (n * T_CAP + offs_t) * NW, tm, BITS, NC, TOKENS_M)  # (NC, BT) / (BT, NC)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
-            s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
-            if NJ == 8:
-                s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
-                s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
+            if QREG:
+                krow = (n * NB_CAP + t0 // KB) * D + NJ * c
+                braw = tl.zeros((NC, GP), tl.float32)
+                s, braw = _score_regs(s, braw, q0, ks_ptr, kz_ptr, krow, kmain, klow, 0, BITS, ASM)
+                s, braw = _score_regs(s, braw, q1, ks_ptr, kz_ptr, krow, kmain, klow, 1, BITS, ASM)
+                s, braw = _score_regs(s, braw, q2, ks_ptr, kz_ptr, krow, kmain, klow, 2, BITS, ASM)
+                s, braw = _score_regs(s, braw, q3, ks_ptr, kz_ptr, krow, kmain, klow, 3, BITS, ASM)
+                if NJ == 8:
+                    s, braw = _score_regs(s, braw, q4, ks_ptr, kz_ptr, krow, kmain, klow, 4, BITS, ASM)
+                    s, braw = _score_regs(s, braw, q5, ks_ptr, kz_ptr, krow, kmain, klow, 5, BITS, ASM)
+                    s, braw = _score_regs(s, braw, q6, ks_ptr, kz_ptr, krow, kmain, klow, 6, BITS, ASM)
+                    s, braw = _score_regs(s, braw, q7, ks_ptr, kz_ptr, krow, kmain, klow, 7, BITS, ASM)
+                bias = tl.sum(braw, axis=0)
+            else:
+                s = _score_part(s, qk_rows, qm, kmain, klow, 0, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 1, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 2, NC, BITS, ASM, TOKENS_M)
+                s = _score_part(s, qk_rows, qm, kmain, klow, 3, NC, BITS, ASM, TOKENS_M)
+                if NJ == 8:
+                    s = _score_part(s, qk_rows, qm, kmain, klow, 4, NC, BITS, ASM, TOKENS_M)
+                    s = _score_part(s, qk_rows, qm, kmain, klow, 5, NC, BITS, ASM, TOKENS_M)
+                    s = _score_part(s, qk_rows, qm, kmain, klow, 6, NC, BITS, ASM, TOKENS_M)
+                    s = _score_part(s, qk_rows, qm, kmain, klow, 7, NC, BITS, ASM, TOKENS_M)
             if TOKENS_M:
                 s = tl.trans(s)
             s = tl.where(tm[None, :], s + bias[:, None], float("-inf"))
@@ -381,17 +430,19 @@ def check_inline_table(inline_table: int) -> None:
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", inline_table: int = 0, tma: int = 0) -> dict:
+              m_axis: str = "group", inline_table: int = 0, tma: int = 0, qk_regs: bool = False) -> dict:
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
     check_tma(tma, bits, D, tile)
+    if qk_regs and (m_axis != "tokens" or inline_table):
+        raise ValueError("qk_regs makes the scaled query in registers: it needs m_axis='tokens' and no inline_table")
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
-                TCB=inline_table, TMA=int(tma))
+                TCB=inline_table, TMA=int(tma), QREG=bool(qk_regs))
 
 
 def check_tma(tma: int, bits: int, D: int, tile: int) -> None:
@@ -439,7 +490,7 @@ def applies(kv, G: int) -> bool:
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0,
-           tma: int = 0):
+           tma: int = 0, qk_regs: bool = False):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
@@ -447,22 +498,26 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     table before its loop, that many key blocks at a time (one launch fewer per decode); 0 writes the table in a
     launch before the decode kernel. ``tma``: the codes come through tensor-memory-access descriptors (Hopper's
     bulk copies; one thread issues a tile's copy) instead of a pointer per element, ``tma`` tokens a copy row
-    (:func:`check_tma`)."""
+    (:func:`check_tma`). ``qk_regs``: no table; each tile scales the query by its key block's scales in
+    registers (tokens as M)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
     const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                      inline_table, tma)  # checks first
+                      inline_table, tma, qk_regs)  # checks first
     if tma and q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         raise ValueError("tma (tensor-memory-access descriptors) needs a Hopper GPU or later")
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
     descs = (*descriptors(kv.k_words, kv.key_bits, tile, tma), *descriptors(kv.v_words, kv.value_bits, tile, tma)) \
         if tma else (None,) * 4
     NB_CAP = max(kv.k_scale.shape[2], 1)  # the table has a row per key block of the store's capacity
-    qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
-    bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
+    if qk_regs:  # no table
+        qk = bias = dummy(q.device)
+    else:
+        qk = torch.empty(B * H, NB_CAP, G, D, dtype=torch.float16, device=q.device)
+        bias = torch.empty(B * H, NB_CAP, G, dtype=torch.float32, device=q.device)
     counts = gpu_counts(q, kv)
-    if not inline_table:
+    if not inline_table and not qk_regs:
         CB = max(1, 16 // const["GQ"])  # key blocks per table program: 16 rows of D
         _table_kernel[(B * H, triton.cdiv(NB_CAP, CB))](
             q, kv.k_scale, kv.k_zero, qk, bias, counts[0], sm_scale, NB_CAP, CB=CB, num_warps=4,
