@@ -139,7 +139,8 @@ def test_roofline_floors_from_the_records(monkeypatch):
         codes = 8 * reads * (131072 - 128) * 128 * 2
         assert got["bytes_floor_us"] == round(rec["packed_bytes"] / rec["copy_GBps"] / 1e3, 1)
         assert got["issue_floor_us"] == round(codes * ipc / (132 * 4 * 32 * 1.98e9) * 1e6, 1)
-        assert 0 < got["bytes_share"] < 1 and 0 < got["issue_share"] < 1
+        # a kernel that only reads may pass the copy's bandwidth (read and write) by a few percent: MHA 4-bit, 1.03
+        assert 0 < got["bytes_share"] < 1.1 and 0 < got["issue_share"] < 1
 
 
 def test_tune_decode_merges_rows_and_writes_the_least_relative_time_rule(tmp_path, monkeypatch, capsys):
