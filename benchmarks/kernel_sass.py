@@ -60,7 +60,7 @@ def constants(path: str, bits: int, G: int, D: int, rule: dict) -> dict:
     if path == "tensor_core":
         return tensor_core.constants(G, bits, D, 128, rule["tile"], rule.get("min_rows", 16), True,
                                      rule.get("m_axis", "group"), rule.get("inline_table", 0), rule.get("tma", 0),
-                                     rule.get("qk_regs", False), rule.get("prefetch", 0))
+                                     rule.get("qk_regs", False))
     return cuda_core.constants(G, bits, bits, D, 128, rule["tile"], rule["vec"], rule["fields"], True)
 
 
@@ -142,8 +142,7 @@ def count(path: str, bits: int, G: int, D: int, rule: dict, arch: int) -> dict:
     if path == "tensor_core":
         knobs.update(min_rows=rule.get("min_rows", 16), m_axis=rule.get("m_axis", "group"),
                      inline_table=rule.get("inline_table", 0), tma=int(rule.get("tma") or 0),
-                     **({"qk_regs": True} if rule.get("qk_regs") else {}),
-                     **({"prefetch": rule["prefetch"]} if rule.get("prefetch") else {}))
+                     **({"qk_regs": True} if rule.get("qk_regs") else {}))
     return dict(path=path, arch=f"sm_{arch}", bits=bits, G=G, head_dim=D, **knobs, aligned=True,
                 registers=regs, spill_stack_bytes=stack, shared_bytes=k.metadata.shared,
                 programs_per_sm=programs_per_sm(regs, k.metadata.shared, rule["num_warps"]),

@@ -30,11 +30,10 @@ KEY = ("tile", "num_warps", "num_stages", "maxnreg", "vec", "fields")  # the lau
 
 
 def _launch(path: str, G: int, bits: int, knobs: dict) -> tuple:
-    """A count's launch; tensor_core's ``min_rows``, ``m_axis``, ``inline_table``, ``tma``, ``qk_regs`` and
-    ``prefetch`` at their defaults (16, ``group``, 0, off, off, 0) if unset."""
+    """A count's launch; tensor_core's ``min_rows``, ``m_axis``, ``inline_table``, ``tma`` and ``qk_regs`` at their
+    defaults (16, ``group``, 0, off, off) if unset."""
     tc = ((knobs.get("min_rows") or 16, knobs.get("m_axis") or "group", knobs.get("inline_table") or 0,
-           int(knobs.get("tma") or 0), bool(knobs.get("qk_regs")), knobs.get("prefetch") or 0)
-          if path == "tensor_core" else (None,) * 6)
+           int(knobs.get("tma") or 0), bool(knobs.get("qk_regs"))) if path == "tensor_core" else (None,) * 5)
     return (path, G, bits, *tc, *(knobs.get(k) for k in KEY))
 
 

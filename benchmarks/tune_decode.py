@@ -53,16 +53,13 @@ def main(argv=None) -> None:
     p.add_argument("--ol-chunk", nargs="+", type=int, default=[32], help="outlier entries per step (split_k only)")
     p.add_argument("--inline-table", nargs="+", type=int, default=[0], help="key blocks per step of the table each "
                    "split writes itself (tensor_core only; 0: a launch before the decode writes it)")
-    p.add_argument("--tma", nargs="+", type=int, default=None, help="the codes through tensor-memory-access "
-                   "descriptors, that many tokens a copy row (1, 2, 4, 8; 0, the grid's default: pointers; "
-                   "tensor_core only, Hopper and later)")
-    p.add_argument("--prefetch", nargs="+", type=int, default=None, help="tiles ahead whose codes each split asks "
-                   "of L2 (0, the grid's default: none; tensor_core only)")
+    p.add_argument("--tma", nargs="+", type=int, default=[0], help="the codes through tensor-memory-access "
+                   "descriptors, that many tokens a copy row (1, 2, 4, 8; 0: pointers; tensor_core only, Hopper and "
+                   "later)")
     p.add_argument("--qk-regs", nargs="+", type=int, default=[0], choices=(0, 1), help="the scaled query made in "
                    "registers each tile, no table (tensor_core only; tokens as M, inline_table 0)")
     p.add_argument("--at-rules", action="store_true", help="time each case at the launch its rule gives, once per "
-                   "--tma and --prefetch value given (an A/B of those knobs alone; one not given keeps the rule's); "
-                   "the other grid lists are ignored")
+                   "--tma value (an A/B of that knob alone); the other grid lists are ignored")
     p.add_argument("--write-rules", action="store_true")
     args = p.parse_args(argv)
     if args.at_rules and args.write_rules:
@@ -82,10 +79,8 @@ def main(argv=None) -> None:
     fmt = {} if args.format == "uniform" else {"format": args.format}  # rows without one are uniform
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
-                                  args.m_axis, args.ol_chunk, args.inline_table, args.tma or [0], args.qk_regs,
-                                  args.prefetch or [0]))
-    grid = [g for g in grid if not (g[10] and (g[8] or g[6] != "tokens"))]  # qk_regs: no table, tokens as M
-    at_rules = [(None,) * 9 + (t, 0, pf) for t in args.tma or [None] for pf in args.prefetch or [None]]
+                                  args.m_axis, args.ol_chunk, args.inline_table, args.tma, args.qk_regs))
+    grid = [g for g in grid if not (g[-1] and (g[8] or g[6] != "tokens"))]  # qk_regs: no table, tokens as M
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -96,8 +91,8 @@ def main(argv=None) -> None:
             kv = build_format(args.format, k, v, bits, argparse.Namespace(key_block=128, value_group=d, recent=128))
             del k, v
             best = None
-            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma, qk_regs, prefetch in (
-                    at_rules if args.at_rules else grid):
+            for tile, nw, ns, waves, maxnreg, min_rows, m_axis, ol_chunk, inline_table, tma, qk_regs in (
+                    [(None,) * 9 + (t, 0) for t in args.tma] if args.at_rules else grid):
                 knobs = {}  # --at-rules: the rule's launch
                 if not args.at_rules:
                     knobs = dict(tile=tile, num_warps=nw, num_stages=ns, waves=waves)
@@ -106,9 +101,8 @@ def main(argv=None) -> None:
                                      inline_table=inline_table, qk_regs=bool(qk_regs))
                     if args.path == "split_k":
                         knobs.update(ol_chunk=ol_chunk)
-                if args.path == "tensor_core":  # the rule's where not given (--at-rules) or 0 (the grid)
-                    given = (lambda v: v is not None) if args.at_rules else bool
-                    knobs.update({k: v for k, v in (("tma", tma), ("prefetch", prefetch)) if given(v)})
+                if args.path == "tensor_core" and (tma or args.at_rules):
+                    knobs.update(tma=tma)
                 try:  # the rest of the launch (cuda_core's vec, fields) from the table's rule for this path
                     launch = tk.choose(q, kv, args.path, **knobs)
                 except ValueError as e:
@@ -124,7 +118,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # a launch the GPU refuses (shared memory, registers), or wrong numbers
                     print(f"{shape} B={batch} T={T} {bits}b {knobs}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
-                knobs = {k: v for k, v in knobs.items() if k not in ("tma", "qk_regs", "prefetch") or v}  # rows without: off
+                knobs = {k: v for k, v in knobs.items() if k not in ("tma", "qk_regs") or v}  # rows without: off
                 rows.append(dict(gpu=gpu, path=args.path, **fmt, shape=shape, batch=batch, T=T, bits=bits, **knobs,
                                  kernel_us=round(us, 2), rel_err_vs_reference=rel))
                 if best is None or us < best["kernel_us"]:

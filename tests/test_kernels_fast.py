@@ -85,7 +85,6 @@ def _check(q, kv, path, **tuning_kw):
         ("tensor_core", 4, 4, 4, 1, 3, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "qk_regs": True}),
         ("tensor_core", 3, 3, 1, 1, 2, 96, {"tile": 16, "min_rows": 1, "m_axis": "tokens", "qk_regs": True}),
         ("tensor_core", 2, 2, 4, 0, 2, 1088, {"tile": 32, "m_axis": "tokens", "qk_regs": True, "tma": 2}),
-        ("tensor_core", 4, 4, 4, 1, 2, 224, {"tile": 32, "m_axis": "tokens", "min_rows": 1, "prefetch": 2}),
         ("split_k", 4, 4, 4, 0, 2, 128, {"tile": 64}),  # the same, another path (the cut is the dispatcher's)
         ("cuda_core", 4, 4, 1, 0, 2, 128, {"tile": 64}),
         ("split_k", 3, 3, 4, 1, 0, 32, {"tile": 16}),
@@ -292,42 +291,8 @@ def test_tensor_core_bad_launch_fails_before_any_kernel(monkeypatch):
                        (16, "holds 8 tokens at most at 4 bits")):
         with pytest.raises(ValueError, match=match):
             ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, tma=bad)
-    with pytest.raises(ValueError, match="prefetch is the tiles ahead asked of L2"):
-        ops.decode_attention(q, kv, impl="triton", path="tensor_core", tile=32, prefetch=-1)
     with pytest.raises(ValueError, match="tma 4 needs a cache capacity that is a multiple of 4, got 66"):
         tensor_core.descriptors(torch.zeros(1, 2, 66, 16, dtype=torch.int32), 4, 32, 4)  # built before any launch
-
-
-@triton.jit
-def _prefetch_lines_kernel(out_ptr, row0, t, t_end, NW: tl.constexpr, BT: tl.constexpr, LINES: tl.constexpr):
-    from kvbench.kernels.triton.tensor_core import _prefetch_lines
-
-    tl.store(out_ptr + tl.arange(0, LINES), _prefetch_lines(row0, t, t_end, NW, BT, LINES))
-
-
-@pytest.mark.parametrize("bits,tile", [(4, 64), (2, 64), (3, 64), (4, 128), (3, 16)])
-def test_tensor_core_prefetch_names_the_tiles_lines_and_nothing_past_the_split(bits, tile):
-    """``prefetch``'s addresses (the PTX itself runs on a GPU only): for a tile inside its split, a line start
-    every 32 words from the tile's first word, so that the lines (32 words from each) hold every word of the
-    tile's tokens in the split; for one past the split's end, or a split shorter than a line, no address past the
-    split's words or before its row. The interpreter launches without it; a GPU launch with it asks PF tiles."""
-    from kvbench.kernels.triton import tensor_core
-
-    NW = 128 * bits // 32  # words per token row, head_dim 128
-    const = tensor_core.constants(1, bits, 128, 128, tile, 1, True, "tokens", 0, 1, False, 2)
-    assert const["PF"] == 2 and tensor_core.constants(1, bits, 128, 128, tile, 1, False, prefetch=2)["PF"] == 0
-    LINES = const["PFL"]
-    assert LINES == triton.next_power_of_2(tile * NW // 32)
-    row0 = 3 * 4096  # KV row 3 of a store of capacity 4096
-    for t, t_end in ((0, 4 * tile), (2 * tile, 3 * tile + 5), (5 * tile, 3 * tile), (0, 1), (tile, tile + 1)):
-        out = torch.empty(LINES, dtype=torch.int32)
-        _prefetch_lines_kernel[(1,)](out, row0, t, t_end, NW, tile, LINES)
-        got = sorted(set(out.tolist()))
-        lo, hi = row0 * NW, (row0 + t_end) * NW  # the split's row up to its last token's words
-        assert all(lo <= a and (a + 32 <= hi or a == lo) for a in got), (t, t_end, got)
-        if t < t_end and (t_end - t) * NW >= 32:
-            words = range((row0 + t) * NW, (row0 + min(t + tile, t_end)) * NW)
-            assert all(any(a <= w < a + 32 for a in got) for w in words), (t, t_end)
 
 
 @triton.jit

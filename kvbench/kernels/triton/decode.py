@@ -23,7 +23,7 @@ for _name, _module in (("split_k", split_k), ("cuda_core", cuda_core), ("tensor_
     register("kernel path", _name)(_module)
 PATHS = plugins("kernel path", load=False)
 KNOBS = ("tile", "num_warps", "num_stages", "waves", "maxnreg", "min_rows", "m_axis", "ol_chunk", "vec", "fields",
-         "inline_table", "tma", "qk_regs", "prefetch", "n_splits")  # the launch parameters a rule or an override may give
+         "inline_table", "tma", "qk_regs", "n_splits")  # the launch parameters a rule or an override may give
 
 
 @functools.cache

@@ -158,24 +158,6 @@ def _tile_tma(desc, low_desc, row0, BITS: tl.constexpr, NC: tl.constexpr, TOKENS
 
 
 @triton.jit
-def _prefetch_lines(row0, t, t_end, NW: tl.constexpr, BT: tl.constexpr, LINES: tl.constexpr):
-    """The word offsets :func:`_prefetch` names: the tile at token ``t`` of flat token row ``row0`` holds ``BT * NW``
-    contiguous words, one 128-byte line (32 words) a lane (``LINES`` a power of two: the last repeats), each cut to
-    the split's last line, so that nothing past the split (or before its row) is named."""
-    first = (row0 + t) * NW
-    last = tl.maximum((row0 + t_end) * NW - 32, row0 * NW)
-    return tl.minimum(first + tl.minimum(tl.arange(0, LINES), BT * NW // 32 - 1) * 32, last)
-
-
-@triton.jit
-def _prefetch(w_ptr, row0, t, t_end, NW: tl.constexpr, BT: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the codes of the tile at token ``t`` (``prefetch`` tiles ahead): a hint, no result, no wait."""
-    ptrs = w_ptr + _prefetch_lines(row0, t, t_end, NW, BT, LINES)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _offset(J: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr):
     """The constant in the fp16 codes of channel group ``J`` (:func:`offsets`; keys, or values if ``V``)."""
     return CODE_OFF[(V * 5 + BITS) * 8 + J]
@@ -305,7 +287,6 @@ def _tensor_core_kernel(
     qk_ptr, bias_ptr, k_desc, k_low_desc, v_desc, v_low_desc, G: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, NJ: tl.constexpr, ASM: tl.constexpr,
     TOKENS_M: tl.constexpr, GQ: tl.constexpr, TCB: tl.constexpr, TMA: tl.constexpr, QREG: tl.constexpr,
-    PF: tl.constexpr, PFL: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # b * H + h
     sp = tl.program_id(1)
@@ -334,10 +315,6 @@ def _tensor_core_kernel(
         acc7 = tl.zeros((GP, NC), tl.float32)
         om = g_mask[:, None]  # the real query rows
         t_begin, t_end = split_range(sp, packed_len_ptr, unit, n_splits)
-        if PF > 0:  # the split's first tiles to L2 while the table and the first copies are set up
-            for i in tl.static_range(PF):
-                _prefetch(kw_ptr, n * T_CAP, t_begin + i * BT, t_end, NW, BT, PFL)
-                _prefetch(vw_ptr, n * T_CAP, t_begin + i * BT, t_end, NW, BT, PFL)
         if TCB > 0:  # this split's rows of the table, TCB key blocks at a time (else a launch before wrote them)
             for b in range(t_begin // KB, tl.cdiv(t_end, KB), TCB):
                 _table_rows(q_ptr, ks_ptr, kz_ptr, qk_ptr, bias_ptr, n, b, tl.cdiv(t_end, KB), sm_scale, NB_CAP,
@@ -361,9 +338,6 @@ def _tensor_core_kernel(
                 q7 = _qT(q_ptr, rows, c, qmT, sm_scale, 7, NJ, D)
         for t0 in range(t_begin, t_end, BT):
             offs_t = t0 + ar
-            if PF > 0:
-                _prefetch(kw_ptr, n * T_CAP, t0 + PF * BT, t_end, NW, BT, PFL)
-                _prefetch(vw_ptr, n * T_CAP, t0 + PF * BT, t_end, NW, BT, PFL)
             tm = offs_t < t_end  # the last tile may be partial (n_packed need not be a multiple of BT)
             vs, vz, bias = vs_next, vz_next, bias_next
             vs_next, vz_next, bias_next = _tile_scales(vs_ptr, vz_ptr, bias_ptr, n, T_CAP, NB_CAP, t0 + BT, t_end,
@@ -456,12 +430,8 @@ def check_inline_table(inline_table: int) -> None:
 
 
 def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: int, asm: bool,
-              m_axis: str = "group", inline_table: int = 0, tma: int = 0, qk_regs: bool = False,
-              prefetch: int = 0) -> dict:
-    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles).
-    ``prefetch`` is PTX, so the interpreter runs without it (a hint: the numbers are the same)."""
-    if prefetch < 0:
-        raise ValueError(f"prefetch is the tiles ahead asked of L2 (0: none), got {prefetch}")
+              m_axis: str = "group", inline_table: int = 0, tma: int = 0, qk_regs: bool = False) -> dict:
+    """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
     check_tma(tma, bits, D, tile)
     if qk_regs and (m_axis != "tokens" or inline_table):
@@ -472,8 +442,7 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
         raise ValueError(f"m_axis must be one of {M_AXES}, got {m_axis!r}")
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
-                TCB=inline_table, TMA=int(tma), QREG=bool(qk_regs), PF=prefetch if asm else 0,
-                PFL=triton.next_power_of_2(tile * bits * D // 32 // 32))
+                TCB=inline_table, TMA=int(tma), QREG=bool(qk_regs))
 
 
 def check_tma(tma: int, bits: int, D: int, tile: int) -> None:
@@ -521,7 +490,7 @@ def applies(kv, G: int) -> bool:
 
 def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, waves: int, n_splits=None,
            maxnreg: int | None = None, min_rows: int = 16, m_axis: str = "group", inline_table: int = 0,
-           tma: int = 0, qk_regs: bool = False, prefetch: int = 0):
+           tma: int = 0, qk_regs: bool = False):
     """``maxnreg`` caps the registers per thread (more programs per SM, at the price of spills); ``None``
     leaves it to the compiler. ``min_rows``: the least M of the dots; 16 pads the query rows to the tensor
     cores' native M, 1 leaves them at the next power of two of G (Triton pads inside the instruction, and the
@@ -530,13 +499,12 @@ def launch(q, kv, sm_scale: float, tile: int, num_warps: int, num_stages: int, w
     launch before the decode kernel. ``tma``: the codes come through tensor-memory-access descriptors (Hopper's
     bulk copies; one thread issues a tile's copy) instead of a pointer per element, ``tma`` tokens a copy row
     (:func:`check_tma`). ``qk_regs``: no table; each tile scales the query by its key block's scales in
-    registers (tokens as M). ``prefetch``: each split asks L2 for the codes that many tiles ahead of the one it
-    reads (and for its first ``prefetch`` tiles at its start); 0 asks nothing."""
+    registers (tokens as M)."""
     B, Hq, D = q.shape
     H = kv.k_words.shape[1]
     G = Hq // H
     const = constants(G, kv.key_bits, D, kv.key_block, tile, min_rows, use_inline_ptx(q.device), m_axis,
-                      inline_table, tma, qk_regs, prefetch)  # checks first
+                      inline_table, tma, qk_regs)  # checks first
     if tma and q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         raise ValueError("tma (tensor-memory-access descriptors) needs a Hopper GPU or later")
     plan = split_plan(q, kv, tile, tile, B * H, waves, n_splits)
