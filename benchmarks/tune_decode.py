@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     rows = []
     grid = list(itertools.product(args.tile, args.num_warps, args.num_stages, args.waves, args.maxnreg, args.min_rows,
                                   args.m_axis, args.ol_chunk, args.inline_table, args.tma, args.qk_regs))
-    grid = [g for g in grid if not (g[-1] and (g[8] or g[6] != "tokens"))]  # qk_regs: no table, tokens as M
+    grid = [g for g in grid if fits_qk_regs(g[-1], g[6], g[8])]
     try:
         for shape, batch, T, bits in itertools.product(args.shapes, args.batch, args.T, args.bits):
             hq, hkv, d = SHAPES[shape]
@@ -131,6 +131,15 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps(merged(args.out, rows), indent=1) + "\n")
     if args.write_rules:
         write_rules(rows, gpu, args.path)
+
+
+def fits_qk_regs(qk_regs: int, m_axis: str, inline_table: int) -> bool:
+    """Whether a grid launch's ``qk_regs`` goes with its ``m_axis`` and ``inline_table`` (the kernel's own check)."""
+    try:
+        tk.tensor_core.check_qk_regs(bool(qk_regs), m_axis, inline_table)
+    except ValueError:
+        return False
+    return True
 
 
 TUNED_FORMATS = ("uniform", "kvquant")  # one store each (qokv's mixed-width list is not a launch to tune)

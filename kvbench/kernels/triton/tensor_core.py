@@ -434,8 +434,7 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
     """The kernel's compile-time arguments for a launch (also what ``benchmarks/kernel_sass.py`` compiles)."""
     check_inline_table(inline_table)
     check_tma(tma, bits, D, tile)
-    if qk_regs and (m_axis != "tokens" or inline_table):
-        raise ValueError("qk_regs makes the scaled query in registers: it needs m_axis='tokens' and no inline_table")
+    check_qk_regs(qk_regs, m_axis, inline_table)
     if key_block % tile:  # a tile reads one key block's scales
         raise ValueError(f"tile {tile} must divide key_block {key_block}")
     if m_axis not in M_AXES:
@@ -443,6 +442,12 @@ def constants(G: int, bits: int, D: int, key_block: int, tile: int, min_rows: in
     return dict(G=G, GP=max(min_rows, triton.next_power_of_2(G)), D=D, BITS=bits, KB=key_block, BT=tile,
                 NJ=channel_groups(bits), ASM=asm, TOKENS_M=m_axis == "tokens", GQ=triton.next_power_of_2(G),
                 TCB=inline_table, TMA=int(tma), QREG=bool(qk_regs))
+
+
+def check_qk_regs(qk_regs: bool, m_axis: str, inline_table: int) -> None:
+    """``qk_regs`` (no table) needs the tile's tokens as the dots' M and no ``inline_table``."""
+    if qk_regs and (m_axis != "tokens" or inline_table):
+        raise ValueError("qk_regs makes the scaled query in registers: it needs m_axis='tokens' and no inline_table")
 
 
 def check_tma(tma: int, bits: int, D: int, tile: int) -> None:
